@@ -1,0 +1,1 @@
+"""dualtrack: the operator CLI (local stack, knowledge base, later on-prem apply and plans)."""

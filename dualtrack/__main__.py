@@ -1,0 +1,5 @@
+"""``python -m dualtrack``."""
+
+from dualtrack.cli import main
+
+main()

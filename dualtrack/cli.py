@@ -1,0 +1,351 @@
+"""``dualtrack``: the operator CLI.
+
+Sub-commands are grouped by what they act on: ``local`` (the local stack),
+``kb`` (the knowledge base, through the gateway), ``ask``, ``bench``. User
+mistakes end with a one-line error and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dualtrack.client import GatewayClient, GatewayError
+from dualtrack.local import LocalStack, LocalStackError, describe, state_dir
+from services.config import ConfigError, Settings, load_settings
+from services.kb.classification import Classification, most_restrictive
+from services.kb.loaders import CONTENT_TYPES, suffix_of
+from services.kb.sidecar import SidecarError, is_sidecar, read_sidecar
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n\n")[0])
+local_app = typer.Typer(no_args_is_help=True, help="Run the local stack (Milvus Lite + gateway).")
+kb_app = typer.Typer(no_args_is_help=True, help="Ingest, search and delete knowledge-base documents.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures go to docs/benchmarks.md).")
+app.add_typer(local_app, name="local")
+app.add_typer(kb_app, name="kb")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err = Console(stderr=True)
+
+UrlOpt = Annotated[str | None, typer.Option("--url", help="Gateway URL (default: local stack)")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key", envvar="DUALTRACK_API_KEY", help="API key (default: local stack's)", show_envvar=True
+    ),
+]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _client(url: str | None, api_key: str | None) -> GatewayClient:
+    settings = _settings()
+    base = url or settings.gateway.base_url()
+    key = api_key
+    if key is None and settings.gateway.api_key is not None:
+        key = settings.gateway.api_key.get_secret_value()
+    if key is None and settings.gateway.api_key_file is not None:
+        key = Path(settings.gateway.api_key_file).read_text(encoding="utf-8").strip()
+    if key is None and (state_dir() / "api-key").is_file():
+        key = (state_dir() / "api-key").read_text(encoding="utf-8").strip()
+    return GatewayClient(base, key)
+
+
+# -- local stack --------------------------------------------------------------------------------
+
+
+def _stack() -> LocalStack:
+    try:
+        return LocalStack(_settings())
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+@local_app.command("up")
+def local_up(
+    show_key: Annotated[bool, typer.Option(help="Print the generated API key")] = True,
+) -> None:
+    """Start Milvus Lite (server mode) and the gateway on 127.0.0.1; wait until ready."""
+    stack = _stack()
+    with console.status("starting Milvus Lite and the gateway (the model loads in a few seconds)..."):
+        try:
+            stack.up()
+        except LocalStackError as exc:
+            raise _fail(str(exc)) from None
+    _print_status(stack)
+    if show_key:
+        console.print(f"API key ({stack.key_file}, mode 0600): [bold]{stack.api_key()}[/]")
+        console.print(f"OpenAPI docs: {stack.gateway_url}/docs")
+
+
+@local_app.command("down")
+def local_down() -> None:
+    """Stop the gateway and Milvus Lite."""
+    stopped = _stack().down()
+    console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@local_app.command("status")
+def local_status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False) -> None:
+    """What runs, where its logs are, and its health."""
+    stack = _stack()
+    if json_out:
+        console.print_json(describe(stack.status()))
+        return
+    _print_status(stack)
+
+
+def _print_status(stack: LocalStack) -> None:
+    table = Table(title=f"local stack ({stack.home})")
+    for col in ("component", "pid", "address", "health", "log"):
+        table.add_column(col)
+    for c in stack.status():
+        style = "green" if c.health in ("ready", "listening") else "red"
+        table.add_row(c.name, str(c.pid or "-"), c.address, f"[{style}]{c.health}[/]", str(c.log))
+    console.print(table)
+
+
+# -- knowledge base -----------------------------------------------------------------------------
+
+
+def _walk(paths: list[Path], exclude: list[str]) -> Iterator[tuple[Path, str]]:
+    """(file, source) pairs: directories recurse to supported files (sidecars,
+    hidden and excluded files skipped); files named explicitly are always tried."""
+    for path in paths:
+        if path.is_dir():
+            for f in sorted(path.rglob("*")):
+                rel = f.relative_to(path)
+                if (
+                    f.is_file()
+                    and not is_sidecar(f)
+                    and not any(p.startswith(".") for p in rel.parts)
+                    and suffix_of(f.name) in CONTENT_TYPES
+                    and not any(fnmatch(rel.as_posix(), pat) for pat in exclude)
+                ):
+                    yield f, rel.as_posix()
+        else:
+            yield path, path.name
+
+
+@kb_app.command("ingest")
+def kb_ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files or directories", exists=True)],
+    classification: Annotated[
+        Classification | None, typer.Option(help="Label for these files (the most restrictive label wins)")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Glob of relative paths to skip (repeatable)")
+    ] = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Upload documents to the knowledge base; unchanged ones are skipped.
+
+    Exit code 1 when any file was rejected (the summary says why)."""
+    files = list(_walk(paths, exclude or []))
+    if not files:
+        raise _fail("no supported files found (" + ", ".join(sorted(CONTENT_TYPES)) + ")")
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    chunks = 0
+    with (
+        _client(url, api_key) as client,
+        Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress,
+    ):
+        task = progress.add_task("ingesting", total=len(files), rate="")
+        for path, source in files:
+            progress.update(task, description=f"ingesting {source}")
+            try:
+                side = read_sidecar(path)
+                label = most_restrictive([classification, side.classification], default=None)  # type: ignore[arg-type]
+                result = client.upload(
+                    path,
+                    source,
+                    classification=label.value if label else None,
+                    doc_id=side.doc_id,
+                    metadata=side.metadata or None,
+                )
+            except SidecarError as exc:
+                result = {"name": source, "status": "rejected", "reason": str(exc), "chunks": 0}
+            except GatewayError as exc:
+                raise _fail(str(exc)) from None
+            results.append(result)
+            if result["status"] == "ingested":
+                chunks += result.get("chunks", 0)
+            elapsed = time.perf_counter() - started
+            progress.update(task, advance=1, rate=f"{chunks / elapsed:.1f} chunks/s")
+    _ingest_summary(results, time.perf_counter() - started)
+    if any(r["status"] == "rejected" for r in results):
+        raise typer.Exit(1)
+
+
+def _ingest_summary(results: list[dict[str, Any]], elapsed: float) -> None:
+    table = Table(title="ingest summary")
+    for col in ("file", "status", "doc_id", "chunks", "classification", "reason"):
+        table.add_column(col)
+    colours = {"ingested": "green", "skipped": "cyan", "rejected": "red"}
+    for r in results:
+        table.add_row(
+            r["name"],
+            f"[{colours[r['status']]}]{r['status']}[/]",
+            r.get("doc_id") or "-",
+            str(r.get("chunks", 0)),
+            r.get("classification") or "-",
+            r.get("reason") or "",
+        )
+    console.print(table)
+    counts = {s: sum(1 for r in results if r["status"] == s) for s in colours}
+    console.print(
+        f"{counts['ingested']} ingested, {counts['skipped']} skipped, {counts['rejected']} rejected "
+        f"in {elapsed:.1f}s"
+    )
+
+
+@kb_app.command("search")
+def kb_search(
+    query: str,
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, max=100)] = None,
+    classification: Annotated[list[Classification] | None, typer.Option(help="Only these labels")] = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Semantic search; prints the top chunks with scores."""
+    flt = {"classifications": [c.value for c in classification]} if classification else None
+    try:
+        with _client(url, api_key) as client:
+            hits = client.search(query, top_k=top_k, filter=flt)["hits"]
+    except GatewayError as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"search: {query}")
+    for col in ("#", "score", "document", "page", "section", "text"):
+        table.add_column(col, overflow="fold")
+    for i, h in enumerate(hits, start=1):
+        table.add_row(
+            str(i),
+            f"{h['score']:.3f}",
+            h["doc_id"],
+            str(h["page"] or "-"),
+            h["section"] or "-",
+            h["text"][:160] + ("..." if len(h["text"]) > 160 else ""),
+        )
+    console.print(table)
+
+
+@kb_app.command("delete")
+def kb_delete(doc_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """Delete a document and all its chunks."""
+    try:
+        with _client(url, api_key) as client:
+            client.delete(doc_id)
+    except GatewayError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"deleted {doc_id}")
+
+
+@kb_app.command("list")
+def kb_list(url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """List stored documents."""
+    try:
+        with _client(url, api_key) as client:
+            docs = client.documents()
+    except GatewayError as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"{len(docs)} documents")
+    for col in ("doc_id", "title", "classification", "chunks", "source"):
+        table.add_column(col)
+    for d in docs:
+        table.add_row(d["doc_id"], d["title"], d["classification"], str(d["chunks"]), d["source"])
+    console.print(table)
+
+
+@app.command("ask")
+def ask(
+    question: str,
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, max=100)] = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Ask a question; prints the answer, its citations and their URLs."""
+    try:
+        with _client(url, api_key) as client:
+            body = client.ask(question, top_k=top_k)
+    except GatewayError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"[bold]Q:[/] {question}")
+    console.print(f"[bold]A:[/] {escape(body['answer'])}", soft_wrap=True)
+    console.print(f"[dim]route: {body['route']}[/]")
+    for c in body["citations"]:
+        where = f"p. {c['page']}" if c["page"] else (c["section"] or "")
+        line = (
+            f"  [{c['n']}] {c['title'] or c['doc_id']} ({c['source']}"
+            + (f", {where}" if where else "")
+            + f") [{c['classification']}] score {c['score']:.3f}"
+        )
+        console.print(escape(line) + f"\n      {c['url']}", highlight=False, soft_wrap=True)
+
+
+# -- bench ---------------------------------------------------------------------------------------
+
+
+@bench_app.command("kb")
+def bench_kb(
+    sizes: Annotated[
+        str, typer.Option(help="Comma-separated vector counts for search latency")
+    ] = "100000,1000000",
+    ef: Annotated[str, typer.Option(help="Comma-separated HNSW ef values")] = "32,64,128",
+    queries: Annotated[int, typer.Option(min=10)] = 200,
+    out: Annotated[Path | None, typer.Option(help="Write results as JSON here")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Scratch directory (default: a temp dir)")] = None,
+) -> None:
+    """Ingest throughput, search latency/recall vs exact FLAT, and gateway overhead."""
+    from dualtrack.bench import run_kb_bench
+
+    try:
+        run_kb_bench(
+            console,
+            sizes=[int(s) for s in sizes.split(",") if s.strip()],
+            efs=[int(e) for e in ef.split(",") if e.strip()],
+            n_queries=queries,
+            out=out,
+            workdir=workdir,
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except ConfigError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

@@ -1,0 +1,251 @@
+"""Settings for the services, validated at the edge.
+
+One pydantic-settings model read from (highest precedence first) explicit
+overrides, ``DUALTRACK_*`` environment variables (``__`` separates nesting:
+``DUALTRACK_MILVUS__URI``), and a TOML file (``DUALTRACK_CONFIG`` or
+``./dualtrack.toml``). A bad value becomes a :class:`ConfigError` whose message
+names the key, the value and what is allowed -- never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from services.kb.classification import Classification, PathRule
+
+PACKAGED_MODEL = "packaged:all-MiniLM-L6-v2"
+"""The offline model shipped inside a PyPI wheel: the default, works without a hub."""
+
+DEPLOYMENT_MODEL = "BAAI/bge-small-en-v1.5"
+"""What a real deployment sets (384-d, same dimension as the packaged model)."""
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message is meant for the operator, verbatim."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IndexSettings(_Section):
+    """ANN index built on the vector field. Validated here because Milvus Lite
+    accepts unknown index types silently and fails later in the background."""
+
+    type: Literal["HNSW", "IVF_FLAT", "FLAT"] = "HNSW"
+    metric: Literal["COSINE", "IP"] = "COSINE"
+    hnsw_m: int = Field(16, ge=4, le=64)
+    hnsw_ef_construction: int = Field(200, ge=8, le=1024)
+    ivf_nlist: int = Field(1024, ge=1, le=65536)
+
+
+class SearchSettings(_Section):
+    """Query-time knobs: HNSW ``ef`` and IVF ``nprobe``."""
+
+    hnsw_ef: int = Field(64, ge=1, le=32768)
+    ivf_nprobe: int = Field(16, ge=1, le=65536)
+
+
+class MilvusSettings(_Section):
+    """Where the knowledge base lives. ``uri`` is a local path (Milvus Lite
+    embedded, one process per path) or ``http://host:19530`` (Milvus Lite
+    server or Milvus standalone)."""
+
+    uri: str = "http://127.0.0.1:19530"
+    collection: str = "knowledge_base"
+    token: SecretStr | None = None
+    timeout_s: float = Field(10.0, gt=0, le=600)
+    index: IndexSettings = IndexSettings()
+    search: SearchSettings = SearchSettings()
+
+    @field_validator("collection")
+    @classmethod
+    def _collection_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must start with a letter or _ and contain only letters, digits and _")
+        return v
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a local path or http(s)://host:port")
+        if "://" in v and not v.startswith(("http://", "https://", "tcp://", "unix:")):
+            raise ValueError("scheme must be http:// or https:// (or a local path for Milvus Lite)")
+        return v
+
+    @property
+    def is_embedded(self) -> bool:
+        """True when ``uri`` names a local Milvus Lite database path."""
+        return "://" not in self.uri and not self.uri.startswith("unix:")
+
+
+class EmbeddingSettings(_Section):
+    """The sentence-transformers model. ``model`` is a local directory, a hub id
+    (needs the model in the local cache when offline) or ``packaged:...``."""
+
+    model: str = PACKAGED_MODEL
+    query_instruction: str | None = Field(
+        None, description="Prefix for queries; None picks the model family's default (BGE)."
+    )
+    batch_size: int = Field(32, ge=1, le=1024)
+    max_seq_length: int | None = Field(None, ge=16, le=8192)
+    device: str = "cpu"
+
+
+class ChunkingSettings(_Section):
+    """Sentence-aware chunking bounds, in words."""
+
+    min_words: int = Field(200, ge=1, le=5000)
+    max_words: int = Field(500, ge=2, le=10000)
+    overlap_words: int = Field(40, ge=0, le=5000)
+    max_chars: int = Field(
+        12000, ge=100, le=60000, description="Hard cap so a chunk always fits Milvus' VARCHAR."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ChunkingSettings:
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
+        if self.overlap_words >= self.min_words:
+            raise ValueError(f"overlap_words ({self.overlap_words}) must be < min_words ({self.min_words})")
+        return self
+
+
+class PathRuleSetting(_Section):
+    pattern: str
+    classification: Classification
+
+
+class ClassificationSettings(_Section):
+    """Where labels come from besides front-matter and sidecars."""
+
+    default: Classification = Classification.INTERNAL
+    path_rules: list[PathRuleSetting] = []
+
+    def rules(self) -> list[PathRule]:
+        return [PathRule(r.pattern, r.classification) for r in self.path_rules]
+
+
+class IngestSettings(_Section):
+    """Limits that keep one bad upload from hurting the service."""
+
+    max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1024**3)
+    max_chunks_per_document: int = Field(2000, ge=1, le=1_000_000)
+    insert_batch: int = Field(256, ge=1, le=10000)
+
+
+class RetrievalSettings(_Section):
+    top_k: int = Field(5, ge=1, le=100)
+    score_threshold: float | None = Field(None, ge=-1.0, le=1.0)
+    answer_passages: int = Field(3, ge=1, le=20)
+
+
+class GatewaySettings(_Section):
+    """The HTTP front door. Listens on loopback and requires an API key unless a
+    deployment says otherwise."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    auth_enabled: bool = True
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    public_url: str | None = Field(None, description="Base URL used in citation links.")
+
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+class Settings(BaseSettings):
+    """Everything the knowledge base and gateway need."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DUALTRACK_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    milvus: MilvusSettings = MilvusSettings()
+    embedding: EmbeddingSettings = EmbeddingSettings()
+    chunking: ChunkingSettings = ChunkingSettings()
+    classification: ClassificationSettings = ClassificationSettings()
+    ingest: IngestSettings = IngestSettings()
+    retrieval: RetrievalSettings = RetrievalSettings()
+    gateway: GatewaySettings = GatewaySettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _config_file()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def _config_file() -> Path | None:
+    explicit = os.environ.get("DUALTRACK_CONFIG")
+    if explicit:
+        return Path(explicit)
+    local = Path("dualtrack.toml")
+    return local if local.is_file() else None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build :class:`Settings`, turning validation failures into one readable error."""
+    cfg = _config_file()
+    if cfg is not None and not cfg.is_file():
+        raise ConfigError(f"DUALTRACK_CONFIG={cfg}: file not found")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, cfg)) from None
+    except (OSError, ValueError) as exc:  # unreadable / malformed TOML
+        raise ConfigError(f"{cfg}: cannot read settings: {exc}") from None
+
+
+def format_validation_error(exc: ValidationError, cfg: Path | None = None) -> str:
+    """One line per problem: ``key = value: what is allowed`` plus where to set it."""
+    lines = ["invalid settings:"]
+    for err in exc.errors(include_url=False):
+        key = ".".join(str(p) for p in err["loc"])
+        env = "DUALTRACK_" + "__".join(str(p) for p in err["loc"]).upper()
+        value = err.get("input")
+        shown = "<missing>" if err["type"] == "missing" else _redact(key, value)
+        lines.append(f"  - {key} = {shown}: {err['msg']} (env {env}" + (f" or {cfg})" if cfg else ")"))
+    return "\n".join(lines)
+
+
+def _redact(key: str, value: object) -> str:
+    if any(s in key.lower() for s in ("key", "token", "password", "secret")):
+        return "'***'"
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."

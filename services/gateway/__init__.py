@@ -1,0 +1,1 @@
+"""The RAG gateway: FastAPI app in front of the knowledge base."""

@@ -1,0 +1,363 @@
+"""FastAPI application: documents, search, ask, health and metrics.
+
+Endpoints are plain ``def`` functions: embedding and Milvus calls block, and
+FastAPI runs such endpoints in its thread pool. The knowledge base loads its
+model in a background thread at start-up so ``/healthz`` answers at once and
+``/readyz`` tells when (and why not) the service can serve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, Response, UploadFile, status
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.config import Settings
+from services.gateway import schemas
+from services.gateway.auth import bearer, load_api_key, require_key
+from services.gateway.metrics import Metrics
+from services.kb.classification import Classification, parse_label
+from services.kb.errors import DocumentNotFound, KBError, StoreUnavailable
+from services.kb.ingest import IngestResult, validate_doc_id
+from services.kb.loaders import CONTENT_TYPES, suffix_of
+from services.kb.models import Hit
+from services.kb.service import KnowledgeBase
+
+log = logging.getLogger(__name__)
+
+_MULTIPART_OVERHEAD = 64 * 1024
+
+
+def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
+    """Build the gateway. ``kb`` may be passed in (tests share one loaded model)."""
+    api_key = load_api_key(settings.gateway)  # a bad key setting fails here, before serving
+    knowledge = kb or KnowledgeBase(settings)
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        starter = threading.Thread(target=knowledge.start, name="kb-start", daemon=True)
+        starter.start()
+        yield
+        knowledge.close()
+
+    app = FastAPI(
+        title="dualtrack gateway",
+        version="0.1.0",
+        summary="Private knowledge base: ingest, search and cited answers",
+        lifespan=lifespan,
+    )
+    app.state.api_key = api_key
+    app.state.kb = knowledge
+    app.state.metrics = metrics
+    base_url = settings.gateway.base_url()
+    max_upload = settings.ingest.max_file_bytes
+
+    def auth(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        require_key(request, credentials)
+
+    secured = [Depends(auth)]
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        length = request.headers.get("content-length")
+        if (
+            request.url.path == "/v1/documents"
+            and length
+            and length.isdigit()
+            and int(length) > max_upload + _MULTIPART_OVERHEAD
+        ):
+            response: Response = JSONResponse(
+                {
+                    "detail": f"upload is {length} bytes, over the limit of {max_upload} "
+                    "(ingest.max_file_bytes)"
+                },
+                status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+            )
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.request_seconds.labels(
+            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
+        ).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(KBError)
+    async def kb_error(request: Request, exc: KBError) -> JSONResponse:
+        code = 404 if isinstance(exc, DocumentNotFound) else 503
+        if code == 503:
+            log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": str(exc)}, status_code=code)
+
+    # -- health --------------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        response_model=schemas.Ready,
+        responses={503: {"model": schemas.Ready}},
+        summary="Readiness: model loaded and Milvus reachable",
+    )
+    def readyz() -> JSONResponse:
+        r = knowledge.readiness()
+        body = schemas.Ready(ready=r.ready, model=r.model, milvus=r.milvus, reasons=r.reasons)
+        return JSONResponse(body.model_dump(), status_code=200 if r.ready else 503)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- documents -----------------------------------------------------------------------
+
+    @app.post(
+        "/v1/documents",
+        tags=["documents"],
+        dependencies=secured,
+        response_model=schemas.IngestResponse,
+        status_code=201,
+        responses={200: {"description": "unchanged: skipped"}, 413: {}, 415: {}, 422: {}},
+        summary="Upload a document (.txt .md .html .pdf .docx)",
+    )
+    def upload(
+        file: Annotated[UploadFile, File(description="the document")],
+        classification: Annotated[str | None, Form(description="public | internal | confidential")] = None,
+        doc_id: Annotated[str | None, Form()] = None,
+        source: Annotated[str | None, Form(description="path used for rules and citations")] = None,
+        metadata: Annotated[str | None, Form(description="JSON object of scalar values")] = None,
+    ) -> JSONResponse:
+        name = source or file.filename or "upload"
+        _check_content_type(name, file.content_type)
+        label = _label(classification)
+        meta = _metadata(metadata)
+        if doc_id is not None:
+            try:
+                validate_doc_id(doc_id)
+            except ValueError as exc:
+                raise HTTPException(422, str(exc)) from None
+        data = file.file.read(max_upload + 1)
+        if len(data) > max_upload:
+            raise HTTPException(
+                413, f"{name}: upload is over the limit of {max_upload} bytes (ingest.max_file_bytes)"
+            )
+        result = knowledge.ingestor.ingest_bytes(data, name, doc_id=doc_id, labels=[label], metadata=meta)
+        metrics.ingested_documents.labels(result.status).inc()
+        if result.status == "ingested" and result.classification is not None:
+            metrics.ingested_chunks.labels(result.classification.value).inc(result.chunks)
+        code = {"ingested": 201, "skipped": 200, "rejected": 422}[result.status]
+        return JSONResponse(_ingest_body(result).model_dump(mode="json"), status_code=code)
+
+    @app.get(
+        "/v1/documents",
+        tags=["documents"],
+        dependencies=secured,
+        response_model=schemas.DocumentList,
+        summary="List stored documents",
+    )
+    def list_documents(limit: int = 1000, offset: int = 0) -> schemas.DocumentList:
+        docs = knowledge.store.list_documents(limit=min(max(limit, 1), 16384), offset=max(offset, 0))
+        return schemas.DocumentList(documents=[_doc_out(d) for d in docs])
+
+    @app.get(
+        "/v1/documents/{doc_id}",
+        tags=["documents"],
+        dependencies=secured,
+        response_model=schemas.DocumentDetail,
+        responses={404: {}},
+        summary="A document's record and its chunks",
+    )
+    def get_document(doc_id: str) -> schemas.DocumentDetail:
+        record = knowledge.store.get_document(doc_id)
+        if record is None:
+            raise HTTPException(404, f"no document {doc_id!r}")
+        chunks = knowledge.store.chunks_of(doc_id, record.version)
+        return schemas.DocumentDetail(
+            **_doc_out(record).model_dump(),
+            chunk_list=[
+                schemas.ChunkSummary(
+                    id=c.id,
+                    chunk_no=c.chunk_no,
+                    page=c.page or None,
+                    section=c.metadata.get("section"),
+                    words=len(c.text.split()),
+                )
+                for c in chunks
+            ],
+        )
+
+    @app.delete(
+        "/v1/documents/{doc_id}",
+        tags=["documents"],
+        dependencies=secured,
+        status_code=204,
+        responses={404: {}},
+        summary="Delete a document and all its chunks",
+    )
+    def delete_document(doc_id: str) -> Response:
+        if not knowledge.ingestor.delete(doc_id):
+            raise HTTPException(404, f"no document {doc_id!r}")
+        return Response(status_code=204)
+
+    # -- retrieval -----------------------------------------------------------------------
+
+    @app.post(
+        "/v1/search",
+        tags=["retrieval"],
+        dependencies=secured,
+        response_model=schemas.SearchResponse,
+        summary="Semantic search over chunks",
+    )
+    def search(body: schemas.SearchRequest) -> schemas.SearchResponse:
+        hits = _search(body.query, body.top_k, body.score_threshold, body.filter)
+        return schemas.SearchResponse(hits=[_hit_out(h) for h in hits])
+
+    @app.post(
+        "/v1/ask",
+        tags=["retrieval"],
+        dependencies=secured,
+        response_model=schemas.AskResponse,
+        summary="Answer a question with citations",
+    )
+    def ask(body: schemas.AskRequest) -> schemas.AskResponse:
+        hits = _search(body.question, body.top_k, body.score_threshold, body.filter)
+        answer = knowledge.answer(body.question, hits)
+        metrics.answers.labels(answer.route).inc()
+        return schemas.AskResponse(
+            answer=answer.text,
+            route=answer.route,
+            citations=[
+                schemas.CitationOut(
+                    **{
+                        k: getattr(c, k)
+                        for k in (
+                            "n",
+                            "doc_id",
+                            "title",
+                            "source",
+                            "page",
+                            "section",
+                            "chunk_id",
+                            "score",
+                            "classification",
+                        )
+                    },
+                    url=_url(c.doc_id, c.page),
+                )
+                for c in answer.citations
+            ],
+        )
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _search(query: str, top_k: int | None, threshold: float | None, flt: Any) -> list[Hit]:
+        started = time.perf_counter()
+        try:
+            hits = knowledge.search(query, top_k, threshold, flt)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        metrics.search_seconds.observe(time.perf_counter() - started)
+        return hits
+
+    def _url(doc_id: str, page: int | None = None) -> str:
+        return f"{base_url}/v1/documents/{doc_id}" + (f"#page={page}" if page else "")
+
+    def _hit_out(h: Hit) -> schemas.SearchHit:
+        c = h.chunk
+        return schemas.SearchHit(
+            doc_id=c.doc_id,
+            chunk_id=c.id,
+            chunk_no=c.chunk_no,
+            score=round(h.score, 4),
+            text=c.text,
+            source=c.source,
+            title=c.metadata.get("title"),
+            page=c.page or None,
+            section=c.metadata.get("section"),
+            classification=c.classification,
+            url=_url(c.doc_id, c.page or None),
+        )
+
+    def _doc_out(d: Any) -> schemas.DocumentOut:
+        return schemas.DocumentOut(
+            doc_id=d.doc_id,
+            title=d.title,
+            source=d.source,
+            classification=d.classification,
+            version=d.version,
+            content_hash=d.content_hash,
+            chunks=d.chunks,
+            ingested_at=d.ingested_at,
+            metadata=d.metadata,
+            url=_url(d.doc_id),
+        )
+
+    return app
+
+
+def _check_content_type(name: str, declared: str | None) -> None:
+    suffix = suffix_of(name)
+    allowed = CONTENT_TYPES.get(suffix)
+    if allowed is None:
+        raise HTTPException(
+            415,
+            f"{name}: unsupported file type {suffix or '(none)'!r}; "
+            f"supported: {', '.join(sorted(CONTENT_TYPES))}",
+        )
+    ctype = (declared or "application/octet-stream").split(";")[0].strip().lower()
+    if ctype not in (*allowed, "application/octet-stream"):
+        raise HTTPException(
+            415, f"{name}: content type {ctype!r} does not match {suffix}; expected {allowed[0]}"
+        )
+
+
+def _label(value: str | None) -> Classification | None:
+    if value is None or not value.strip():
+        return None
+    try:
+        return parse_label(value, "classification")
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+def _metadata(value: str | None) -> dict[str, Any] | None:
+    if not value:
+        return None
+    try:
+        meta = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise HTTPException(422, f"metadata is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or not all(isinstance(v, str | int | float | bool) for v in meta.values()):
+        raise HTTPException(422, "metadata must be a JSON object of strings, numbers and booleans")
+    return meta
+
+
+def _ingest_body(result: IngestResult) -> schemas.IngestResponse:
+    return schemas.IngestResponse(
+        name=result.name,
+        status=result.status,
+        doc_id=result.doc_id,
+        chunks=result.chunks,
+        version=result.version,
+        classification=result.classification,
+        reason=result.reason,
+        timings={k: round(v, 6) for k, v in result.timings.items()},
+    )
+
+
+__all__ = ["StoreUnavailable", "create_app"]

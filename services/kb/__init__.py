@@ -1,0 +1,1 @@
+"""The private knowledge base: load, chunk, classify, embed, store, retrieve, answer."""

@@ -1,0 +1,28 @@
+"""Errors the knowledge base raises on purpose. Each message is for the user."""
+
+from __future__ import annotations
+
+
+class KBError(Exception):
+    """Base class: anything here is an expected, explainable failure."""
+
+
+class DocumentRejected(KBError):
+    """A document cannot be ingested; nothing stored was touched."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class StoreUnavailable(KBError):
+    """Milvus cannot be reached or answered with an error."""
+
+
+class SchemaMismatch(KBError):
+    """The existing collection does not fit the configured model or index."""
+
+
+class DocumentNotFound(KBError):
+    """No document with that id is stored."""

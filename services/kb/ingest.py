@@ -1,0 +1,291 @@
+"""Ingest one document: parse, classify, chunk, embed, store -- atomically.
+
+A changed document replaces its previous version without a moment where search
+sees a mix of both, and a crash at any point leaves the previous version whole
+(the write protocol is in ``services.kb.store``). An unchanged document is
+skipped without embedding anything. Problems with the *document* come back as
+a ``rejected`` result naming the reason; problems with the *store* raise
+``StoreUnavailable`` because retrying later is the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from services.config import Settings
+from services.kb.chunker import chunk_blocks
+from services.kb.classification import Classification, labels_from_rules, most_restrictive
+from services.kb.embedder import Embedder
+from services.kb.errors import DocumentRejected
+from services.kb.loaders import load_document
+from services.kb.models import Chunk, ChunkDraft
+from services.kb.schema import MAX_DOC_ID, MAX_SOURCE
+from services.kb.sidecar import read_sidecar
+from services.kb.store import DocumentRecord, KnowledgeStore
+
+SCHEMA_VERSION = 1
+"""Bumped when chunk layout changes so every document is re-ingested once."""
+
+_DOC_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+Status = Literal["ingested", "skipped", "rejected"]
+
+
+@dataclass
+class IngestResult:
+    """What happened to one document, for progress bars and API responses."""
+
+    name: str
+    status: Status
+    doc_id: str | None = None
+    chunks: int = 0
+    version: str | None = None
+    classification: Classification | None = None
+    reason: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def doc_id_for(source: str) -> str:
+    """A readable, URL-safe id from a relative path: ``policies/Travel Policy.pdf`` ->
+    ``policies--travel-policy.pdf``."""
+    parts = [p for p in PurePosixPath(source.replace("\\", "/")).parts if p not in ("", ".", "/")]
+    slug = "--".join(re.sub(r"[^a-z0-9._]+", "-", p.lower()).strip("-.") for p in parts)
+    slug = slug.strip("-.") or "document"
+    if len(slug) > MAX_DOC_ID:
+        slug = slug[: MAX_DOC_ID - 17] + "-" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    return slug
+
+
+def validate_doc_id(doc_id: str) -> str:
+    if not (_DOC_ID.match(doc_id) and len(doc_id) <= MAX_DOC_ID):
+        raise ValueError(
+            f"doc_id {doc_id!r} must be 1-{MAX_DOC_ID} characters of letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit"
+        )
+    return doc_id
+
+
+def chunk_id(doc_id: str, version: str, chunk_no: int) -> str:
+    """Deterministic: the same document content and settings give the same ids."""
+    return hashlib.sha256(f"{doc_id}\x00{version}\x00{chunk_no}".encode()).hexdigest()[:32]
+
+
+class Ingestor:
+    """Turns documents into searchable chunks in one ``KnowledgeStore``."""
+
+    def __init__(self, settings: Settings, embedder: Embedder, store: KnowledgeStore) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        self.store = store
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    @contextmanager
+    def _doc_lock(self, doc_id: str) -> Iterator[None]:
+        """Serialise writers of one document inside this process (the gateway is
+        multi-threaded); different documents proceed in parallel."""
+        with self._locks_guard:
+            lock = self._locks.setdefault(doc_id, threading.Lock())
+        with lock:
+            yield
+
+    def ingest_path(self, path: Path, root: Path | None = None, **kwargs: Any) -> IngestResult:
+        """Ingest a file from disk, honouring its sidecar."""
+        source = path.relative_to(root).as_posix() if root else path.name
+        try:
+            sidecar = read_sidecar(path)
+            data = path.read_bytes()
+        except (OSError, ValueError) as exc:
+            return IngestResult(name=source, status="rejected", reason=str(exc))
+        metadata = {**sidecar.metadata, **(kwargs.pop("metadata", None) or {})}
+        return self.ingest_bytes(
+            data,
+            source,
+            doc_id=kwargs.pop("doc_id", None) or sidecar.doc_id,
+            labels=[sidecar.classification, kwargs.pop("classification", None)],
+            title=sidecar.title,
+            metadata=metadata,
+        )
+
+    def ingest_bytes(
+        self,
+        data: bytes,
+        source: str,
+        *,
+        doc_id: str | None = None,
+        labels: list[Classification | None] | None = None,
+        title: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> IngestResult:
+        """Ingest ``data`` named ``source`` (a relative path or upload filename).
+
+        ``labels`` are operator-given classifications (flag, sidecar); the stored
+        label is the most restrictive of those, the document's own and the path rules.
+        """
+        timings: dict[str, float] = {}
+        limit = self.settings.ingest.max_file_bytes
+        if len(source) > MAX_SOURCE:
+            return _rejected(source, f"source name longer than {MAX_SOURCE} characters")
+        if len(data) > limit:
+            return _rejected(
+                source, f"file is {len(data)} bytes, over the limit of {limit} (ingest.max_file_bytes)"
+            )
+        try:
+            doc_id = validate_doc_id(doc_id or doc_id_for(source))
+        except ValueError as exc:
+            return _rejected(source, str(exc))
+
+        started = time.perf_counter()
+        try:
+            doc = load_document(data, source)
+        except DocumentRejected as exc:
+            return _rejected(source, exc.reason, doc_id)
+        timings["parse"] = time.perf_counter() - started
+
+        rules = self.settings.classification.rules()
+        label = most_restrictive(
+            [*(labels or []), doc.declared, *labels_from_rules(source, rules)],
+            self.settings.classification.default,
+        )
+        started = time.perf_counter()
+        drafts = chunk_blocks(doc.blocks, self.settings.chunking)
+        timings["chunk"] = time.perf_counter() - started
+        cap = self.settings.ingest.max_chunks_per_document
+        if len(drafts) > cap:
+            return _rejected(
+                source,
+                f"document yields {len(drafts)} chunks, over the limit of {cap} "
+                "(ingest.max_chunks_per_document); split it or raise the limit",
+                doc_id,
+            )
+        meta = {**doc.metadata, **dict(metadata or {})}
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError):
+            return _rejected(source, "metadata must be JSON-serialisable", doc_id)
+        doc_title = title or doc.title or PurePosixPath(source).stem
+        content_hash = hashlib.sha256(data).hexdigest()
+        version = self._version(content_hash, label, doc_title, meta)
+
+        with self._doc_lock(doc_id):
+            current = self.store.get_document(doc_id)
+            if (
+                current is not None
+                and current.version == version
+                and self.store.count_chunks(doc_id, version) == current.chunks
+            ):
+                self.store.purge_stale(doc_id, version)  # leftovers of an interrupted run
+                return IngestResult(
+                    name=source,
+                    status="skipped",
+                    doc_id=doc_id,
+                    chunks=current.chunks,
+                    version=version,
+                    classification=label,
+                    reason="unchanged",
+                    timings=timings,
+                )
+            chunks = [
+                self._chunk(doc_id, version, n, d, label, source, doc_title, meta)
+                for n, d in enumerate(drafts)
+            ]
+            started = time.perf_counter()
+            vectors = self.embedder.embed_passages([_embedding_text(doc_title, c) for c in chunks])
+            timings["embed"] = time.perf_counter() - started
+
+            started = time.perf_counter()
+            self.store.write_chunks(chunks, vectors, batch=self.settings.ingest.insert_batch)
+            self.store.activate(
+                DocumentRecord(
+                    doc_id=doc_id,
+                    version=version,
+                    content_hash=content_hash,
+                    classification=label,
+                    source=source,
+                    title=doc_title,
+                    chunks=len(chunks),
+                    ingested_at=time.time(),
+                    metadata=meta,
+                )
+            )
+            self.store.purge_stale(doc_id, version)
+            timings["insert"] = time.perf_counter() - started
+        return IngestResult(
+            name=source,
+            status="ingested",
+            doc_id=doc_id,
+            chunks=len(chunks),
+            version=version,
+            classification=label,
+            timings=timings,
+        )
+
+    def delete(self, doc_id: str) -> bool:
+        with self._doc_lock(doc_id):
+            return self.store.delete_document(doc_id)
+
+    def _version(self, content_hash: str, label: Classification, title: str, meta: Mapping[str, Any]) -> str:
+        """Everything that changes stored rows goes into the version, so a new
+        label, title, metadata, chunking or model re-ingests the document."""
+        basis = json.dumps(
+            [
+                SCHEMA_VERSION,
+                content_hash,
+                label.value,
+                title,
+                meta,
+                self.settings.chunking.model_dump(),
+                self.embedder.model_id,
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(basis.encode()).hexdigest()[:32]
+
+    @staticmethod
+    def _chunk(
+        doc_id: str,
+        version: str,
+        n: int,
+        draft: ChunkDraft,
+        label: Classification,
+        source: str,
+        title: str,
+        meta: Mapping[str, Any],
+    ) -> Chunk:
+        return Chunk(
+            id=chunk_id(doc_id, version, n),
+            doc_id=doc_id,
+            version=version,
+            chunk_no=n,
+            text=draft.text,
+            classification=label,
+            source=source,
+            page=draft.page or 0,
+            metadata={
+                **meta,
+                "title": title,
+                "section": draft.section,
+                "page_end": draft.page_end or draft.page or 0,
+            },
+        )
+
+
+def _embedding_text(title: str, chunk: Chunk) -> str:
+    """What the model sees: the title and section give short chunks their context."""
+    section = chunk.metadata.get("section")
+    head = f"{title} - {section}" if section and section != title else title
+    return f"{head}. {chunk.text}"
+
+
+def _rejected(name: str, reason: str, doc_id: str | None = None) -> IngestResult:
+    return IngestResult(name=name, status="rejected", doc_id=doc_id, reason=reason)

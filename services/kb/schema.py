@@ -1,0 +1,116 @@
+"""The knowledge-base collection schema: defined here and nowhere else.
+
+Two collections per knowledge base:
+
+``<name>``            one row per chunk (what search reads)
+``<name>_documents``  one row per document: the *active* version of each
+
+Milvus has no multi-row transactions, so a document's chunks are never edited
+in place. A new version's chunks are written next to the old ones, then the
+registry row is flipped to the new version, then the old chunks are deleted.
+Search drops any hit whose version is not the registry's active one, so a
+reader sees either the old document or the new one, never a mix, and a crash at
+any point leaves the old version intact (see ``services.kb.store``).
+
+The vector field is called ``embedding`` so the seed's ORM code
+(``Collection("knowledge_base").create_index("embedding", ...)``) keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from pymilvus import CollectionSchema, DataType, MilvusClient
+
+from services.config import IndexSettings, SearchSettings
+
+# chunk collection fields
+ID: Final = "id"
+DOC_ID: Final = "doc_id"
+VERSION: Final = "version"
+CHUNK_NO: Final = "chunk_no"
+TEXT: Final = "text"
+VECTOR: Final = "embedding"
+CLASSIFICATION: Final = "classification"
+SOURCE: Final = "source"
+PAGE: Final = "page"
+METADATA: Final = "metadata"
+
+CHUNK_OUTPUT_FIELDS: Final = (ID, DOC_ID, VERSION, CHUNK_NO, TEXT, CLASSIFICATION, SOURCE, PAGE, METADATA)
+
+# document registry fields (DOC_ID, VERSION, CLASSIFICATION, SOURCE, METADATA shared)
+CONTENT_HASH: Final = "content_hash"
+TITLE: Final = "title"
+CHUNKS: Final = "chunks"
+INGESTED_AT: Final = "ingested_at"
+MARKER: Final = "marker"  # Milvus requires a vector field in every collection
+MARKER_DIM: Final = 2
+
+REGISTRY_OUTPUT_FIELDS: Final = (
+    DOC_ID,
+    VERSION,
+    CONTENT_HASH,
+    CLASSIFICATION,
+    SOURCE,
+    TITLE,
+    CHUNKS,
+    INGESTED_AT,
+    METADATA,
+)
+
+MAX_TEXT_BYTES: Final = 65535
+MAX_DOC_ID: Final = 256
+MAX_SOURCE: Final = 1024
+
+
+def registry_name(collection: str) -> str:
+    return f"{collection}_documents"
+
+
+def chunk_schema(dim: int) -> CollectionSchema:
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field(ID, DataType.VARCHAR, is_primary=True, max_length=64)
+    schema.add_field(DOC_ID, DataType.VARCHAR, max_length=MAX_DOC_ID)
+    schema.add_field(VERSION, DataType.VARCHAR, max_length=64)
+    schema.add_field(CHUNK_NO, DataType.INT64)
+    schema.add_field(TEXT, DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+    schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field(CLASSIFICATION, DataType.VARCHAR, max_length=16)
+    schema.add_field(SOURCE, DataType.VARCHAR, max_length=MAX_SOURCE)
+    schema.add_field(PAGE, DataType.INT64)
+    schema.add_field(METADATA, DataType.JSON)
+    return schema
+
+
+def registry_schema() -> CollectionSchema:
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field(DOC_ID, DataType.VARCHAR, is_primary=True, max_length=MAX_DOC_ID)
+    schema.add_field(VERSION, DataType.VARCHAR, max_length=64)
+    schema.add_field(CONTENT_HASH, DataType.VARCHAR, max_length=64)
+    schema.add_field(CLASSIFICATION, DataType.VARCHAR, max_length=16)
+    schema.add_field(SOURCE, DataType.VARCHAR, max_length=MAX_SOURCE)
+    schema.add_field(TITLE, DataType.VARCHAR, max_length=1024)
+    schema.add_field(CHUNKS, DataType.INT64)
+    schema.add_field(INGESTED_AT, DataType.INT64)
+    schema.add_field(METADATA, DataType.JSON)
+    schema.add_field(MARKER, DataType.FLOAT_VECTOR, dim=MARKER_DIM)
+    return schema
+
+
+def index_build_params(index: IndexSettings) -> dict[str, int]:
+    """Build parameters for the configured index type (already validated)."""
+    if index.type == "HNSW":
+        return {"M": index.hnsw_m, "efConstruction": index.hnsw_ef_construction}
+    if index.type == "IVF_FLAT":
+        return {"nlist": index.ivf_nlist}
+    return {}
+
+
+def search_params(index: IndexSettings, search: SearchSettings, limit: int) -> dict[str, object]:
+    """Query-time parameters; HNSW needs ``ef >= limit`` so it is raised if lower."""
+    params: dict[str, int] = {}
+    if index.type == "HNSW":
+        params = {"ef": max(search.hnsw_ef, limit)}
+    elif index.type == "IVF_FLAT":
+        params = {"nprobe": min(search.ivf_nprobe, index.ivf_nlist)}
+    return {"metric_type": index.metric, "params": params}

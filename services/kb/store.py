@@ -1,0 +1,398 @@
+"""The Milvus-backed store: chunks, the active-version registry, search.
+
+Write protocol for one document (see ``schema`` for why):
+
+1. ``write_chunks``  -- upsert the new version's chunks (deterministic ids, so a
+   retry or a concurrent identical ingest writes the same rows);
+2. ``activate``      -- upsert the registry row naming the new version;
+3. ``purge_stale``   -- delete the document's chunks of any other version.
+
+Search filters every hit through the registry, so between steps 1 and 3 (or
+after a crash anywhere) readers see exactly one complete version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pymilvus import MilvusClient
+from pymilvus.exceptions import MilvusException
+
+from services.config import MilvusSettings
+from services.kb import schema
+from services.kb.classification import Classification
+from services.kb.errors import KBError, SchemaMismatch, StoreUnavailable
+from services.kb.filters import SearchFilter, in_list, literal
+from services.kb.models import Chunk, Hit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentRecord:
+    """A registry row: the active version of one document."""
+
+    doc_id: str
+    version: str
+    content_hash: str
+    classification: Classification
+    source: str
+    title: str
+    chunks: int
+    ingested_at: float
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> DocumentRecord:
+        return cls(
+            doc_id=row[schema.DOC_ID],
+            version=row[schema.VERSION],
+            content_hash=row[schema.CONTENT_HASH],
+            classification=Classification(row[schema.CLASSIFICATION]),
+            source=row[schema.SOURCE],
+            title=row[schema.TITLE],
+            chunks=int(row[schema.CHUNKS]),
+            ingested_at=row[schema.INGESTED_AT] / 1000.0,
+            metadata=_json(row.get(schema.METADATA)),
+        )
+
+
+def _json(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str | bytes) and value:
+        return json.loads(value)
+    return {}
+
+
+def _chunk(row: dict[str, Any]) -> Chunk:
+    entity = row.get("entity", row)
+    return Chunk(
+        id=entity.get(schema.ID, row.get("id")),
+        doc_id=entity[schema.DOC_ID],
+        version=entity[schema.VERSION],
+        chunk_no=int(entity[schema.CHUNK_NO]),
+        text=entity[schema.TEXT],
+        classification=Classification(entity[schema.CLASSIFICATION]),
+        source=entity[schema.SOURCE],
+        page=int(entity[schema.PAGE]),
+        metadata=_json(entity.get(schema.METADATA)),
+    )
+
+
+class KnowledgeStore:
+    """One knowledge base in Milvus (Lite embedded, Lite server or standalone)."""
+
+    def __init__(self, settings: MilvusSettings, dimension: int) -> None:
+        self.settings = settings
+        self.dimension = dimension
+        self.collection = settings.collection
+        self.registry = schema.registry_name(settings.collection)
+        self._client: MilvusClient | None = None
+
+    # -- connection ------------------------------------------------------------------------
+
+    @property
+    def client(self) -> MilvusClient:
+        if self._client is None:
+            self.connect()
+        assert self._client is not None
+        return self._client
+
+    def connect(self) -> None:
+        """Open the client and create or validate both collections."""
+        uri = self.settings.uri
+        token = self.settings.token.get_secret_value() if self.settings.token else ""
+        try:
+            self._client = MilvusClient(uri=uri, token=token, timeout=self.settings.timeout_s)
+        except MilvusException as exc:
+            raise StoreUnavailable(f"Milvus at {uri} is unreachable: {exc.message}") from None
+        except Exception as exc:  # milvus-lite raises plain errors for a locked/invalid path
+            raise StoreUnavailable(f"Milvus at {uri} cannot be opened: {exc}") from None
+        try:
+            self._ensure_collections()
+        except (SchemaMismatch, StoreUnavailable):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._client is not None:
+            # closing a dead connection must not mask the error that got us here
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+
+    def ping(self) -> str | None:
+        """``None`` when Milvus answers and the collections are there, else why not."""
+        try:
+            names = self.client.list_collections(timeout=min(self.settings.timeout_s, 3.0))
+        except KBError as exc:
+            return str(exc)
+        except Exception as exc:
+            self.close()
+            return f"Milvus at {self.settings.uri} is not answering: {_message(exc)}"
+        if self.collection not in names or self.registry not in names:
+            self.close()
+            return f"collection {self.collection!r} is missing in Milvus at {self.settings.uri}"
+        return None
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", self.settings.timeout_s)
+        try:
+            return fn(*args, **kwargs)
+        except MilvusException as exc:
+            raise StoreUnavailable(f"Milvus {what} failed at {self.settings.uri}: {exc.message}") from None
+
+    # -- schema ------------------------------------------------------------------------------
+
+    def _ensure_collections(self) -> None:
+        client = self._client
+        assert client is not None
+        idx = self.settings.index
+        names = self._call("list_collections", client.list_collections)
+        if self.collection in names:
+            self._validate_existing()
+        else:
+            params = client.prepare_index_params()
+            params.add_index(
+                field_name=schema.VECTOR,
+                index_type=idx.type,
+                metric_type=idx.metric,
+                params={"params": schema.index_build_params(idx)} if idx.type != "FLAT" else {},
+            )
+            self._call(
+                "create_collection",
+                client.create_collection,
+                self.collection,
+                schema=schema.chunk_schema(self.dimension),
+                index_params=params,
+            )
+        if self.registry not in names:
+            params = client.prepare_index_params()
+            params.add_index(field_name=schema.MARKER, index_type="FLAT", metric_type="L2")
+            self._call(
+                "create_collection",
+                client.create_collection,
+                self.registry,
+                schema=schema.registry_schema(),
+                index_params=params,
+            )
+        for name in (self.collection, self.registry):
+            self._call("load_collection", client.load_collection, name)
+
+    def _validate_existing(self) -> None:
+        client = self._client
+        assert client is not None
+        desc = self._call("describe_collection", client.describe_collection, self.collection)
+        fields = {f["name"]: f for f in desc["fields"]}
+        vector = fields.get(schema.VECTOR)
+        if vector is None or schema.DOC_ID not in fields:
+            raise SchemaMismatch(
+                f"collection {self.collection!r} exists but was not created by dualtrack "
+                f"(no {schema.VECTOR!r}/{schema.DOC_ID!r} fields); set milvus.collection to another name"
+            )
+        dim = int(vector.get("params", {}).get("dim", 0))
+        if dim != self.dimension:
+            raise SchemaMismatch(
+                f"collection {self.collection!r} stores {dim}-d vectors but the embedding model "
+                f"produces {self.dimension}-d vectors; use the model the collection was built with "
+                "or set milvus.collection to a new name and re-ingest"
+            )
+        indexes = self._call("list_indexes", client.list_indexes, self.collection, field_name=schema.VECTOR)
+        if indexes:
+            info = self._call("describe_index", client.describe_index, self.collection, index_name=indexes[0])
+            have = (str(info.get("index_type", "")).upper(), str(info.get("metric_type", "")).upper())
+            want = (self.settings.index.type, self.settings.index.metric)
+            if have[0] and have != want:
+                raise SchemaMismatch(
+                    f"collection {self.collection!r} has a {have[0]}/{have[1]} index but "
+                    f"milvus.index asks for {want[0]}/{want[1]}; keep the existing settings or "
+                    "ingest into a new collection"
+                )
+
+    # -- registry ----------------------------------------------------------------------------
+
+    def get_document(self, doc_id: str) -> DocumentRecord | None:
+        rows = self._call(
+            "query",
+            self.client.query,
+            self.registry,
+            filter=f"{schema.DOC_ID} == {literal(doc_id)}",
+            output_fields=list(schema.REGISTRY_OUTPUT_FIELDS),
+        )
+        return DocumentRecord.from_row(rows[0]) if rows else None
+
+    def list_documents(self, limit: int = 1000, offset: int = 0) -> list[DocumentRecord]:
+        rows = self._call(
+            "query",
+            self.client.query,
+            self.registry,
+            filter=f'{schema.DOC_ID} != ""',
+            output_fields=list(schema.REGISTRY_OUTPUT_FIELDS),
+            limit=limit,
+            offset=offset,
+        )
+        return sorted((DocumentRecord.from_row(r) for r in rows), key=lambda d: d.doc_id)
+
+    def active_versions(self, doc_ids: Sequence[str]) -> dict[str, str]:
+        if not doc_ids:
+            return {}
+        rows = self._call(
+            "query",
+            self.client.query,
+            self.registry,
+            filter=in_list(schema.DOC_ID, sorted(set(doc_ids))),
+            output_fields=[schema.DOC_ID, schema.VERSION],
+        )
+        return {r[schema.DOC_ID]: r[schema.VERSION] for r in rows}
+
+    def activate(self, record: DocumentRecord) -> None:
+        """Make ``record.version`` the version search shows (one-row upsert)."""
+        row = {
+            schema.DOC_ID: record.doc_id,
+            schema.VERSION: record.version,
+            schema.CONTENT_HASH: record.content_hash,
+            schema.CLASSIFICATION: record.classification.value,
+            schema.SOURCE: record.source,
+            schema.TITLE: record.title[:1000],
+            schema.CHUNKS: record.chunks,
+            schema.INGESTED_AT: int(record.ingested_at * 1000),
+            schema.METADATA: record.metadata,
+            schema.MARKER: [0.0] * schema.MARKER_DIM,
+        }
+        self._call("upsert", self.client.upsert, self.registry, data=[row])
+
+    # -- chunks ------------------------------------------------------------------------------
+
+    def write_chunks(self, chunks: Sequence[Chunk], vectors: np.ndarray, batch: int = 256) -> None:
+        """Upsert chunks with their vectors; ids are deterministic so this is idempotent."""
+        if len(chunks) != len(vectors):
+            raise ValueError("one vector per chunk is required")
+        for start in range(0, len(chunks), batch):
+            rows = [
+                {
+                    schema.ID: c.id,
+                    schema.DOC_ID: c.doc_id,
+                    schema.VERSION: c.version,
+                    schema.CHUNK_NO: c.chunk_no,
+                    schema.TEXT: c.text,
+                    schema.VECTOR: vectors[start + i].tolist(),
+                    schema.CLASSIFICATION: c.classification.value,
+                    schema.SOURCE: c.source,
+                    schema.PAGE: c.page,
+                    schema.METADATA: c.metadata,
+                }
+                for i, c in enumerate(chunks[start : start + batch])
+            ]
+            self._call("upsert", self.client.upsert, self.collection, data=rows)
+
+    def flush(self) -> None:
+        """Seal growing segments so the ANN index serves them."""
+        for name in (self.collection, self.registry):
+            self._call("flush", self.client.flush, name)
+
+    def purge_stale(self, doc_id: str, keep_version: str | None) -> None:
+        """Delete the document's chunks of every version except ``keep_version``."""
+        expr = f"{schema.DOC_ID} == {literal(doc_id)}"
+        if keep_version is not None:
+            expr += f" and {schema.VERSION} != {literal(keep_version)}"
+        self._call("delete", self.client.delete, self.collection, filter=expr)
+
+    def delete_document(self, doc_id: str) -> bool:
+        """Remove a document: registry row first (search hides it at once), then chunks."""
+        existed = self.get_document(doc_id) is not None
+        self._call(
+            "delete", self.client.delete, self.registry, filter=f"{schema.DOC_ID} == {literal(doc_id)}"
+        )
+        self.purge_stale(doc_id, None)
+        return existed
+
+    def count_chunks(self, doc_id: str | None = None, version: str | None = None) -> int:
+        parts = []
+        if doc_id is not None:
+            parts.append(f"{schema.DOC_ID} == {literal(doc_id)}")
+        if version is not None:
+            parts.append(f"{schema.VERSION} == {literal(version)}")
+        rows = self._call(
+            "query",
+            self.client.query,
+            self.collection,
+            filter=" and ".join(parts),
+            output_fields=["count(*)"],
+        )
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def chunks_of(self, doc_id: str, version: str) -> list[Chunk]:
+        rows = self._call(
+            "query",
+            self.client.query,
+            self.collection,
+            filter=f"{schema.DOC_ID} == {literal(doc_id)} and {schema.VERSION} == {literal(version)}",
+            output_fields=list(schema.CHUNK_OUTPUT_FIELDS),
+            limit=16384,
+        )
+        return sorted((_chunk(r) for r in rows), key=lambda c: c.chunk_no)
+
+    # -- search ------------------------------------------------------------------------------
+
+    def search(
+        self,
+        vectors: np.ndarray,
+        limit: int,
+        flt: SearchFilter | None = None,
+        score_threshold: float | None = None,
+    ) -> list[list[Hit]]:
+        """Top ``limit`` hits per query vector, active versions only, best first."""
+        if vectors.ndim == 1:
+            vectors = vectors[None, :]
+        if vectors.shape[1] != self.dimension:
+            raise ValueError(f"query vectors are {vectors.shape[1]}-d; the store holds {self.dimension}-d")
+        fetch = limit * 2 + 4  # head-room for hits of superseded versions dropped below
+        results = self._call(
+            "search",
+            self.client.search,
+            self.collection,
+            data=vectors.tolist(),
+            limit=fetch,
+            filter=flt.expression() if flt else "",
+            output_fields=list(schema.CHUNK_OUTPUT_FIELDS),
+            search_params=schema.search_params(self.settings.index, self.settings.search, fetch),
+        )
+        doc_ids = {h["entity"][schema.DOC_ID] for hits in results for h in hits}
+        active = self.active_versions(sorted(doc_ids))
+        out: list[list[Hit]] = []
+        for hits in results:
+            kept: list[Hit] = []
+            for h in hits:
+                chunk = _chunk(h)
+                if active.get(chunk.doc_id) != chunk.version:
+                    continue
+                score = float(h["distance"])
+                if score_threshold is not None and score < score_threshold:
+                    continue
+                kept.append(Hit(chunk=chunk, score=score))
+                if len(kept) == limit:
+                    break
+            out.append(kept)
+        return out
+
+    def iter_all_chunks(self, batch: int = 1000) -> Iterator[Chunk]:
+        """Every stored chunk (all versions); used by maintenance and tests."""
+        it = self.client.query_iterator(
+            self.collection, batch_size=batch, filter="", output_fields=list(schema.CHUNK_OUTPUT_FIELDS)
+        )
+        try:
+            while rows := it.next():
+                yield from (_chunk(r) for r in rows)
+        finally:
+            it.close()
+
+
+def _message(exc: Exception) -> str:
+    return getattr(exc, "message", None) or str(exc)

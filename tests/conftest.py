@@ -1,0 +1,54 @@
+"""Shared fixtures: the real offline embedding model (loaded once), Milvus Lite
+embedded per test, a Milvus Lite server per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.config import Settings, load_settings
+from services.kb.embedder import Embedder
+from services.kb.service import KnowledgeBase
+from tests.support import MilvusServer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# keep tests independent of a developer's dualtrack.toml / environment
+for _key in [k for k in os.environ if k.startswith("DUALTRACK_")]:
+    del os.environ[_key]
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    return Embedder(load_settings().embedding)
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Any:
+    """Settings with an embedded Milvus Lite database under tmp_path, plus overrides."""
+
+    def make(**overrides: Any) -> Settings:
+        milvus = {"uri": str(tmp_path / "kb.db"), **overrides.pop("milvus", {})}
+        return load_settings(milvus=milvus, **overrides)
+
+    return make
+
+
+@pytest.fixture
+def kb(make_settings: Any, embedder: Embedder) -> Iterator[KnowledgeBase]:
+    knowledge = KnowledgeBase(make_settings(), embedder=embedder)
+    knowledge.start()
+    yield knowledge
+    knowledge.close()
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServer]:
+    server = MilvusServer(tmp_path_factory.mktemp("milvus") / "data").start()
+    yield server
+    server.stop()

@@ -1,0 +1,168 @@
+"""The Milvus store against real Milvus Lite: embedded and server mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pymilvus import MilvusClient
+
+from services.config import ConfigError, load_settings
+from services.kb import schema
+from services.kb.classification import Classification
+from services.kb.errors import SchemaMismatch, StoreUnavailable
+from services.kb.filters import SearchFilter
+from services.kb.service import KnowledgeBase
+from services.kb.store import KnowledgeStore
+from tests.support import SAMPLES, free_port
+
+SAMPLE_FILES = [
+    p
+    for p in sorted(SAMPLES.rglob("*"))
+    if p.suffix in (".md", ".txt", ".html", ".pdf", ".docx") and p.name != "README.md"
+]
+
+
+def ingest_samples(kb: KnowledgeBase) -> dict[str, int]:
+    out = {}
+    for path in SAMPLE_FILES:
+        r = kb.ingestor.ingest_path(path, SAMPLES)
+        assert r.status == "ingested", r.reason
+        out[r.doc_id] = r.chunks
+    return out
+
+
+def test_embedded_ingest_search_and_labels(kb: KnowledgeBase) -> None:
+    chunks = ingest_samples(kb)
+    assert kb.store.count_chunks() == sum(chunks.values())
+    docs = {d.doc_id: d for d in kb.store.list_documents()}
+    assert docs["confidential--project-falcon-acquisition.md"].classification is Classification.CONFIDENTIAL
+    assert docs["products--robot-fleet-faq.md"].classification is Classification.PUBLIC
+    assert docs["policies--travel-and-expense-policy.pdf"].classification is Classification.INTERNAL
+
+    hits = kb.search("What is the code name of the planned acquisition?", top_k=3)
+    assert hits[0].chunk.doc_id == "confidential--project-falcon-acquisition.md"
+    assert hits[0].score >= hits[-1].score
+
+    public = kb.search(
+        "What is the code name of the planned acquisition?",
+        top_k=5,
+        flt=SearchFilter(classifications=[Classification.PUBLIC]),
+    )
+    assert public and all(h.chunk.classification is Classification.PUBLIC for h in public)
+
+    pdf_hit = kb.search("per diem allowance for a full day abroad", top_k=1)[0]
+    assert pdf_hit.chunk.doc_id == "policies--travel-and-expense-policy.pdf"
+    assert pdf_hit.chunk.page in (1, 2, 3)
+
+
+def test_filter_injection_matches_nothing_and_changes_nothing(kb: KnowledgeBase) -> None:
+    ingest_samples(kb)
+    before = kb.store.count_chunks()
+    evil = SearchFilter(sources=['" or 1==1 or source == "'], metadata={"department": '" or 1==1'})
+    assert kb.search("vacation days", flt=evil) == []
+    assert kb.store.count_chunks() == before
+    # the same filter shape with a real value does match
+    real = SearchFilter(sources=["handbook/employee-handbook.md"])
+    assert {h.chunk.doc_id for h in kb.search("vacation days", flt=real)} == {
+        "handbook--employee-handbook.md"
+    }
+
+
+def test_server_mode_and_hnsw_params_are_applied(milvus_server, embedder, make_settings) -> None:
+    settings = make_settings(
+        milvus={
+            "uri": milvus_server.uri,
+            "collection": "kb_server_hnsw",
+            "index": {"type": "HNSW", "hnsw_m": 24},
+        }
+    )
+    kb = KnowledgeBase(settings, embedder=embedder)
+    kb.start()
+    try:
+        ingest_samples(kb)
+        client = MilvusClient(uri=milvus_server.uri)
+        info = client.describe_index("kb_server_hnsw", index_name=client.list_indexes("kb_server_hnsw")[0])
+        client.close()
+        assert info["index_type"] == "HNSW"
+        assert str(info.get("M", info.get("params", {}).get("M"))) == "24", info
+        hits = kb.search("How do I promote the database replica?", top_k=3)
+        assert hits[0].chunk.doc_id == "runbooks--database-failover.txt"
+    finally:
+        kb.close()
+
+
+def test_ivf_flat_index_with_nprobe(make_settings, embedder) -> None:
+    settings = make_settings(
+        milvus={"index": {"type": "IVF_FLAT", "ivf_nlist": 4}, "search": {"ivf_nprobe": 4}}
+    )
+    kb = KnowledgeBase(settings, embedder=embedder)
+    kb.start()
+    try:
+        ingest_samples(kb)
+        kb.store.flush()
+        hits = kb.search("SEV1 incident paging on-call", top_k=3)
+        assert hits[0].chunk.doc_id == "runbooks--incident-response.html"
+    finally:
+        kb.close()
+
+
+@pytest.mark.parametrize("bad", ["IVF_PQ", "DISKANN", "hnsw2", "GPU_CAGRA"])
+def test_unknown_index_type_is_refused_before_milvus(bad: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(milvus={"index": {"type": bad}})
+    msg = str(info.value)
+    assert "milvus.index.type" in msg and repr(bad) in msg and "'HNSW', 'IVF_FLAT' or 'FLAT'" in msg
+
+
+def test_wrong_dimension_for_existing_collection(make_settings, kb: KnowledgeBase) -> None:
+    ingest_samples(kb)
+    before = kb.store.count_chunks()
+    kb.close()
+    store = KnowledgeStore(make_settings().milvus, dimension=768)
+    with pytest.raises(SchemaMismatch, match="stores 384-d vectors but the embedding model produces 768-d"):
+        store.connect()
+    kb.store.connect()
+    assert kb.store.count_chunks() == before
+
+
+def test_index_type_change_on_existing_collection_is_refused(make_settings, kb: KnowledgeBase) -> None:
+    ingest_samples(kb)
+    kb.close()
+    store = KnowledgeStore(make_settings(milvus={"index": {"type": "IVF_FLAT"}}).milvus, dimension=384)
+    with pytest.raises(
+        SchemaMismatch, match="has a HNSW/COSINE index but milvus.index asks for IVF_FLAT/COSINE"
+    ):
+        store.connect()
+
+
+def test_milvus_down_is_a_clear_error_and_not_ready(embedder, make_settings) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    store = KnowledgeStore(make_settings(milvus={"uri": uri}).milvus, dimension=384)
+    with pytest.raises(StoreUnavailable, match=f"Milvus at {uri} is unreachable"):
+        store.connect()
+    kb = KnowledgeBase(make_settings(milvus={"uri": uri}), embedder=embedder)
+    kb.start()  # does not raise
+    r = kb.readiness()
+    assert r.model and not r.milvus and not r.ready
+    assert uri in r.reasons[0]
+
+
+def test_search_rejects_wrong_query_dimension(kb: KnowledgeBase) -> None:
+    with pytest.raises(ValueError, match="query vectors are 8-d; the store holds 384-d"):
+        kb.store.search(np.zeros(8, dtype=np.float32), 3)
+
+
+def test_schema_is_defined_once() -> None:
+    fields = [f.name for f in schema.chunk_schema(384).fields]
+    assert fields == [
+        schema.ID,
+        schema.DOC_ID,
+        schema.VERSION,
+        schema.CHUNK_NO,
+        schema.TEXT,
+        schema.VECTOR,
+        schema.CLASSIFICATION,
+        schema.SOURCE,
+        schema.PAGE,
+        schema.METADATA,
+    ]
