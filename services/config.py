@@ -54,7 +54,11 @@ class IndexSettings(_Section):
     accepts unknown index types silently and fails later in the background."""
 
     type: Literal["HNSW", "IVF_FLAT", "FLAT"] = "HNSW"
-    metric: Literal["COSINE", "IP"] = "COSINE"
+    metric: Literal["COSINE", "IP", "L2"] = Field(
+        "COSINE",
+        description="Vectors are L2-normalised, so all three rank alike; scores are reported "
+        "as cosine similarity either way (L2 is accepted for collections indexed by the seed's ORM code).",
+    )
     hnsw_m: int = Field(16, ge=4, le=64)
     hnsw_ef_construction: int = Field(200, ge=8, le=1024)
     ivf_nlist: int = Field(1024, ge=1, le=65536)

@@ -39,9 +39,9 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
 class MilvusServer:
     """A real ``milvus-lite server`` process on a free loopback port."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
-        self.port = free_port()
+        self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,31 +96,41 @@ class KnowledgeStore:
         self.collection = settings.collection
         self.registry = schema.registry_name(settings.collection)
         self._client: MilvusClient | None = None
+        self._connect_lock = threading.Lock()  # start-up and the first requests race to connect
 
     # -- connection ------------------------------------------------------------------------
 
     @property
     def client(self) -> MilvusClient:
-        if self._client is None:
+        client = self._client
+        if client is None:
             self.connect()
-        assert self._client is not None
-        return self._client
+            client = self._client
+        assert client is not None
+        return client
 
     def connect(self) -> None:
-        """Open the client and create or validate both collections."""
+        """Open the client and create or validate both collections (once per process)."""
+        with self._connect_lock:
+            if self._client is None:
+                self._connect()
+
+    def _connect(self) -> None:
         uri = self.settings.uri
         token = self.settings.token.get_secret_value() if self.settings.token else ""
         try:
-            self._client = MilvusClient(uri=uri, token=token, timeout=self.settings.timeout_s)
+            client = MilvusClient(uri=uri, token=token, timeout=self.settings.timeout_s)
         except MilvusException as exc:
             raise StoreUnavailable(f"Milvus at {uri} is unreachable: {exc.message}") from None
         except Exception as exc:  # milvus-lite raises plain errors for a locked/invalid path
             raise StoreUnavailable(f"Milvus at {uri} cannot be opened: {exc}") from None
         try:
-            self._ensure_collections()
-        except (SchemaMismatch, StoreUnavailable):
-            self.close()
+            self._ensure_collections(client)
+        except Exception:
+            with contextlib.suppress(Exception):
+                client.close()
             raise
+        self._client = client  # published only once both collections are usable
 
     def close(self) -> None:
         if self._client is not None:
@@ -151,13 +162,11 @@ class KnowledgeStore:
 
     # -- schema ------------------------------------------------------------------------------
 
-    def _ensure_collections(self) -> None:
-        client = self._client
-        assert client is not None
+    def _ensure_collections(self, client: MilvusClient) -> None:
         idx = self.settings.index
         names = self._call("list_collections", client.list_collections)
         if self.collection in names:
-            self._validate_existing()
+            self._validate_existing(client)
         else:
             params = client.prepare_index_params()
             params.add_index(
@@ -186,9 +195,7 @@ class KnowledgeStore:
         for name in (self.collection, self.registry):
             self._call("load_collection", client.load_collection, name)
 
-    def _validate_existing(self) -> None:
-        client = self._client
-        assert client is not None
+    def _validate_existing(self, client: MilvusClient) -> None:
         desc = self._call("describe_collection", client.describe_collection, self.collection)
         fields = {f["name"]: f for f in desc["fields"]}
         vector = fields.get(schema.VECTOR)
@@ -373,7 +380,7 @@ class KnowledgeStore:
                 chunk = _chunk(h)
                 if active.get(chunk.doc_id) != chunk.version:
                     continue
-                score = float(h["distance"])
+                score = self._similarity(float(h["distance"]))
                 if score_threshold is not None and score < score_threshold:
                     continue
                 kept.append(Hit(chunk=chunk, score=score))
@@ -381,6 +388,10 @@ class KnowledgeStore:
                     break
             out.append(kept)
         return out
+
+    def _similarity(self, distance: float) -> float:
+        """Cosine similarity from Milvus' distance: squared L2 between unit vectors is 2 - 2cos."""
+        return 1.0 - distance / 2.0 if self.settings.index.metric == "L2" else distance
 
     def iter_all_chunks(self, batch: int = 1000) -> Iterator[Chunk]:
         """Every stored chunk (all versions); used by maintenance and tests."""

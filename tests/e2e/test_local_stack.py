@@ -1,0 +1,144 @@
+"""`dualtrack local up` / `kb ingest` / `ask` / `status` / `down` as a user runs
+them: real processes, real ports, the shipped samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT, free_port
+
+CLI = str(Path(sys.executable).with_name("dualtrack"))
+
+
+def run(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [CLI, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    home = tmp_path_factory.mktemp("stack")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DUALTRACK_")},
+        "DUALTRACK_HOME": str(home),
+        "DUALTRACK_GATEWAY__PORT": str(free_port()),
+        "DUALTRACK_MILVUS__URI": f"http://127.0.0.1:{free_port()}",
+        "COLUMNS": "200",
+    }
+    up = run(env, "local", "up")
+    env["_UP_OUTPUT"] = up.stdout
+    yield env
+    run(env, "local", "down", ok=False)
+
+
+def test_up_prints_status_and_a_0600_key(stack: dict[str, str]) -> None:
+    home = Path(stack["DUALTRACK_HOME"])
+    key_file = home / "api-key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text().strip()
+    assert key in stack["_UP_OUTPUT"] and "ready" in stack["_UP_OUTPUT"]
+
+
+def test_ingest_ask_search_and_skip(stack: dict[str, str]) -> None:
+    first = run(stack, "kb", "ingest", "docs/samples", "--exclude", "README.md")
+    assert "7 ingested, 0 skipped, 0 rejected" in first.stdout
+    assert "confidential" in first.stdout
+    again = run(stack, "kb", "ingest", "docs/samples", "--exclude", "README.md")
+    assert "0 ingested, 7 skipped, 0 rejected" in again.stdout
+
+    ans = run(stack, "ask", "How many vacation days do full-time employees get per year?")
+    assert "A: " in ans.stdout and "[1]" in ans.stdout
+    port = stack["DUALTRACK_GATEWAY__PORT"]
+    assert f"http://127.0.0.1:{port}/v1/documents/handbook--employee-handbook.md" in ans.stdout
+
+    found = run(stack, "kb", "search", "promote the replica after a primary failure", "-k", "2")
+    assert "runbooks--database-failover.txt" in found.stdout
+
+    listed = run(stack, "kb", "list")
+    assert "7 documents" in listed.stdout
+
+
+def test_rejected_file_is_reported_with_reason_and_exit_1(stack: dict[str, str], tmp_path: Path) -> None:
+    bad = tmp_path / "broken.pdf"
+    bad.write_bytes(b"%PDF-1.4 nothing else")
+    proc = run(stack, "kb", "ingest", str(bad), ok=False)
+    assert proc.returncode == 1
+    assert "rejected" in proc.stdout and "PDF" in proc.stdout
+
+
+def test_status_reports_processes_logs_and_health(stack: dict[str, str]) -> None:
+    out = json.loads(run(stack, "local", "status", "--json").stdout)
+    by_name = {c["name"]: c for c in out}
+    assert by_name["gateway"]["health"] == "ready" and by_name["milvus"]["health"] == "listening"
+    for c in out:
+        assert c["running"] and c["pid"]
+        log = Path(c["log"])
+        assert log.is_file()
+        assert Path(stack["DUALTRACK_HOME"]) in log.parents
+    key = (Path(stack["DUALTRACK_HOME"]) / "api-key").read_text().strip()
+    for c in out:
+        assert key not in Path(c["log"]).read_text(errors="replace")
+
+
+def test_up_is_idempotent_and_wrong_key_is_refused(stack: dict[str, str]) -> None:
+    run(stack, "local", "up")
+    proc = run({**stack, "DUALTRACK_API_KEY": "wrong"}, "kb", "list", ok=False)
+    assert proc.returncode == 2 and "HTTP 401" in proc.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("DUALTRACK_")},
+            "DUALTRACK_HOME": str(tmp_path),
+            "DUALTRACK_MILVUS__URI": f"http://127.0.0.1:{port}",
+        }
+        proc = run(env, "local", "up", ok=False)
+    assert proc.returncode == 2
+    assert f"port {port} on 127.0.0.1 is already in use" in proc.stderr and "milvus.uri" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:
+    env = {**os.environ, "DUALTRACK_HOME": str(tmp_path), "DUALTRACK_MILVUS__INDEX__TYPE": "DISKANN"}
+    proc = run(env, "local", "status", ok=False)
+    assert proc.returncode == 2
+    assert "milvus.index.type = 'DISKANN'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_down_stops_everything(tmp_path_factory: pytest.TempPathFactory) -> None:
+    home = tmp_path_factory.mktemp("down")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DUALTRACK_")},
+        "DUALTRACK_HOME": str(home),
+        "DUALTRACK_GATEWAY__PORT": str(free_port()),
+        "DUALTRACK_MILVUS__URI": f"http://127.0.0.1:{free_port()}",
+    }
+    run(env, "local", "up")
+    pids = [c["pid"] for c in json.loads(run(env, "local", "status", "--json").stdout)]
+    assert "stopped: gateway, milvus" in run(env, "local", "down").stdout
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    after = json.loads(run(env, "local", "status", "--json").stdout)
+    assert all(not c["running"] and c["health"] == "down" for c in after)

@@ -1,0 +1,191 @@
+"""Re-ingest is atomic per document, unchanged documents are skipped, deletes
+are complete -- against real Milvus Lite, including a kill -9 mid-ingest."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from services.kb.ingest import Ingestor, chunk_id
+from services.kb.service import KnowledgeBase
+from services.kb.store import KnowledgeStore
+from tests.support import ROOT
+
+
+def document(version: str, sentences: int = 120) -> bytes:
+    """A document whose every sentence names its version, so hits reveal it."""
+    body = " ".join(
+        f"Release {version} note {i}: the conveyor robot model {i % 7} uses firmware {version}."
+        for i in range(sentences)
+    )
+    return f"# Firmware notes\n\n{body}\n".encode()
+
+
+def versions_seen(kb: KnowledgeBase, query: str = "which firmware does the conveyor robot use") -> set[str]:
+    return {h.chunk.version for h in kb.search(query, top_k=20)}
+
+
+def test_unchanged_is_skipped_and_changed_replaces(kb: KnowledgeBase) -> None:
+    ing = kb.ingestor
+    first = ing.ingest_bytes(document("v1"), "notes.md")
+    assert first.status == "ingested" and first.chunks > 1
+    again = ing.ingest_bytes(document("v1"), "notes.md")
+    assert again.status == "skipped" and again.reason == "unchanged" and "embed" not in again.timings
+
+    second = ing.ingest_bytes(document("v2", sentences=60), "notes.md")
+    assert second.status == "ingested" and second.version != first.version
+    assert kb.store.count_chunks("notes.md") == second.chunks
+    assert kb.store.count_chunks("notes.md", first.version) == 0
+    assert versions_seen(kb) == {second.version}
+    assert all("v2" in h.chunk.text for h in kb.search("firmware", top_k=10))
+
+
+def test_chunk_ids_are_stable_across_stores(make_settings, embedder, tmp_path: Path) -> None:
+    ids = []
+    for name in ("a.db", "b.db"):
+        settings = make_settings(milvus={"uri": str(tmp_path / name)})
+        store = KnowledgeStore(settings.milvus, embedder.dimension)
+        res = Ingestor(settings, embedder, store).ingest_bytes(document("v1"), "notes.md")
+        ids.append([c.id for c in store.chunks_of("notes.md", res.version)])
+        assert ids[-1][0] == chunk_id("notes.md", res.version, 0)
+        store.close()
+    assert ids[0] == ids[1]
+
+
+def test_relabel_reingests(kb: KnowledgeBase) -> None:
+    from services.kb.classification import Classification
+
+    a = kb.ingestor.ingest_bytes(document("v1"), "notes.md")
+    b = kb.ingestor.ingest_bytes(document("v1"), "notes.md", labels=[Classification.CONFIDENTIAL])
+    assert b.status == "ingested" and b.version != a.version
+    assert {h.chunk.classification for h in kb.search("firmware")} == {Classification.CONFIDENTIAL}
+
+
+def test_delete_removes_every_chunk(kb: KnowledgeBase) -> None:
+    kb.ingestor.ingest_bytes(document("v1"), "notes.md")
+    kb.ingestor.ingest_bytes(document("x", 10), "other.md")
+    assert kb.ingestor.delete("notes.md") is True
+    assert kb.store.count_chunks("notes.md") == 0
+    assert kb.store.get_document("notes.md") is None
+    assert {h.chunk.doc_id for h in kb.search("firmware")} == {"other.md"}
+    assert kb.ingestor.delete("notes.md") is False
+
+
+def test_failure_mid_write_keeps_old_version_whole(kb: KnowledgeBase, monkeypatch) -> None:
+    old = kb.ingestor.ingest_bytes(document("v1"), "notes.md")
+    original = kb.store.write_chunks
+
+    def write_half_then_die(chunks, vectors, batch=256):
+        original(chunks[: len(chunks) // 2], vectors[: len(chunks) // 2], batch)
+        raise RuntimeError("simulated crash after a partial write")
+
+    monkeypatch.setattr(kb.store, "write_chunks", write_half_then_die)
+    with pytest.raises(RuntimeError):
+        kb.ingestor.ingest_bytes(document("v2"), "notes.md")
+    assert kb.store.count_chunks("notes.md") > old.chunks  # orphans of v2 exist ...
+    assert versions_seen(kb) == {old.version}  # ... but search never shows them
+    assert kb.store.get_document("notes.md").version == old.version
+
+    monkeypatch.setattr(kb.store, "write_chunks", original)
+    new = kb.ingestor.ingest_bytes(document("v2"), "notes.md")
+    assert kb.store.count_chunks("notes.md") == new.chunks  # orphans and old version gone
+
+
+def test_search_during_reingest_sees_only_old_version(kb: KnowledgeBase, monkeypatch) -> None:
+    old = kb.ingestor.ingest_bytes(document("v1"), "notes.md")
+    seen: list[set[str]] = []
+    original = kb.store.activate
+
+    def observe_then_activate(record):
+        seen.append(versions_seen(kb))  # all new chunks are written, not yet active
+        original(record)
+        seen.append(versions_seen(kb))  # flipped, old chunks not yet purged
+
+    monkeypatch.setattr(kb.store, "activate", observe_then_activate)
+    new = kb.ingestor.ingest_bytes(document("v2"), "notes.md")
+    assert seen == [{old.version}, {new.version}]
+
+
+def test_same_document_ingested_twice_concurrently(kb: KnowledgeBase) -> None:
+    results = []
+    barrier = threading.Barrier(2)
+
+    def run() -> None:
+        barrier.wait()
+        results.append(kb.ingestor.ingest_bytes(document("v1"), "notes.md"))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.status for r in results) == ["ingested", "skipped"]
+    chunks = results[0].chunks
+    assert kb.store.count_chunks("notes.md") == chunks
+    ids = [c.id for c in kb.store.chunks_of("notes.md", results[0].version)]
+    assert len(ids) == len(set(ids)) == chunks
+
+
+CRASHER = textwrap.dedent(
+    """
+    import sys
+    from services.config import load_settings
+    from services.kb.service import KnowledgeBase
+    settings = load_settings(milvus={"uri": sys.argv[1], "collection": "crash_kb"},
+                             ingest={"insert_batch": 4})
+    kb = KnowledgeBase(settings)
+    kb.start()
+    original = kb.store.write_chunks
+    def slow(chunks, vectors, batch):
+        for i in range(0, len(chunks), batch):
+            original(chunks[i:i + batch], vectors[i:i + batch], batch)
+            print("wrote", i + batch, flush=True)
+    kb.store.write_chunks = slow
+    kb.ingestor.ingest_bytes(open(sys.argv[2], "rb").read(), "notes.md")
+    print("finished", flush=True)
+    """
+)
+
+
+def test_kill_9_mid_ingest_leaves_old_version_searchable(milvus_server, embedder, make_settings, tmp_path):
+    settings = make_settings(milvus={"uri": milvus_server.uri, "collection": "crash_kb"})
+    kb = KnowledgeBase(settings, embedder=embedder)
+    kb.start()
+    old = kb.ingestor.ingest_bytes(document("v1"), "notes.md")
+    v2 = tmp_path / "v2.md"
+    v2.write_bytes(document("v2", sentences=400))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASHER, milvus_server.uri, str(v2)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:  # wait until part of v2 is written, then kill -9
+        if line.startswith("wrote") or time.monotonic() > deadline:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    partial = kb.store.count_chunks("notes.md")
+    assert partial > old.chunks, "the crash should have left partial v2 rows behind"
+    assert kb.store.get_document("notes.md").version == old.version
+    assert versions_seen(kb) == {old.version}
+    assert len(kb.store.chunks_of("notes.md", old.version)) == old.chunks
+
+    done = kb.ingestor.ingest_bytes(v2.read_bytes(), "notes.md")  # a rerun finishes the job
+    assert done.status == "ingested"
+    assert kb.store.count_chunks("notes.md") == done.chunks
+    assert versions_seen(kb) == {done.version}
+    kb.close()

@@ -1,0 +1,66 @@
+"""The seed's ORM code keeps working against the server-mode store.
+
+The seed connects with ``connections.connect``, opens
+``Collection("knowledge_base")`` and builds an IVF_FLAT/L2 index (nlist 128)
+on the ``embedding`` field. Here it does that on the collection our store
+created and filled, and both sides keep reading the same data afterwards.
+"""
+
+from __future__ import annotations
+
+import pytest
+from pymilvus import Collection, connections
+
+from services.kb.service import KnowledgeBase
+from tests.services.kb.test_store import ingest_samples
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*ORM-style PyMilvus API")
+
+SEED_INDEX = {"index_type": "IVF_FLAT", "metric_type": "L2", "params": {"nlist": 128}}
+
+
+@pytest.fixture
+def orm(milvus_server):
+    connections.connect("default", host="127.0.0.1", port=str(milvus_server.port))
+    yield
+    connections.disconnect("default")
+
+
+def test_seed_orm_snippet_on_the_store_collection(milvus_server, embedder, make_settings, orm) -> None:
+    settings = make_settings(
+        milvus={
+            "uri": milvus_server.uri,
+            "collection": "knowledge_base",
+            "index": {"type": "IVF_FLAT", "metric": "L2", "ivf_nlist": 128},
+        }
+    )
+    kb = KnowledgeBase(settings, embedder=embedder)
+    kb.start()
+    try:
+        ingest_samples(kb)
+        stored = kb.store.count_chunks()
+        kb.store.flush()
+
+        # --- the seed's code, unchanged in substance ---
+        collection = Collection("knowledge_base")
+        collection.release()
+        collection.drop_index()  # Milvus >= 2.4 refuses a second index on a field
+        collection.create_index("embedding", SEED_INDEX)
+        collection.load()
+        assert collection.num_entities == stored
+        query = kb.embedder.embed_query("How do I promote the database replica?").tolist()
+        res = collection.search(
+            [query],
+            "embedding",
+            {"metric_type": "L2", "params": {"nprobe": 16}},
+            limit=3,
+            output_fields=["doc_id"],
+        )
+        assert res[0][0].entity.get("doc_id") == "runbooks--database-failover.txt"
+        # --- and the store still serves the same collection, with cosine scores ---
+        hits = kb.search("How do I promote the database replica?", top_k=3)
+        assert hits[0].chunk.doc_id == "runbooks--database-failover.txt"
+        assert 0.0 < hits[0].score <= 1.0
+        assert abs(hits[0].score - (1 - res[0][0].distance / 2)) < 1e-4
+    finally:
+        kb.close()
