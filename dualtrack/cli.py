@@ -66,10 +66,12 @@ def _client(url: str | None, api_key: str | None) -> GatewayClient:
     key = api_key
     if key is None and settings.gateway.api_key is not None:
         key = settings.gateway.api_key.get_secret_value()
-    if key is None and settings.gateway.api_key_file is not None:
-        key = Path(settings.gateway.api_key_file).read_text(encoding="utf-8").strip()
-    if key is None and (state_dir() / "api-key").is_file():
-        key = (state_dir() / "api-key").read_text(encoding="utf-8").strip()
+    for path in (settings.gateway.api_key_file, state_dir() / "api-key"):
+        if key is None and path is not None and Path(path).is_file():
+            try:
+                key = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise _fail(f"cannot read the API key from {path}: {exc.strerror}") from None
     return GatewayClient(base, key)
 
 
@@ -186,7 +188,8 @@ def kb_ingest(
             progress.update(task, description=f"ingesting {source}")
             try:
                 side = read_sidecar(path)
-                label = most_restrictive([classification, side.classification], default=None)  # type: ignore[arg-type]
+                given = [c for c in (classification, side.classification) if c is not None]
+                label = most_restrictive(given, default=given[0]) if given else None
                 result = client.upload(
                     path,
                     source,
@@ -325,6 +328,10 @@ def bench_kb(
     queries: Annotated[int, typer.Option(min=10)] = 200,
     out: Annotated[Path | None, typer.Option(help="Write results as JSON here")] = None,
     workdir: Annotated[Path | None, typer.Option(help="Scratch directory (default: a temp dir)")] = None,
+    milvus_uri: Annotated[
+        str | None, typer.Option(help="Benchmark this Milvus (default: start a Milvus Lite server)")
+    ] = None,
+    copies: Annotated[int, typer.Option(min=1, help="Copies of the sample corpus to ingest")] = 5,
 ) -> None:
     """Ingest throughput, search latency/recall vs exact FLAT, and gateway overhead."""
     from dualtrack.bench import run_kb_bench
@@ -337,6 +344,8 @@ def bench_kb(
             n_queries=queries,
             out=out,
             workdir=workdir,
+            milvus_uri=milvus_uri,
+            copies=copies,
         )
     except ValueError as exc:
         raise _fail(str(exc)) from None

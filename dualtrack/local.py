@@ -19,13 +19,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 
-from services.config import ConfigError, Settings
+from services.config import ConfigError, Settings, config_file
 
 LOOPBACK = "127.0.0.1"
 
@@ -51,9 +52,12 @@ def state_dir() -> Path:
 class LocalStack:
     """Start, stop and inspect the local Milvus Lite server and gateway."""
 
-    def __init__(self, settings: Settings, home: Path | None = None) -> None:
+    def __init__(self, settings: Settings, home: Path | None = None, manage_milvus: bool = True) -> None:
+        """``manage_milvus=False`` runs only the gateway against ``milvus.uri``
+        (an existing Milvus, e.g. standalone for benchmarks)."""
         self.settings = settings
         self.home = home or state_dir()
+        self.manage_milvus = manage_milvus
         self.milvus_port = _milvus_port(settings)
         self.gateway_port = settings.gateway.port
         if settings.gateway.host != LOOPBACK:
@@ -90,12 +94,13 @@ class LocalStack:
             fh.write(key + "\n")
         return key
 
-    def up(self, timeout_s: float = 180.0) -> None:
-        """Start what is not running and wait until the gateway is ready."""
+    def up(self, timeout_s: float = 180.0, gateway_env: dict[str, str] | None = None) -> None:
+        """Start what is not running and wait until the gateway is ready.
+        ``gateway_env`` adds settings (``DUALTRACK_*``) for the gateway process."""
         for sub in ("logs", "run", "milvus"):
             (self.home / sub).mkdir(parents=True, exist_ok=True)
         self.api_key()
-        if self._pid("milvus") is None:
+        if self.manage_milvus and self._pid("milvus") is None:
             self._require_free(self.milvus_port, "milvus.uri")
             self._spawn(
                 "milvus",
@@ -115,12 +120,16 @@ class LocalStack:
         if self._pid("gateway") is None:
             self._require_free(self.gateway_port, "gateway.port")
             env = {
-                "DUALTRACK_MILVUS__URI": f"http://{LOOPBACK}:{self.milvus_port}",
+                "DUALTRACK_MILVUS__URI": self.settings.milvus.uri,
                 "DUALTRACK_GATEWAY__HOST": LOOPBACK,
                 "DUALTRACK_GATEWAY__PORT": str(self.gateway_port),
                 "DUALTRACK_GATEWAY__API_KEY_FILE": str(self.key_file),
                 "DUALTRACK_GATEWAY__AUTH_ENABLED": "true",
+                **(gateway_env or {}),
             }
+            toml = config_file()
+            if toml is not None:  # the gateway reads the same settings file as this CLI
+                env["DUALTRACK_CONFIG"] = str(toml.resolve())
             self._spawn("gateway", [sys.executable, "-m", "services.gateway"], env)
         self._wait(self._gateway_ready, "gateway", timeout_s)
 
@@ -170,7 +179,7 @@ class LocalStack:
             stdin=subprocess.DEVNULL,
             env={**os.environ, **env},
             start_new_session=True,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=Path.cwd(),
         )
         log.close()
         self._pid_file(name).write_text(f"{proc.pid}\n", encoding="utf-8")
@@ -194,14 +203,14 @@ class LocalStack:
                 f"choose another port ({setting})"
             )
 
-    def _wait(self, check: object, name: str, timeout_s: float) -> None:
+    def _wait(self, check: Callable[[], bool], name: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._pid(name) is None:
                 raise LocalStackError(
                     f"{name} exited during start-up; see {self.log_file(name)}:\n{_tail(self.log_file(name))}"
                 )
-            if check():  # type: ignore[operator]
+            if check():
                 return
             time.sleep(0.25)
         raise LocalStackError(f"{name} not ready after {timeout_s:.0f}s; see {self.log_file(name)}")

@@ -163,7 +163,7 @@ class IngestSettings(_Section):
 class RetrievalSettings(_Section):
     top_k: int = Field(5, ge=1, le=100)
     score_threshold: float | None = Field(None, ge=-1.0, le=1.0)
-    answer_passages: int = Field(3, ge=1, le=20)
+    answer_sentences: int = Field(3, ge=1, le=20)
 
 
 class GatewaySettings(_Section):
@@ -208,14 +208,15 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_file = _config_file()
+        toml_file = config_file()
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
 
 
-def _config_file() -> Path | None:
+def config_file() -> Path | None:
+    """The TOML settings file in effect: ``DUALTRACK_CONFIG`` or ``./dualtrack.toml``."""
     explicit = os.environ.get("DUALTRACK_CONFIG")
     if explicit:
         return Path(explicit)
@@ -225,7 +226,7 @@ def _config_file() -> Path | None:
 
 def load_settings(**overrides: Any) -> Settings:
     """Build :class:`Settings`, turning validation failures into one readable error."""
-    cfg = _config_file()
+    cfg = config_file()
     if cfg is not None and not cfg.is_file():
         raise ConfigError(f"DUALTRACK_CONFIG={cfg}: file not found")
     try:

@@ -223,8 +223,8 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         response_model=schemas.SearchResponse,
         summary="Semantic search over chunks",
     )
-    def search(body: schemas.SearchRequest) -> schemas.SearchResponse:
-        hits = _search(body.query, body.top_k, body.score_threshold, body.filter)
+    def search(body: schemas.SearchRequest, response: Response) -> schemas.SearchResponse:
+        hits = _search(body.query, body.top_k, body.score_threshold, body.filter, response)
         return schemas.SearchResponse(hits=[_hit_out(h) for h in hits])
 
     @app.post(
@@ -234,8 +234,8 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         response_model=schemas.AskResponse,
         summary="Answer a question with citations",
     )
-    def ask(body: schemas.AskRequest) -> schemas.AskResponse:
-        hits = _search(body.question, body.top_k, body.score_threshold, body.filter)
+    def ask(body: schemas.AskRequest, response: Response) -> schemas.AskResponse:
+        hits = _search(body.question, body.top_k, body.score_threshold, body.filter, response)
         answer = knowledge.answer(body.question, hits)
         metrics.answers.labels(answer.route).inc()
         return schemas.AskResponse(
@@ -265,13 +265,18 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _search(query: str, top_k: int | None, threshold: float | None, flt: Any) -> list[Hit]:
+    def _search(
+        query: str, top_k: int | None, threshold: float | None, flt: Any, response: Response
+    ) -> list[Hit]:
         started = time.perf_counter()
         try:
             hits = knowledge.search(query, top_k, threshold, flt)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
-        metrics.search_seconds.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        metrics.search_seconds.observe(elapsed)
+        # standard Server-Timing header: lets clients split our latency from Milvus + model time
+        response.headers["Server-Timing"] = f"search;dur={elapsed * 1000:.3f}"
         return hits
 
     def _url(doc_id: str, page: int | None = None) -> str:

@@ -183,7 +183,8 @@ class Ingestor:
                 and current.version == version
                 and self.store.count_chunks(doc_id, version) == current.chunks
             ):
-                self.store.purge_stale(doc_id, version)  # leftovers of an interrupted run
+                if self.store.count_chunks(doc_id) > current.chunks:
+                    self.store.purge_stale(doc_id, version)  # leftovers of an interrupted run
                 return IngestResult(
                     name=source,
                     status="skipped",

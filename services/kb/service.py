@@ -122,6 +122,6 @@ class KnowledgeBase:
 
     def answer(self, question: str, hits: Sequence[Hit]) -> Answer:
         answerer = self.answerer or ExtractiveAnswerer(
-            self.embedder, sentences=self.settings.retrieval.answer_passages
+            self.embedder, sentences=self.settings.retrieval.answer_sentences
         )
         return answerer.answer(question, hits)

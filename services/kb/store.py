@@ -259,21 +259,25 @@ class KnowledgeStore:
         )
         return {r[schema.DOC_ID]: r[schema.VERSION] for r in rows}
 
-    def activate(self, record: DocumentRecord) -> None:
-        """Make ``record.version`` the version search shows (one-row upsert)."""
-        row = {
-            schema.DOC_ID: record.doc_id,
-            schema.VERSION: record.version,
-            schema.CONTENT_HASH: record.content_hash,
-            schema.CLASSIFICATION: record.classification.value,
-            schema.SOURCE: record.source,
-            schema.TITLE: record.title[:1000],
-            schema.CHUNKS: record.chunks,
-            schema.INGESTED_AT: int(record.ingested_at * 1000),
-            schema.METADATA: record.metadata,
-            schema.MARKER: [0.0] * schema.MARKER_DIM,
-        }
-        self._call("upsert", self.client.upsert, self.registry, data=[row])
+    def activate(self, *records: DocumentRecord) -> None:
+        """Make each ``record.version`` the version search shows. One row per
+        document, so the flip is a single-row upsert (atomic in Milvus)."""
+        rows = [
+            {
+                schema.DOC_ID: r.doc_id,
+                schema.VERSION: r.version,
+                schema.CONTENT_HASH: r.content_hash,
+                schema.CLASSIFICATION: r.classification.value,
+                schema.SOURCE: r.source,
+                schema.TITLE: r.title[:1000],
+                schema.CHUNKS: r.chunks,
+                schema.INGESTED_AT: int(r.ingested_at * 1000),
+                schema.METADATA: r.metadata,
+                schema.MARKER: [0.0] * schema.MARKER_DIM,
+            }
+            for r in records
+        ]
+        self._call("upsert", self.client.upsert, self.registry, data=rows)
 
     # -- chunks ------------------------------------------------------------------------------
 
@@ -360,7 +364,7 @@ class KnowledgeStore:
             vectors = vectors[None, :]
         if vectors.shape[1] != self.dimension:
             raise ValueError(f"query vectors are {vectors.shape[1]}-d; the store holds {self.dimension}-d")
-        fetch = limit * 2 + 4  # head-room for hits of superseded versions dropped below
+        fetch = self.fetch_size(limit)
         results = self._call(
             "search",
             self.client.search,
@@ -388,6 +392,12 @@ class KnowledgeStore:
                     break
             out.append(kept)
         return out
+
+    @staticmethod
+    def fetch_size(limit: int) -> int:
+        """Candidates asked of Milvus for ``limit`` results: head-room for hits of
+        superseded versions that the active-version check drops."""
+        return limit * 2 + 4
 
     def _similarity(self, distance: float) -> float:
         """Cosine similarity from Milvus' distance: squared L2 between unit vectors is 2 - 2cos."""

@@ -255,6 +255,19 @@ def test_milvus_down_then_up(make_settings, embedder, tmp_path: Path) -> None:
             assert r.status_code == 201, r.text
         finally:
             server.stop()
+        # Milvus dies under a connected gateway: 503 with the reason, no crash ...
+        r = httpx.post(url + "/v1/search", json={"query": "hello"}, headers=headers)
+        assert r.status_code == 503 and f"127.0.0.1:{port}" in r.json()["detail"]
+        assert httpx.get(url + "/readyz").status_code == 503
+        assert httpx.get(url + "/healthz").status_code == 200
+        # ... and it comes back by itself, data intact
+        server = MilvusServer(tmp_path / "late", port=port).start()
+        try:
+            wait_ready(url, timeout=30)
+            hits = httpx.post(url + "/v1/search", json={"query": "hello"}, headers=headers).json()["hits"]
+            assert [h["doc_id"] for h in hits] == ["a.md"]
+        finally:
+            server.stop()
 
 
 def test_upload_metadata_is_filterable(gateway: httpx.Client) -> None:
