@@ -26,7 +26,7 @@ from services.gateway import schemas
 from services.gateway.auth import bearer, load_api_key, require_key
 from services.gateway.metrics import Metrics
 from services.kb.classification import Classification, parse_label
-from services.kb.errors import DocumentNotFound, KBError, StoreUnavailable
+from services.kb.errors import KBError
 from services.kb.ingest import IngestResult, validate_doc_id
 from services.kb.loaders import CONTENT_TYPES, suffix_of
 from services.kb.models import Hit
@@ -97,10 +97,9 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
 
     @app.exception_handler(KBError)
     async def kb_error(request: Request, exc: KBError) -> JSONResponse:
-        code = 404 if isinstance(exc, DocumentNotFound) else 503
-        if code == 503:
-            log.warning("%s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": str(exc)}, status_code=code)
+        # documents are checked by the endpoints; what reaches here is Milvus or the model
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": str(exc)}, status_code=503)
 
     # -- health --------------------------------------------------------------------------
 
@@ -194,7 +193,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
                     id=c.id,
                     chunk_no=c.chunk_no,
                     page=c.page or None,
-                    section=c.metadata.get("section"),
+                    section=c.sections,
                     words=len(c.text.split()),
                 )
                 for c in chunks
@@ -293,7 +292,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
             source=c.source,
             title=c.metadata.get("title"),
             page=c.page or None,
-            section=c.metadata.get("section"),
+            section=c.sections,
             classification=c.classification,
             url=_url(c.doc_id, c.page or None),
         )
@@ -363,6 +362,3 @@ def _ingest_body(result: IngestResult) -> schemas.IngestResponse:
         reason=result.reason,
         timings={k: round(v, 6) for k, v in result.timings.items()},
     )
-
-
-__all__ = ["StoreUnavailable", "create_app"]

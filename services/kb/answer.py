@@ -34,7 +34,7 @@ def citations_for(hits: Sequence[Hit]) -> list[Citation]:
             doc_id=h.chunk.doc_id,
             source=h.chunk.source,
             page=h.chunk.page or None,
-            section=h.chunk.metadata.get("section"),
+            section=h.chunk.sections,
             chunk_id=h.chunk.id,
             score=round(h.score, 4),
             classification=h.chunk.classification,

@@ -130,6 +130,7 @@ def chunk_blocks(blocks: Iterable[Block], cfg: ChunkingSettings) -> list[ChunkDr
                 page=current[0].page,
                 section=current[0].section,
                 page_end=current[-1].page,
+                sections=tuple(dict.fromkeys(u.section for u in current if u.section)),
             )
         )
 

@@ -85,9 +85,6 @@ class Embedder:
     def embed_query(self, text: str) -> np.ndarray:
         return self._encode([self.query_instruction + text])[0]
 
-    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode([self.query_instruction + t for t in texts])
-
     def _encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)

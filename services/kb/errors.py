@@ -22,7 +22,3 @@ class StoreUnavailable(KBError):
 
 class SchemaMismatch(KBError):
     """The existing collection does not fit the configured model or index."""
-
-
-class DocumentNotFound(KBError):
-    """No document with that id is stored."""

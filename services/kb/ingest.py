@@ -276,6 +276,7 @@ class Ingestor:
                 **meta,
                 "title": title,
                 "section": draft.section,
+                "sections": list(draft.sections),
                 "page_end": draft.page_end or draft.page or 0,
             },
         )

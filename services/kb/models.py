@@ -41,6 +41,7 @@ class ChunkDraft:
     page: int | None
     section: str | None
     page_end: int | None = None
+    sections: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,12 @@ class Chunk:
     source: str
     page: int
     metadata: dict[str, Any]
+
+    @property
+    def sections(self) -> str | None:
+        """The headings this chunk spans, for citations (``Remote Work / Vacation``)."""
+        names = self.metadata.get("sections") or []
+        return " / ".join(names) if names else self.metadata.get("section")
 
 
 @dataclass(frozen=True, slots=True)

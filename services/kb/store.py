@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -402,17 +402,6 @@ class KnowledgeStore:
     def _similarity(self, distance: float) -> float:
         """Cosine similarity from Milvus' distance: squared L2 between unit vectors is 2 - 2cos."""
         return 1.0 - distance / 2.0 if self.settings.index.metric == "L2" else distance
-
-    def iter_all_chunks(self, batch: int = 1000) -> Iterator[Chunk]:
-        """Every stored chunk (all versions); used by maintenance and tests."""
-        it = self.client.query_iterator(
-            self.collection, batch_size=batch, filter="", output_fields=list(schema.CHUNK_OUTPUT_FIELDS)
-        )
-        try:
-            while rows := it.next():
-                yield from (_chunk(r) for r in rows)
-        finally:
-            it.close()
 
 
 def _message(exc: Exception) -> str:

@@ -84,17 +84,18 @@ def test_missing_config_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path:
         load_settings()
 
 
-def test_malformed_toml_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    cfg = tmp_path / "broken.toml"
-    cfg.write_text("[milvus\nuri=")
+@pytest.mark.parametrize(
+    ("name", "text", "needle"),
+    [
+        ("broken.toml", "[milvus\nuri=", "broken.toml: cannot read settings"),
+        ("typo.toml", "[milvus]\nurl = 'http://127.0.0.1:1'\n", "milvus.url"),
+    ],
+)
+def test_bad_config_files_are_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, text: str, needle: str
+) -> None:
+    cfg = tmp_path / name
+    cfg.write_text(text)
     monkeypatch.setenv("DUALTRACK_CONFIG", str(cfg))
-    with pytest.raises(ConfigError, match="broken.toml: cannot read settings"):
-        load_settings()
-
-
-def test_unknown_key_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    cfg = tmp_path / "typo.toml"
-    cfg.write_text("[milvus]\nurl = 'http://127.0.0.1:1'\n")
-    monkeypatch.setenv("DUALTRACK_CONFIG", str(cfg))
-    with pytest.raises(ConfigError, match="milvus.url"):
+    with pytest.raises(ConfigError, match=needle):
         load_settings()

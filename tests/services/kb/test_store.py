@@ -166,3 +166,22 @@ def test_schema_is_defined_once() -> None:
         schema.PAGE,
         schema.METADATA,
     ]
+
+
+def test_score_threshold_and_top_k(kb: KnowledgeBase) -> None:
+    ingest_samples(kb)
+    query = "How do I promote the database replica?"
+    ranked = kb.search(query, top_k=5)
+    assert len(ranked) == 5 and [h.score for h in ranked] == sorted((h.score for h in ranked), reverse=True)
+    cut = (ranked[1].score + ranked[2].score) / 2
+    kept = kb.search(query, top_k=5, score_threshold=cut)
+    assert [h.chunk.id for h in kept] == [h.chunk.id for h in ranked[:2]]
+    assert kb.search(query, score_threshold=0.999) == []
+
+
+def test_citations_name_every_section_a_chunk_spans(kb: KnowledgeBase) -> None:
+    ingest_samples(kb)
+    answer = kb.answer("How many vacation days do full-time employees get?", kb.search("vacation days"))
+    first = answer.citations[0]
+    assert first.doc_id == "handbook--employee-handbook.md"
+    assert "Vacation and Public Holidays" in (first.section or "")
