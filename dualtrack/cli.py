@@ -20,11 +20,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from dualtrack.client import GatewayClient, GatewayError
 from dualtrack.local import LocalStack, LocalStackError, describe, state_dir
 from services.config import ConfigError, Settings, load_settings
-from services.kb.classification import Classification, most_restrictive
+from services.kb.classification import Classification, labels_from_rules, most_restrictive
 from services.kb.loaders import CONTENT_TYPES, suffix_of
 from services.kb.sidecar import SidecarError, is_sidecar, read_sidecar
 
@@ -49,7 +50,7 @@ KeyOpt = Annotated[
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -125,7 +126,7 @@ def _print_status(stack: LocalStack) -> None:
         table.add_column(col)
     for c in stack.status():
         style = "green" if c.health in ("ready", "listening") else "red"
-        table.add_row(c.name, str(c.pid or "-"), c.address, f"[{style}]{c.health}[/]", str(c.log))
+        table.add_row(c.name, str(c.pid or "-"), c.address, Text(c.health, style=style), Text(str(c.log)))
     console.print(table)
 
 
@@ -169,6 +170,7 @@ def kb_ingest(
     files = list(_walk(paths, exclude or []))
     if not files:
         raise _fail("no supported files found (" + ", ".join(sorted(CONTENT_TYPES)) + ")")
+    rules = _settings().classification.rules()
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     chunks = 0
@@ -188,7 +190,10 @@ def kb_ingest(
             progress.update(task, description=f"ingesting {source}")
             try:
                 side = read_sidecar(path)
-                given = [c for c in (classification, side.classification) if c is not None]
+                # rules also see the absolute path, so the folder passed on the command line
+                # never hides a rule such as confidential/* (labels only ever go up)
+                ruled = labels_from_rules(str(path.resolve()), rules)
+                given = [c for c in (classification, side.classification, *ruled) if c is not None]
                 label = most_restrictive(given, default=given[0]) if given else None
                 result = client.upload(
                     path,
@@ -196,6 +201,7 @@ def kb_ingest(
                     classification=label.value if label else None,
                     doc_id=side.doc_id,
                     metadata=side.metadata or None,
+                    title=side.title,
                 )
             except SidecarError as exc:
                 result = {"name": source, "status": "rejected", "reason": str(exc), "chunks": 0}
@@ -217,13 +223,13 @@ def _ingest_summary(results: list[dict[str, Any]], elapsed: float) -> None:
         table.add_column(col)
     colours = {"ingested": "green", "skipped": "cyan", "rejected": "red"}
     for r in results:
-        table.add_row(
-            r["name"],
-            f"[{colours[r['status']]}]{r['status']}[/]",
-            r.get("doc_id") or "-",
+        table.add_row(  # Text(): file names and reasons are data, not rich markup
+            Text(r["name"]),
+            Text(r["status"], style=colours[r["status"]]),
+            Text(r.get("doc_id") or "-"),
             str(r.get("chunks", 0)),
             r.get("classification") or "-",
-            r.get("reason") or "",
+            Text(r.get("reason") or ""),
         )
     console.print(table)
     counts = {s: sum(1 for r in results if r["status"] == s) for s in colours}
@@ -255,10 +261,10 @@ def kb_search(
         table.add_row(
             str(i),
             f"{h['score']:.3f}",
-            h["doc_id"],
+            Text(h["doc_id"]),
             str(h["page"] or "-"),
-            h["section"] or "-",
-            h["text"][:160] + ("..." if len(h["text"]) > 160 else ""),
+            Text(h["section"] or "-"),
+            Text(h["text"][:160] + ("..." if len(h["text"]) > 160 else "")),
         )
     console.print(table)
 
@@ -286,7 +292,9 @@ def kb_list(url: UrlOpt = None, api_key: KeyOpt = None) -> None:
     for col in ("doc_id", "title", "classification", "chunks", "source"):
         table.add_column(col)
     for d in docs:
-        table.add_row(d["doc_id"], d["title"], d["classification"], str(d["chunks"]), d["source"])
+        table.add_row(
+            Text(d["doc_id"]), Text(d["title"]), d["classification"], str(d["chunks"]), Text(d["source"])
+        )
     console.print(table)
 
 
@@ -356,5 +364,5 @@ def main() -> None:
     try:
         app()
     except ConfigError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)

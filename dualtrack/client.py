@@ -57,6 +57,7 @@ class GatewayClient:
         classification: str | None = None,
         doc_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        title: str | None = None,
     ) -> dict[str, Any]:
         """Upload one file; returns the ingest result (rejections included, not raised)."""
         suffix = suffix_of(path.name)
@@ -68,6 +69,8 @@ class GatewayClient:
             data["classification"] = classification
         if doc_id:
             data["doc_id"] = doc_id
+        if title:
+            data["title"] = title
         if metadata:
             data["metadata"] = json.dumps(metadata)
         with path.open("rb") as fh:

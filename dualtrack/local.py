@@ -58,7 +58,7 @@ class LocalStack:
         self.settings = settings
         self.home = home or state_dir()
         self.manage_milvus = manage_milvus
-        self.milvus_port = _milvus_port(settings)
+        self.milvus_port = _milvus_port(settings) if manage_milvus else 0
         self.gateway_port = settings.gateway.port
         if settings.gateway.host != LOOPBACK:
             raise ConfigError(
@@ -182,16 +182,17 @@ class LocalStack:
             cwd=Path.cwd(),
         )
         log.close()
-        self._pid_file(name).write_text(f"{proc.pid}\n", encoding="utf-8")
+        self._pid_file(name).write_text(f"{proc.pid} {_start_time(proc.pid)}\n", encoding="utf-8")
 
     def _pid(self, name: str) -> int | None:
         """The pid of a running component started by us, else None (stale files removed)."""
         path = self._pid_file(name)
         try:
-            pid = int(path.read_text(encoding="utf-8").strip())
+            pid_text, _, started = path.read_text(encoding="utf-8").strip().partition(" ")
+            pid = int(pid_text)
         except (OSError, ValueError):
             return None
-        if _alive(pid):
+        if _alive(pid) and _start_time(pid) == started:  # a reused pid is someone else's process
             return pid
         path.unlink(missing_ok=True)
         return None
@@ -270,17 +271,25 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _start_time(pid: int) -> str:
+    """Kernel start time of ``pid`` (field 22 of /proc/PID/stat); '' when unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def _terminate(pid: int, timeout_s: float) -> None:
     try:
         os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not _alive(pid):
             return
         time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
 
 

@@ -125,7 +125,7 @@ class ChunkingSettings(_Section):
     max_words: int = Field(500, ge=2, le=10000)
     overlap_words: int = Field(40, ge=0, le=5000)
     max_chars: int = Field(
-        12000, ge=100, le=60000, description="Hard cap so a chunk always fits Milvus' VARCHAR."
+        12000, ge=100, le=16000, description="Hard cap: 16000 chars x 4 bytes fits the 65535-byte VARCHAR."
     )
 
     @model_validator(mode="after")
@@ -252,5 +252,7 @@ def format_validation_error(exc: ValidationError, cfg: Path | None = None) -> st
 def _redact(key: str, value: object) -> str:
     if any(s in key.lower() for s in ("key", "token", "password", "secret")):
         return "'***'"
+    if key.endswith("uri") and isinstance(value, str) and "@" in value:
+        return repr(value.split("://", 1)[0] + "://***@" + value.rsplit("@", 1)[1])
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."

@@ -8,6 +8,7 @@ model in a background thread at start-up so ``/healthz`` answers at once and
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
@@ -73,27 +74,42 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
-        length = request.headers.get("content-length")
-        if (
-            request.url.path == "/v1/documents"
-            and length
-            and length.isdigit()
-            and int(length) > max_upload + _MULTIPART_OVERHEAD
-        ):
-            response: Response = JSONResponse(
+        rejection = _upload_gate(request)  # before FastAPI spools a multipart body to disk
+        response: Response = rejection or await call_next(request)
+        route = request.scope.get("route")
+        metrics.request_seconds.labels(
+            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
+        ).observe(time.perf_counter() - started)
+        return response
+
+    def _upload_gate(request: Request) -> Response | None:
+        """Uploads are authenticated and size-checked from their headers alone, so an
+        anonymous or oversized (or length-less, chunked) body is never written to disk."""
+        if request.method != "POST" or request.url.path != "/v1/documents":
+            return None
+        if api_key is not None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
+                return JSONResponse(
+                    {"detail": "missing or wrong API key"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        length = request.headers.get("content-length", "")
+        if not length.isdigit():
+            return JSONResponse(
+                {"detail": "uploads need a Content-Length header"},
+                status_code=status.HTTP_411_LENGTH_REQUIRED,
+            )
+        if int(length) > max_upload + _MULTIPART_OVERHEAD:
+            return JSONResponse(
                 {
                     "detail": f"upload is {length} bytes, over the limit of {max_upload} "
                     "(ingest.max_file_bytes)"
                 },
                 status_code=status.HTTP_413_CONTENT_TOO_LARGE,
             )
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.request_seconds.labels(
-            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
-        ).observe(time.perf_counter() - started)
-        return response
+        return None
 
     @app.exception_handler(KBError)
     async def kb_error(request: Request, exc: KBError) -> JSONResponse:
@@ -140,6 +156,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         doc_id: Annotated[str | None, Form()] = None,
         source: Annotated[str | None, Form(description="path used for rules and citations")] = None,
         metadata: Annotated[str | None, Form(description="JSON object of scalar values")] = None,
+        title: Annotated[str | None, Form(max_length=200)] = None,
     ) -> JSONResponse:
         name = source or file.filename or "upload"
         _check_content_type(name, file.content_type)
@@ -155,7 +172,9 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
             raise HTTPException(
                 413, f"{name}: upload is over the limit of {max_upload} bytes (ingest.max_file_bytes)"
             )
-        result = knowledge.ingestor.ingest_bytes(data, name, doc_id=doc_id, labels=[label], metadata=meta)
+        result = knowledge.ingestor.ingest_bytes(
+            data, name, doc_id=doc_id, labels=[label], metadata=meta, title=title
+        )
         metrics.ingested_documents.labels(result.status).inc()
         if result.status == "ingested" and result.classification is not None:
             metrics.ingested_chunks.labels(result.classification.value).inc(result.chunks)
@@ -182,6 +201,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         summary="A document's record and its chunks",
     )
     def get_document(doc_id: str) -> schemas.DocumentDetail:
+        _known_shape(doc_id)
         record = knowledge.store.get_document(doc_id)
         if record is None:
             raise HTTPException(404, f"no document {doc_id!r}")
@@ -209,6 +229,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         summary="Delete a document and all its chunks",
     )
     def delete_document(doc_id: str) -> Response:
+        _known_shape(doc_id)
         if not knowledge.ingestor.delete(doc_id):
             raise HTTPException(404, f"no document {doc_id!r}")
         return Response(status_code=204)
@@ -312,6 +333,14 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         )
 
     return app
+
+
+def _known_shape(doc_id: str) -> None:
+    """An id no document can have is a plain 404, never a malformed Milvus expression."""
+    try:
+        validate_doc_id(doc_id)
+    except ValueError:
+        raise HTTPException(404, f"no document {doc_id!r}") from None
 
 
 def _check_content_type(name: str, declared: str | None) -> None:

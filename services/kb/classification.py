@@ -48,9 +48,12 @@ def parse_label(value: object, where: str) -> Classification:
 
 
 def labels_from_rules(path: str, rules: Sequence[PathRule]) -> list[Classification]:
-    """Labels of every rule whose glob matches ``path``."""
-    norm = path.replace("\\", "/")
-    return [r.classification for r in rules if fnmatchcase(norm, r.pattern)]
+    """Labels of every rule whose glob matches ``path`` or any trailing part of it,
+    so ``confidential/*`` covers ``confidential/a.md`` and ``/srv/docs/confidential/a.md``
+    alike, whichever folder an operator happened to ingest from."""
+    parts = [p for p in path.replace("\\", "/").split("/") if p]
+    tails = ["/".join(parts[i:]) for i in range(len(parts))]
+    return [r.classification for r in rules if any(fnmatchcase(t, r.pattern) for t in tails)]
 
 
 def most_restrictive(labels: Iterable[Classification | None], default: Classification) -> Classification:

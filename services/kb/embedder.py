@@ -88,12 +88,18 @@ class Embedder:
     def _encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        with self._lock:
-            vectors = self._model.encode(
-                texts,
-                batch_size=self.settings.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-        return np.asarray(vectors, dtype=np.float32)
+        size = self.settings.batch_size
+        parts = []
+        for start in range(0, len(texts), size):
+            # one batch per lock hold: a query waits for at most one batch of a big upload
+            with self._lock:
+                parts.append(
+                    self._model.encode(
+                        texts[start : start + size],
+                        batch_size=size,
+                        normalize_embeddings=True,
+                        convert_to_numpy=True,
+                        show_progress_bar=False,
+                    )
+                )
+        return np.asarray(np.vstack(parts), dtype=np.float32)

@@ -55,13 +55,15 @@ class IngestResult:
 
 
 def doc_id_for(source: str) -> str:
-    """A readable, URL-safe id from a relative path: ``policies/Travel Policy.pdf`` ->
-    ``policies--travel-policy.pdf``."""
+    """A readable, URL-safe id from a relative path: ``policies/travel.pdf`` ->
+    ``policies--travel.pdf``. When the slug had to change characters (``Travel Policy.pdf``),
+    a short hash of the source is appended so ``a b.md`` and ``a-b.md`` stay apart."""
     parts = [p for p in PurePosixPath(source.replace("\\", "/")).parts if p not in ("", ".", "/")]
-    slug = "--".join(re.sub(r"[^a-z0-9._]+", "-", p.lower()).strip("-.") for p in parts)
-    slug = slug.strip("-.") or "document"
-    if len(slug) > MAX_DOC_ID:
-        slug = slug[: MAX_DOC_ID - 17] + "-" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    slugs = [re.sub(r"[^a-z0-9._]+", "-", p.lower()).strip("-._") for p in parts]
+    slug = "--".join(s for s in slugs if s) or "document"
+    lossy = slugs != parts
+    if lossy or len(slug) > MAX_DOC_ID:
+        slug = slug[: MAX_DOC_ID - 9] + "-" + hashlib.sha256(source.encode()).hexdigest()[:8]
     return slug
 
 
@@ -133,8 +135,8 @@ class Ingestor:
         """
         timings: dict[str, float] = {}
         limit = self.settings.ingest.max_file_bytes
-        if len(source) > MAX_SOURCE:
-            return _rejected(source, f"source name longer than {MAX_SOURCE} characters")
+        if len(source.encode()) > MAX_SOURCE:
+            return _rejected(source[:200], f"source name longer than {MAX_SOURCE} bytes (UTF-8)")
         if len(data) > limit:
             return _rejected(
                 source, f"file is {len(data)} bytes, over the limit of {limit} (ingest.max_file_bytes)"

@@ -23,6 +23,9 @@ from services.kb.models import Block, LoadedDocument
 
 Loader = Callable[[bytes, str], LoadedDocument]
 
+MAX_DOCX_UNPACKED = 256 * 1024 * 1024
+"""A .docx whose parts unpack to more than this is refused before parsing."""
+
 CONTENT_TYPES: dict[str, tuple[str, ...]] = {
     ".txt": ("text/plain",),
     ".md": ("text/markdown", "text/x-markdown", "text/plain"),
@@ -244,8 +247,10 @@ def load_pdf(data: bytes, name: str) -> LoadedDocument:
         title = str(info.title) if info and info.title else None
     except DocumentRejected:
         raise
-    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+    except PyPdfError as exc:
         raise DocumentRejected(name, f"corrupt or unreadable PDF: {exc}") from None
+    except Exception as exc:  # a hostile PDF can raise anything from zlib to RecursionError
+        raise DocumentRejected(name, f"corrupt or unreadable PDF ({type(exc).__name__}): {exc}") from None
     if not pages:
         raise DocumentRejected(name, "PDF has no pages")
     blocks = []
@@ -263,6 +268,12 @@ def load_docx(data: bytes, name: str) -> LoadedDocument:
 
     if not zipfile.is_zipfile(io.BytesIO(data)):
         raise DocumentRejected(name, "is not a .docx file (not a ZIP package)")
+    try:
+        unpacked = sum(i.file_size for i in zipfile.ZipFile(io.BytesIO(data)).infolist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DocumentRejected(name, f"corrupt or unreadable .docx: {exc}") from None
+    if unpacked > MAX_DOCX_UNPACKED:
+        raise DocumentRejected(name, f"unpacks to {unpacked} bytes, over {MAX_DOCX_UNPACKED} (a ZIP bomb?)")
     try:
         document = docx.Document(io.BytesIO(data))
     except (PackageNotFoundError, KeyError, ValueError, zipfile.BadZipFile) as exc:

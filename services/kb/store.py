@@ -20,6 +20,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from pymilvus import MilvusClient
@@ -33,6 +34,9 @@ from services.kb.filters import SearchFilter, in_list, literal
 from services.kb.models import Chunk, Hit
 
 log = logging.getLogger(__name__)
+
+_NOT_LOADED = 101
+"""Milvus error code for a search/query on a released collection."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +99,7 @@ class KnowledgeStore:
         self.dimension = dimension
         self.collection = settings.collection
         self.registry = schema.registry_name(settings.collection)
+        self.where = display_uri(settings.uri)  # for messages: never the credentials
         self._client: MilvusClient | None = None
         self._connect_lock = threading.Lock()  # start-up and the first requests race to connect
 
@@ -121,9 +126,9 @@ class KnowledgeStore:
         try:
             client = MilvusClient(uri=uri, token=token, timeout=self.settings.timeout_s)
         except MilvusException as exc:
-            raise StoreUnavailable(f"Milvus at {uri} is unreachable: {exc.message}") from None
+            raise StoreUnavailable(f"Milvus at {self.where} is unreachable: {exc.message}") from None
         except Exception as exc:  # milvus-lite raises plain errors for a locked/invalid path
-            raise StoreUnavailable(f"Milvus at {uri} cannot be opened: {exc}") from None
+            raise StoreUnavailable(f"Milvus at {self.where} cannot be opened: {exc}") from None
         try:
             self._ensure_collections(client)
         except Exception:
@@ -146,19 +151,27 @@ class KnowledgeStore:
         except KBError as exc:
             return str(exc)
         except Exception as exc:
-            self.close()
-            return f"Milvus at {self.settings.uri} is not answering: {_message(exc)}"
+            # the client is shared with in-flight requests: report, never close it here;
+            # pymilvus re-establishes its channel once Milvus answers again
+            return f"Milvus at {self.where} is not answering: {_message(exc)}"
         if self.collection not in names or self.registry not in names:
-            self.close()
-            return f"collection {self.collection!r} is missing in Milvus at {self.settings.uri}"
+            return f"collection {self.collection!r} is missing in Milvus at {self.where}"
         return None
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", self.settings.timeout_s)
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except MilvusException as exc:
+                if exc.code != _NOT_LOADED or self._client is None:
+                    raise
+                # a restarted Milvus comes back with collections released: load, retry once
+                for name in (self.collection, self.registry):
+                    self._client.load_collection(name, timeout=self.settings.timeout_s)
+                return fn(*args, **kwargs)
         except MilvusException as exc:
-            raise StoreUnavailable(f"Milvus {what} failed at {self.settings.uri}: {exc.message}") from None
+            raise StoreUnavailable(f"Milvus {what} failed at {self.where}: {exc.message}") from None
 
     # -- schema ------------------------------------------------------------------------------
 
@@ -181,6 +194,7 @@ class KnowledgeStore:
                 self.collection,
                 schema=schema.chunk_schema(self.dimension),
                 index_params=params,
+                consistency_level="Strong",  # the registry flip must be seen by the next read
             )
         if self.registry not in names:
             params = client.prepare_index_params()
@@ -191,6 +205,7 @@ class KnowledgeStore:
                 self.registry,
                 schema=schema.registry_schema(),
                 index_params=params,
+                consistency_level="Strong",
             )
         for name in (self.collection, self.registry):
             self._call("load_collection", client.load_collection, name)
@@ -269,7 +284,7 @@ class KnowledgeStore:
                 schema.CONTENT_HASH: r.content_hash,
                 schema.CLASSIFICATION: r.classification.value,
                 schema.SOURCE: r.source,
-                schema.TITLE: r.title[:1000],
+                schema.TITLE: r.title.encode()[:1000].decode(errors="ignore"),
                 schema.CHUNKS: r.chunks,
                 schema.INGESTED_AT: int(r.ingested_at * 1000),
                 schema.METADATA: r.metadata,
@@ -402,6 +417,15 @@ class KnowledgeStore:
     def _similarity(self, distance: float) -> float:
         """Cosine similarity from Milvus' distance: squared L2 between unit vectors is 2 - 2cos."""
         return 1.0 - distance / 2.0 if self.settings.index.metric == "L2" else distance
+
+
+def display_uri(uri: str) -> str:
+    """``uri`` without any ``user:password@`` part."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _message(exc: Exception) -> str:

@@ -142,3 +142,14 @@ def test_down_stops_everything(tmp_path_factory: pytest.TempPathFactory) -> None
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     after = json.loads(run(env, "local", "status", "--json").stdout)
     assert all(not c["running"] and c["health"] == "down" for c in after)
+
+
+def test_reused_pid_is_not_ours(tmp_path: Path) -> None:
+    from dualtrack.local import LocalStack
+    from services.config import load_settings
+
+    stack = LocalStack(load_settings(), home=tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "gateway.pid").write_text(f"{os.getpid()} 1\n")  # alive, wrong start time
+    assert stack.status()[1].pid is None
+    assert stack.down() == []  # and nothing was signalled

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -260,12 +261,17 @@ def test_milvus_down_then_up(make_settings, embedder, tmp_path: Path) -> None:
         assert r.status_code == 503 and f"127.0.0.1:{port}" in r.json()["detail"]
         assert httpx.get(url + "/readyz").status_code == 503
         assert httpx.get(url + "/healthz").status_code == 200
-        # ... and it comes back by itself, data intact
+        # ... and requests recover by themselves (no /readyz poll), data intact
         server = MilvusServer(tmp_path / "late", port=port).start()
         try:
-            wait_ready(url, timeout=30)
-            hits = httpx.post(url + "/v1/search", json={"query": "hello"}, headers=headers).json()["hits"]
-            assert [h["doc_id"] for h in hits] == ["a.md"]
+            deadline = time.monotonic() + 30
+            while True:
+                r = httpx.post(url + "/v1/search", json={"query": "hello"}, headers=headers)
+                if r.status_code == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert r.status_code == 200, r.text
+            assert [h["doc_id"] for h in r.json()["hits"]] == ["a.md"]
         finally:
             server.stop()
 
@@ -286,3 +292,32 @@ def test_upload_metadata_is_filterable(gateway: httpx.Client) -> None:
         "/v1/search", json={"query": "Kafka", "filter": {"metadata": {"team": "sales"}}}
     ).json()["hits"]
     assert none == []
+
+
+def test_uploads_are_gated_before_the_body_is_read(gateway: httpx.Client) -> None:
+    base = str(gateway.base_url)
+    anonymous = httpx.post(base + "/v1/documents", files={"file": ("a.md", b"# a\n\nhello")})
+    assert anonymous.status_code == 401
+
+    def chunked():
+        yield b"--x\r\n"
+
+    no_length = gateway.post(
+        "/v1/documents", content=chunked(), headers={"content-type": "multipart/form-data; boundary=x"}
+    )
+    assert no_length.status_code == 411 and "Content-Length" in no_length.json()["detail"]
+
+
+def test_impossible_doc_ids_are_404(gateway: httpx.Client) -> None:
+    for bad in ("a%0Ab", "%22%20or%201%3D%3D1"):
+        assert gateway.get(f"/v1/documents/{bad}").status_code == 404
+        assert gateway.delete(f"/v1/documents/{bad}").status_code == 404
+
+
+def test_sidecar_title_reaches_citations(gateway: httpx.Client) -> None:
+    r = upload(
+        gateway, "notes.md", b"# x\n\nThe lift in hall B is serviced every March.", title="Facilities notes"
+    )
+    assert r.status_code == 201
+    hit = gateway.post("/v1/search", json={"query": "lift service"}).json()["hits"][0]
+    assert hit["title"] == "Facilities notes"

@@ -125,3 +125,15 @@ def test_docx_with_corrupt_xml_part_is_rejected() -> None:
             z.writestr(item, data)
     with pytest.raises(DocumentRejected, match="corrupt or unreadable .docx"):
         load_document(out.getvalue(), "broken.docx")
+
+
+def test_docx_zip_bomb_is_refused_before_parsing() -> None:
+    import zipfile
+
+    from services.kb.loaders import MAX_DOCX_UNPACKED
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("word/document.xml", b"\0" * (MAX_DOCX_UNPACKED + 1))
+    with pytest.raises(DocumentRejected, match="ZIP bomb"):
+        load_document(out.getvalue(), "bomb.docx")

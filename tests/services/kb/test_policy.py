@@ -89,3 +89,19 @@ def test_filter_expression_uses_schema_fields_only() -> None:
 def test_filter_rejects_unsafe_input(bad: dict) -> None:
     with pytest.raises(ValidationError):
         SearchFilter(**bad)
+
+
+def test_path_rules_match_any_trailing_part_of_the_path() -> None:
+    rules = [PathRule("confidential/*", C.CONFIDENTIAL)]
+    assert labels_from_rules("/srv/docs/confidential/plan.md", rules) == [C.CONFIDENTIAL]
+    assert labels_from_rules("/srv/docs/public/plan.md", rules) == []
+
+
+def test_doc_ids_are_readable_and_never_collide() -> None:
+    from services.kb.ingest import doc_id_for, validate_doc_id
+
+    assert doc_id_for("handbook/employee-handbook.md") == "handbook--employee-handbook.md"
+    ids = {doc_id_for(s) for s in ("A B.md", "a b.md", "a-b.md", "a_b.md")}
+    assert len(ids) == 4
+    for source in ("_index.md", "Ünïcode Plan.PDF", "x" * 400, "../../etc/passwd"):
+        assert validate_doc_id(doc_id_for(source))

@@ -185,3 +185,14 @@ def test_citations_name_every_section_a_chunk_spans(kb: KnowledgeBase) -> None:
     first = answer.citations[0]
     assert first.doc_id == "handbook--employee-handbook.md"
     assert "Vacation and Public Holidays" in (first.section or "")
+
+
+def test_uri_credentials_never_reach_messages(make_settings) -> None:
+    from services.kb.store import display_uri
+
+    assert display_uri("http://root:s3cret@127.0.0.1:19530") == "http://127.0.0.1:19530"
+    assert display_uri("/data/kb.db") == "/data/kb.db"
+    uri = f"http://root:s3cret@127.0.0.1:{free_port()}"
+    with pytest.raises(StoreUnavailable) as info:
+        KnowledgeStore(make_settings(milvus={"uri": uri}).milvus, dimension=384).connect()
+    assert "s3cret" not in str(info.value) and "127.0.0.1" in str(info.value)
