@@ -23,8 +23,14 @@ exec unshare --net bash -c '
     ip link set lo up
     "$server_venv/bin/milvus-server" --data "$data" >"$data/milvus.log" 2>&1 &
     server=$!
-    # the wrapper starts "$data/bin/milvus run standalone"; stop both, then remove the data
-    trap "kill $server 2>/dev/null; pkill -f \"$data/bin/milvus\"; wait $server 2>/dev/null; rm -rf \"$data\"" EXIT
+    # the wrapper starts "$data/bin/milvus run standalone"; it ignores a polite stop while
+    # busy, so both get SIGTERM, then SIGKILL after a grace period, then the data goes
+    stop() {
+        pkill -f "$data/bin/milvus" 2>/dev/null; kill "$server" 2>/dev/null; sleep 5
+        pkill -9 -f "$data/bin/milvus" 2>/dev/null; kill -9 "$server" 2>/dev/null
+        rm -rf "$data"
+    }
+    trap stop EXIT
     for _ in $(seq 1 120); do
         (echo >/dev/tcp/127.0.0.1/19530) 2>/dev/null && break
         sleep 1

@@ -194,7 +194,7 @@ class KnowledgeStore:
                 self.collection,
                 schema=schema.chunk_schema(self.dimension),
                 index_params=params,
-                consistency_level="Strong",  # the registry flip must be seen by the next read
+                consistency_level="Session",  # a client always reads its own writes (the registry flip)
             )
         if self.registry not in names:
             params = client.prepare_index_params()
@@ -205,7 +205,7 @@ class KnowledgeStore:
                 self.registry,
                 schema=schema.registry_schema(),
                 index_params=params,
-                consistency_level="Strong",
+                consistency_level="Session",
             )
         for name in (self.collection, self.registry):
             self._call("load_collection", client.load_collection, name)
