@@ -21,9 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -97,20 +95,24 @@ def run_kb_bench(
         "command": " ".join(["dualtrack", *sys.argv[1:]]) if sys.argv else "",
         "machine": machine(),
     }
-    with ExitStack() as stack:
-        work = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dualtrack-bench-")))
+    with ExitStack() as cleanup:
+        work = workdir or Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="dualtrack-bench-")))
         work.mkdir(parents=True, exist_ok=True)
+        uri = milvus_uri or f"http://{LOOPBACK}:{_free_port()}"
+        base = load_settings(milvus={"uri": uri, "timeout_s": 600}, gateway={"port": _free_port()})
+        # the same local stack `make up` runs, in a scratch home; the gateway starts only for part 3
+        local = LocalStack(base, home=work / "stack", manage_milvus=milvus_uri is None)
+        cleanup.callback(local.down)
         if milvus_uri is None:
-            milvus_uri = stack.enter_context(MilvusLiteServer(work / "milvus"))
-            report["milvus"] = f"Milvus Lite server {metadata.version('milvus-lite')} ({milvus_uri})"
+            local.start_milvus()
+            report["milvus"] = f"Milvus Lite server {metadata.version('milvus-lite')} ({uri})"
         else:
-            report["milvus"] = f"external Milvus at {milvus_uri}"
+            report["milvus"] = f"external Milvus at {uri}"
         console.print(f"[bold]Milvus:[/] {report['milvus']}")
-        base = load_settings(milvus={"uri": milvus_uri, "timeout_s": 600})
 
         report["ingest"] = bench_ingest(console, base, copies)
         report["search"] = [bench_search(console, base, n, efs, n_queries) for n in sizes]
-        report["gateway"] = bench_gateway(console, base, work / "stack", n_queries)
+        report["gateway"] = bench_gateway(console, base, local, n_queries)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
@@ -141,42 +143,6 @@ def machine() -> dict[str, Any]:
         "sentence_transformers": metadata.version("sentence-transformers"),
         "torch": metadata.version("torch"),
     }
-
-
-class MilvusLiteServer:
-    """A throw-away ``milvus-lite server`` on a free loopback port."""
-
-    def __init__(self, data: Path) -> None:
-        self.data = data
-
-    def __enter__(self) -> str:
-        with socket.socket() as s:
-            s.bind((LOOPBACK, 0))
-            port = s.getsockname()[1]
-        self.data.mkdir(parents=True, exist_ok=True)
-        exe = Path(sys.executable).with_name("milvus-lite")
-        self.log = (self.data.parent / "milvus-lite.log").open("ab")
-        self.proc = subprocess.Popen(
-            [str(exe), "server", "--data-dir", str(self.data), "--host", LOOPBACK, "--port", str(port)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex((LOOPBACK, port)) == 0:
-                    return f"http://{LOOPBACK}:{port}"
-            time.sleep(0.1)
-        raise RuntimeError("milvus-lite server did not start")
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 def _drop(settings: Settings) -> None:
@@ -412,14 +378,10 @@ def _wait_indexed(store: KnowledgeStore, n: int, timeout_s: float = 3600) -> Non
 # -- 3. gateway ----------------------------------------------------------------------------------
 
 
-def bench_gateway(console: Console, base: Settings, home: Path, n_queries: int) -> dict[str, Any]:
+def bench_gateway(console: Console, base: Settings, stack: LocalStack, n_queries: int) -> dict[str, Any]:
     settings = _with(base, collection="bench_ingest")
-    port = _free_port()
-    gw_settings = settings.model_copy(update={"gateway": settings.gateway.model_copy(update={"port": port})})
-    stack = LocalStack(gw_settings, home=home, manage_milvus=False)
-    shutil.rmtree(home, ignore_errors=True)
     with console.status("gateway: starting..."):
-        stack.up(gateway_env={"DUALTRACK_MILVUS__COLLECTION": "bench_ingest"})
+        stack.start_gateway(gateway_env={"DUALTRACK_MILVUS__COLLECTION": "bench_ingest"})
     kb = KnowledgeBase(settings)
     kb.start()
     queries = [QUERIES[i % len(QUERIES)] for i in range(n_queries)]
@@ -442,7 +404,6 @@ def bench_gateway(console: Console, base: Settings, home: Path, n_queries: int) 
                 inner.append(float(r.headers["server-timing"].split("dur=")[1]) / 1000)
     finally:
         kb.close()
-        stack.down()
     d, g = Stats.of(direct), Stats.of(via)
     own = Stats.of([v - i for v, i in zip(via, inner, strict=True)])
     result = {

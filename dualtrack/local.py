@@ -97,9 +97,17 @@ class LocalStack:
     def up(self, timeout_s: float = 180.0, gateway_env: dict[str, str] | None = None) -> None:
         """Start what is not running and wait until the gateway is ready.
         ``gateway_env`` adds settings (``DUALTRACK_*``) for the gateway process."""
+        self.start_milvus(timeout_s)
+        self.start_gateway(timeout_s, gateway_env)
+
+    def _prepare(self) -> None:
         for sub in ("logs", "run", "milvus"):
             (self.home / sub).mkdir(parents=True, exist_ok=True)
         self.api_key()
+
+    def start_milvus(self, timeout_s: float = 180.0) -> None:
+        """Start Milvus Lite (server mode) unless it runs or is not ours to manage."""
+        self._prepare()
         if self.manage_milvus and self._pid("milvus") is None:
             self._require_free(self.milvus_port, "milvus.uri")
             self._spawn(
@@ -117,6 +125,10 @@ class LocalStack:
                 {},
             )
             self._wait(lambda: _port_open(self.milvus_port), "milvus", timeout_s)
+
+    def start_gateway(self, timeout_s: float = 180.0, gateway_env: dict[str, str] | None = None) -> None:
+        """Start the gateway unless it runs; wait until it is ready."""
+        self._prepare()
         if self._pid("gateway") is None:
             self._require_free(self.gateway_port, "gateway.port")
             env = {

@@ -8,7 +8,6 @@ model in a background thread at start-up so ``/healthz`` answers at once and
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import threading
@@ -24,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.config import Settings
 from services.gateway import schemas
-from services.gateway.auth import bearer, load_api_key, require_key
+from services.gateway.auth import CHALLENGE, UNAUTHORIZED, bearer, key_matches, load_api_key, require_key
 from services.gateway.metrics import Metrics
 from services.kb.classification import Classification, parse_label
 from services.kb.errors import KBError
@@ -87,14 +86,8 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         anonymous or oversized (or length-less, chunked) body is never written to disk."""
         if request.method != "POST" or request.url.path != "/v1/documents":
             return None
-        if api_key is not None:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
-                return JSONResponse(
-                    {"detail": "missing or wrong API key"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
+        if not key_matches(api_key, request.headers.get("authorization")):
+            return JSONResponse({"detail": UNAUTHORIZED}, status_code=401, headers=CHALLENGE)
         length = request.headers.get("content-length", "")
         if not length.isdigit():
             return JSONResponse(

@@ -38,14 +38,20 @@ def load_api_key(settings: GatewaySettings) -> str | None:
     )
 
 
-def require_key(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
-    expected: str | None = request.app.state.api_key
+UNAUTHORIZED = "missing or wrong API key"
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def key_matches(expected: str | None, authorization: str | None) -> bool:
+    """Whether an ``Authorization`` header carries the key (constant-time compare).
+    Used by the endpoint dependency and by the upload gate that runs before parsing."""
     if expected is None:
-        return
-    given = credentials.credentials if credentials else ""
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "missing or wrong API key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        return True
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
+
+
+def require_key(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
+    header = f"Bearer {credentials.credentials}" if credentials else None
+    if not key_matches(request.app.state.api_key, header):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, UNAUTHORIZED, headers=CHALLENGE)
