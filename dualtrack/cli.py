@@ -1,7 +1,8 @@
 """``dualtrack``: the operator CLI.
 
 Sub-commands are grouped by what they act on: ``local`` (the local stack),
-``kb`` (the knowledge base, through the gateway), ``ask``, ``bench``. User
+``kb`` (the knowledge base, through the gateway), ``ask``, ``plan`` (the cloud
+stack's offline plan), ``bench``. User
 mistakes end with a one-line error and exit code 2, never a traceback.
 """
 
@@ -357,6 +358,71 @@ def bench_kb(
         )
     except ValueError as exc:
         raise _fail(str(exc)) from None
+
+
+@bench_app.command("plan")
+def bench_plan(
+    repeat: Annotated[int, typer.Option(min=1, help="Runs per stack (median reported)")] = 5,
+    out: Annotated[Path | None, typer.Option(help="Write results as JSON here")] = None,
+) -> None:
+    """Mocked Pulumi run of each stack, cold (fresh process) and warm, vs an empty program."""
+    from dualtrack.bench_plan import run_plan_bench
+
+    run_plan_bench(console, repeat=repeat, out=out)
+
+
+# -- offline plan --------------------------------------------------------------------------------
+
+
+@app.command("plan")
+def plan(
+    stack: Annotated[
+        list[str] | None, typer.Option("--stack", "-s", help="Stack(s) to plan (default: every stack file)")
+    ] = None,
+    check: Annotated[bool, typer.Option("--check", help="Only report whether plans/ is up to date")] = False,
+    diff: Annotated[
+        str | None,
+        typer.Option("--diff", metavar="REV", help="Print the change against plans/ at a git revision"),
+    ] = None,
+) -> None:
+    """Run the Pulumi program under mocks and write plans/<stack>/ (no CLI, no credentials)."""
+    from dualtrack.plan import PlanError, diff_against, run_program, stale_files, write_plan
+    from infra.config import ConfigError as StackConfigError
+
+    stacks = stack or _stack_names()
+    try:
+        if diff is not None:
+            text = diff_against(stacks, diff)
+            console.print(
+                escape(text) if text else f"no change against {diff}", highlight=False, soft_wrap=True
+            )
+            return
+        stale: list[str] = []
+        for name in stacks:
+            result = run_program(name)
+            if check:
+                stale += [f"plans/{name}/{path}" for path in stale_files(result)]
+                continue
+            target = write_plan(result)
+            console.print(
+                f"{name}: {len(result.resources)} resources -> {_relative(target)} ({result.seconds:.2f} s)"
+            )
+    except (PlanError, StackConfigError) as exc:
+        raise _fail(str(exc)) from None
+    if check and stale:
+        raise _fail("plans are stale (run `dualtrack plan` and commit):\n  " + "\n  ".join(stale), code=1)
+    if check:
+        console.print(f"plans up to date: {', '.join(stacks)}")
+
+
+def _relative(path: Path) -> Path:
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+
+
+def _stack_names() -> list[str]:
+    from dualtrack.plan import STACKS_DIR
+
+    return sorted(p.name.split(".")[1] for p in STACKS_DIR.glob("Pulumi.*.yaml"))
 
 
 def main() -> None:

@@ -1,0 +1,338 @@
+"""EKS: control plane, OIDC for IRSA, core add-ons and the node groups.
+
+Hardened by default: Kubernetes secrets envelope-encrypted with a customer KMS
+key, every control-plane log type to CloudWatch, the API endpoint private (public
+access only from the listed CIDRs, or none), IMDSv2 required with a hop limit of
+one on every node so pods cannot borrow the node's role, encrypted gp3 root
+volumes. GPU nodes carry the ``nvidia.com/gpu=true:NoSchedule`` taint so only
+pods that ask for GPUs land there.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.config import StackSettings
+
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NO_SCHEDULE"}
+POOL_LABEL = "dualtrack.io/pool"
+CAPACITY_LABEL = "dualtrack.io/capacity"
+ADDONS = ("vpc-cni", "kube-proxy", "coredns", "aws-ebs-csi-driver")
+
+
+def _assume_role(service: str) -> str:
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": {"Service": service}, "Action": "sts:AssumeRole"}],
+        }
+    )
+
+
+def _managed(name: str) -> str:
+    return f"arn:aws:iam::aws:policy/{name}"
+
+
+class Cluster(pulumi.ComponentResource):
+    """The EKS cluster and its node groups; :meth:`service_account_role` makes IRSA roles."""
+
+    name: pulumi.Output[str]
+    kubeconfig: pulumi.Output[str]
+    oidc_provider_arn: pulumi.Output[str]
+    oidc_issuer: pulumi.Output[str]
+    gpu_node_groups: list[aws.eks.NodeGroup]
+
+    def __init__(
+        self,
+        name: str,
+        settings: StackSettings,
+        private_subnet_ids: list[pulumi.Output[str]],
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        super().__init__("dualtrack:cloud:Cluster", name, None, opts)
+        self._name = name
+        child = pulumi.ResourceOptions(parent=self)
+        cfg = settings.cluster
+
+        key = aws.kms.Key(
+            f"{name}-secrets",
+            description=f"{settings.name}: envelope encryption of Kubernetes secrets",
+            enable_key_rotation=True,
+            deletion_window_in_days=30,
+            opts=child,
+        )
+        aws.kms.Alias(
+            f"{name}-secrets", name=f"alias/{settings.name}-eks-secrets", target_key_id=key.key_id, opts=child
+        )
+        # Created before the cluster so retention is ours, not "never expire".
+        logs = aws.cloudwatch.LogGroup(
+            f"{name}-control-plane",
+            name=f"/aws/eks/{settings.name}/cluster",
+            retention_in_days=_log_retention(settings.logging.retention_days),
+            opts=child,
+        )
+        role = aws.iam.Role(
+            f"{name}-control-plane", assume_role_policy=_assume_role("eks.amazonaws.com"), opts=child
+        )
+        attachment = aws.iam.RolePolicyAttachment(
+            f"{name}-control-plane", role=role.name, policy_arn=_managed("AmazonEKSClusterPolicy"), opts=child
+        )
+        cluster = aws.eks.Cluster(
+            f"{name}-eks",
+            name=settings.name,
+            version=cfg.version,
+            role_arn=role.arn,
+            vpc_config=aws.eks.ClusterVpcConfigArgs(
+                subnet_ids=private_subnet_ids,
+                endpoint_private_access=True,
+                endpoint_public_access=bool(cfg.public_access_cidrs),
+                public_access_cidrs=[str(c) for c in cfg.public_access_cidrs] or None,
+            ),
+            encryption_config=aws.eks.ClusterEncryptionConfigArgs(
+                resources=["secrets"], provider=aws.eks.ClusterEncryptionConfigProviderArgs(key_arn=key.arn)
+            ),
+            enabled_cluster_log_types=list(cfg.log_types),
+            access_config=aws.eks.ClusterAccessConfigArgs(
+                authentication_mode="API", bootstrap_cluster_creator_admin_permissions=True
+            ),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[attachment, logs]),
+        )
+        self._cluster = cluster
+        self.name = cluster.name
+        self.oidc_issuer = cluster.identities.apply(lambda ids: ids[0].oidcs[0].issuer)
+        oidc = aws.iam.OpenIdConnectProvider(
+            f"{name}-oidc", url=self.oidc_issuer, client_id_lists=["sts.amazonaws.com"], opts=child
+        )
+        self.oidc_provider_arn = oidc.arn
+
+        node_role = aws.iam.Role(
+            f"{name}-nodes", assume_role_policy=_assume_role("ec2.amazonaws.com"), opts=child
+        )
+        node_policies = [
+            aws.iam.RolePolicyAttachment(
+                f"{name}-nodes-{p}", role=node_role.name, policy_arn=_managed(p), opts=child
+            )
+            for p in (
+                "AmazonEKSWorkerNodePolicy",
+                "AmazonEKS_CNI_Policy",
+                "AmazonEC2ContainerRegistryReadOnly",
+            )
+        ]
+        node_opts = pulumi.ResourceOptions(parent=self, depends_on=node_policies)
+        system = cfg.system_nodes
+        system_group = aws.eks.NodeGroup(
+            f"{name}-system",
+            cluster_name=cluster.name,
+            node_group_name_prefix=f"{settings.name}-system-",
+            node_role_arn=node_role.arn,
+            subnet_ids=private_subnet_ids,
+            ami_type="AL2023_x86_64_STANDARD",
+            capacity_type="ON_DEMAND",
+            instance_types=[system.instance_type],
+            scaling_config=aws.eks.NodeGroupScalingConfigArgs(
+                min_size=system.min_size, desired_size=system.desired_size, max_size=system.max_size
+            ),
+            launch_template=self._launch_template("system", system.disk_gib),
+            labels={POOL_LABEL: "system"},
+            update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),
+            opts=node_opts,
+        )
+
+        gpu = settings.gpu_nodes
+        gpu_template = self._launch_template("gpu", gpu.root_volume_gib)
+        gpu_labels = {POOL_LABEL: "gpu", "node.kubernetes.io/instance-type": gpu.instance_type}
+        self.gpu_node_groups = [
+            aws.eks.NodeGroup(
+                f"{name}-gpu",
+                cluster_name=cluster.name,
+                # The name prefix is what cluster-autoscaler's priority expander matches (gpu.py).
+                node_group_name_prefix=f"{settings.name}-gpu-{gpu.capacity}-",
+                node_role_arn=node_role.arn,
+                subnet_ids=private_subnet_ids,
+                ami_type="AL2023_x86_64_NVIDIA",
+                capacity_type="SPOT" if gpu.capacity == "spot" else "ON_DEMAND",
+                instance_types=[gpu.instance_type],
+                scaling_config=aws.eks.NodeGroupScalingConfigArgs(
+                    min_size=gpu.min_size, desired_size=gpu.desired_size, max_size=gpu.max_size
+                ),
+                launch_template=gpu_template,
+                labels={**gpu_labels, CAPACITY_LABEL: gpu.capacity},
+                taints=[aws.eks.NodeGroupTaintArgs(**GPU_TAINT)],
+                update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),
+                opts=pulumi.ResourceOptions(
+                    parent=self, depends_on=node_policies, ignore_changes=["scalingConfig.desiredSize"]
+                ),
+            )
+        ]
+        if gpu.capacity == "spot" and gpu.on_demand_fallback:
+            # Scaled from zero by cluster-autoscaler's priority expander when spot is unavailable.
+            self.gpu_node_groups.append(
+                aws.eks.NodeGroup(
+                    f"{name}-gpu-fallback",
+                    cluster_name=cluster.name,
+                    node_group_name_prefix=f"{settings.name}-gpu-fallback-",
+                    node_role_arn=node_role.arn,
+                    subnet_ids=private_subnet_ids,
+                    ami_type="AL2023_x86_64_NVIDIA",
+                    capacity_type="ON_DEMAND",
+                    instance_types=[gpu.instance_type],
+                    scaling_config=aws.eks.NodeGroupScalingConfigArgs(
+                        min_size=0, desired_size=0, max_size=gpu.fallback_max_size
+                    ),
+                    launch_template=gpu_template,
+                    labels={**gpu_labels, CAPACITY_LABEL: "on-demand"},
+                    taints=[aws.eks.NodeGroupTaintArgs(**GPU_TAINT)],
+                    update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),
+                    opts=pulumi.ResourceOptions(
+                        parent=self, depends_on=node_policies, ignore_changes=["scalingConfig.desiredSize"]
+                    ),
+                )
+            )
+
+        ebs_role = self.service_account_role(
+            "ebs-csi",
+            "kube-system",
+            "ebs-csi-controller-sa",
+            managed_policy_arns=[_managed("service-role/AmazonEBSCSIDriverPolicy")],
+        )
+        for addon in ADDONS:
+            aws.eks.Addon(
+                f"{name}-{addon}",
+                cluster_name=cluster.name,
+                addon_name=addon,
+                resolve_conflicts_on_update="OVERWRITE",
+                service_account_role_arn=ebs_role.arn if addon == "aws-ebs-csi-driver" else None,
+                # coredns and the EBS controller are Deployments: they need nodes to become healthy.
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[system_group]),
+            )
+
+        self.kubeconfig = pulumi.Output.secret(
+            pulumi.Output.all(cluster.name, cluster.endpoint, cluster.certificate_authority.data).apply(
+                lambda args: kubeconfig_for(args[0], args[1], args[2], settings.region)
+            )
+        )
+        self.register_outputs({"name": cluster.name})
+
+    def _launch_template(self, pool: str, disk_gib: int) -> aws.eks.NodeGroupLaunchTemplateArgs:
+        template = aws.ec2.LaunchTemplate(
+            f"{self._name}-{pool}",
+            description=f"{pool} nodes: IMDSv2 only, encrypted gp3 root volume",
+            metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
+                http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=1
+            ),
+            block_device_mappings=[
+                aws.ec2.LaunchTemplateBlockDeviceMappingArgs(
+                    device_name="/dev/xvda",
+                    ebs=aws.ec2.LaunchTemplateBlockDeviceMappingEbsArgs(
+                        volume_size=disk_gib,
+                        volume_type="gp3",
+                        encrypted="true",
+                        delete_on_termination="true",
+                    ),
+                )
+            ],
+            update_default_version=True,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        return aws.eks.NodeGroupLaunchTemplateArgs(id=template.id, version=template.latest_version.apply(str))
+
+    def service_account_role(
+        self,
+        name: str,
+        namespace: str,
+        service_account: str,
+        *,
+        policy: pulumi.Input[str] | None = None,
+        managed_policy_arns: list[str] = (),  # type: ignore[assignment]
+    ) -> aws.iam.Role:
+        """An IAM role only ``system:serviceaccount:<namespace>:<service_account>`` can assume (IRSA)."""
+        issuer = self.oidc_issuer.apply(lambda url: url.removeprefix("https://"))
+        trust = pulumi.Output.all(self.oidc_provider_arn, issuer).apply(
+            lambda a: json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": {"Federated": a[0]},
+                            "Action": "sts:AssumeRoleWithWebIdentity",
+                            "Condition": {
+                                "StringEquals": {
+                                    f"{a[1]}:sub": f"system:serviceaccount:{namespace}:{service_account}",
+                                    f"{a[1]}:aud": "sts.amazonaws.com",
+                                }
+                            },
+                        }
+                    ],
+                }
+            )
+        )
+        child = pulumi.ResourceOptions(parent=self)
+        role = aws.iam.Role(f"{self._name}-irsa-{name}", assume_role_policy=trust, opts=child)
+        if policy is not None:
+            aws.iam.RolePolicy(f"{self._name}-irsa-{name}", role=role.id, policy=policy, opts=child)
+        for i, arn in enumerate(managed_policy_arns):
+            aws.iam.RolePolicyAttachment(
+                f"{self._name}-irsa-{name}-{i}", role=role.name, policy_arn=arn, opts=child
+            )
+        return role
+
+
+def _log_retention(days: int) -> int:
+    """CloudWatch accepts only certain retention values: the smallest one >= ``days``."""
+    allowed = (
+        1,
+        3,
+        5,
+        7,
+        14,
+        30,
+        60,
+        90,
+        120,
+        150,
+        180,
+        365,
+        400,
+        545,
+        731,
+        1096,
+        1827,
+        2192,
+        2557,
+        2922,
+        3288,
+        3653,
+    )
+    return next((a for a in allowed if a >= days), allowed[-1])
+
+
+def kubeconfig_for(name: str, endpoint: str, ca_data: str, region: str) -> str:
+    """A kubeconfig that authenticates with ``aws eks get-token`` (no long-lived credentials)."""
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": name, "cluster": {"server": endpoint, "certificate-authority-data": ca_data}}
+            ],
+            "contexts": [{"name": name, "context": {"cluster": name, "user": name}}],
+            "current-context": name,
+            "users": [
+                {
+                    "name": name,
+                    "user": {
+                        "exec": {
+                            "apiVersion": "client.authentication.k8s.io/v1beta1",
+                            "command": "aws",
+                            "args": ["eks", "get-token", "--cluster-name", name, "--region", region],
+                        }
+                    },
+                }
+            ],
+        },
+        sort_keys=True,
+    )

@@ -1,0 +1,93 @@
+"""Small builders shared by the Kubernetes-side components.
+
+Kept here so every workload gets the same labels, the same hardened container
+defaults and pinned Helm releases, and the policy pack's rules (limits, pinned
+images) hold by construction rather than by memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+MANAGED_BY = {"app.kubernetes.io/part-of": "dualtrack", "app.kubernetes.io/managed-by": "pulumi"}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+"""Kubernetes spelling of the GPU node taint set on the node groups (cluster.GPU_TAINT)."""
+
+
+def labels(app: str, **extra: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": app, **MANAGED_BY, **extra}
+
+
+def resources(
+    cpu: str,
+    memory: str,
+    *,
+    cpu_limit: str | None = None,
+    memory_limit: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Requests and limits; memory limit defaults to the request (no overcommit surprises)."""
+    return {
+        "requests": {"cpu": cpu, "memory": memory, **(extra or {})},
+        "limits": {"cpu": cpu_limit or cpu, "memory": memory_limit or memory, **(extra or {})},
+    }
+
+
+def security_context(*, run_as_user: int | None = 1000, read_only_root: bool = True) -> dict[str, Any]:
+    """Non-root, no privilege escalation, no capabilities, default seccomp."""
+    ctx: dict[str, Any] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": read_only_root,
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if run_as_user is not None:
+        ctx["runAsUser"] = run_as_user
+        ctx["runAsGroup"] = run_as_user
+    return ctx
+
+
+def namespace(
+    name: str, resource_name: str, *, istio: bool = False, opts: pulumi.ResourceOptions
+) -> k8s.core.v1.Namespace:
+    """A namespace with Pod Security admission labels (and sidecar injection where meshed)."""
+    ns_labels = {
+        **MANAGED_BY,
+        "pod-security.kubernetes.io/audit": "restricted",
+        "pod-security.kubernetes.io/warn": "restricted",
+    }
+    if istio:
+        ns_labels["istio-injection"] = "enabled"
+    return k8s.core.v1.Namespace(resource_name, metadata={"name": name, "labels": ns_labels}, opts=opts)
+
+
+def release(
+    resource_name: str,
+    *,
+    chart: str,
+    version: str,
+    repo: str,
+    namespace: str,
+    values: dict[str, Any],
+    opts: pulumi.ResourceOptions,
+    name: str | None = None,
+    timeout_s: int = 900,
+) -> k8s.helm.v3.Release:
+    """A Helm release pinned to a chart version; atomic so a failed upgrade rolls back."""
+    return k8s.helm.v3.Release(
+        resource_name,
+        name=name or resource_name,
+        chart=chart,
+        version=version,
+        repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=repo),
+        namespace=namespace,
+        values=values,
+        atomic=True,
+        cleanup_on_fail=True,
+        timeout=timeout_s,
+        opts=opts,
+    )

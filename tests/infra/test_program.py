@@ -1,0 +1,467 @@
+"""The Pulumi program under Pulumi's mocks: what each component declares, per stack."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from dualtrack.plan import STACKS, Plan, PlannedResource
+from infra import contract
+from infra.components.cluster import kubeconfig_for
+from infra.components.network import subnet_plan
+from infra.config import load_settings
+
+
+def _one(plan: Plan, type_: str, name: str | None = None) -> PlannedResource:
+    found = [r for r in plan.of_type(type_) if name is None or r.name == name]
+    assert len(found) == 1, f"{type_} {name}: {[r.name for r in found]}"
+    return found[0]
+
+
+def _k8s(plan: Plan, kind: str, name: str) -> dict:
+    found = [o for o in plan.kubernetes_objects() if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}"
+    return found[0]
+
+
+# -- network ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stack, azs, nats", [("dev", 2, 1), ("staging", 3, 1), ("prod", 3, 3)])
+def test_network(plans: dict[str, Plan], stack: str, azs: int, nats: int) -> None:
+    plan = plans[stack]
+    subnets = plan.of_type("aws:ec2/subnet:Subnet")
+    public = [s for s in subnets if "kubernetes.io/role/elb" in s.inputs["tags"]]
+    private = [s for s in subnets if "kubernetes.io/role/internal-elb" in s.inputs["tags"]]
+    assert len(public) == len(private) == azs
+    assert len({s.inputs["availabilityZone"] for s in private}) == azs
+    assert all(s.inputs["tags"][f"kubernetes.io/cluster/dualtrack-{stack}"] == "shared" for s in subnets)
+    assert not any(s.inputs.get("mapPublicIpOnLaunch") for s in subnets)
+    assert len(plan.of_type("aws:ec2/natGateway:NatGateway")) == nats
+    endpoints = {
+        e.inputs["serviceName"].rsplit(".", 1)[-1]
+        if "ecr" not in e.inputs["serviceName"]
+        else e.inputs["serviceName"].split("us-east-1.")[1]
+        for e in plan.of_type("aws:ec2/vpcEndpoint:VpcEndpoint")
+    }
+    assert {"s3", "ecr.api", "ecr.dkr"} <= endpoints
+    assert _one(plan, "aws:ec2/defaultSecurityGroup:DefaultSecurityGroup").inputs.get("ingress", []) == []
+
+
+def test_subnet_plan_is_stable() -> None:
+    from ipaddress import IPv4Network
+
+    public, private = subnet_plan(IPv4Network("10.40.0.0/16"), 3)
+    assert public == ["10.40.0.0/24", "10.40.1.0/24", "10.40.2.0/24"]
+    assert private == ["10.40.16.0/20", "10.40.32.0/20", "10.40.48.0/20"]
+    assert subnet_plan(IPv4Network("10.40.0.0/16"), 2)[1] == private[:2]  # adding an AZ renumbers nothing
+
+
+# -- cluster -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_cluster_is_hardened(plans: dict[str, Plan], stack: str) -> None:
+    plan = plans[stack]
+    settings = load_settings(_config(stack))
+    eks = _one(plan, "aws:eks/cluster:Cluster").inputs
+    assert eks["version"] == settings.cluster.version
+    assert (
+        eks["encryptionConfig"]["resources"] == ["secrets"] and eks["encryptionConfig"]["provider"]["keyArn"]
+    )
+    assert set(eks["enabledClusterLogTypes"]) == {
+        "api",
+        "audit",
+        "authenticator",
+        "controllerManager",
+        "scheduler",
+    }
+    vpc = eks["vpcConfig"]
+    assert vpc["endpointPrivateAccess"] is True
+    assert vpc["endpointPublicAccess"] is bool(settings.cluster.public_access_cidrs)
+    assert vpc.get("publicAccessCidrs", []) == [str(c) for c in settings.cluster.public_access_cidrs]
+    assert _one(plan, "aws:iam/openIdConnectProvider:OpenIdConnectProvider").inputs["clientIdLists"] == [
+        "sts.amazonaws.com"
+    ]
+    assert {a.inputs["addonName"] for a in plan.of_type("aws:eks/addon:Addon")} == {
+        "vpc-cni",
+        "coredns",
+        "kube-proxy",
+        "aws-ebs-csi-driver",
+    }
+    ebs = next(
+        a for a in plan.of_type("aws:eks/addon:Addon") if a.inputs["addonName"] == "aws-ebs-csi-driver"
+    )
+    assert "irsa-ebs-csi" in ebs.inputs["serviceAccountRoleArn"]
+    for template in plan.of_type("aws:ec2/launchTemplate:LaunchTemplate"):
+        assert template.inputs["metadataOptions"]["httpTokens"] == "required"
+        assert template.inputs["blockDeviceMappings"][0]["ebs"]["encrypted"] == "true"
+
+
+@pytest.mark.parametrize(
+    "stack, groups, capacity", [("dev", 2, "SPOT"), ("staging", 1, "ON_DEMAND"), ("prod", 1, "ON_DEMAND")]
+)
+def test_gpu_node_groups(plans: dict[str, Plan], stack: str, groups: int, capacity: str) -> None:
+    plan = plans[stack]
+    settings = load_settings(_config(stack))
+    gpu = [
+        g
+        for g in plan.of_type("aws:eks/nodeGroup:NodeGroup")
+        if g.inputs["amiType"] == "AL2023_x86_64_NVIDIA"
+    ]
+    assert len(gpu) == groups
+    primary = next(g for g in gpu if g.name == "cluster-gpu")
+    assert primary.inputs["capacityType"] == capacity
+    assert primary.inputs["instanceTypes"] == [settings.gpu_nodes.instance_type]
+    assert primary.inputs["scalingConfig"] == {
+        "desiredSize": settings.gpu_nodes.desired_size,
+        "maxSize": settings.gpu_nodes.max_size,
+        "minSize": settings.gpu_nodes.min_size,
+    }
+    for group in gpu:
+        assert group.inputs["taints"] == [{"effect": "NO_SCHEDULE", "key": "nvidia.com/gpu", "value": "true"}]
+        assert group.inputs["labels"]["dualtrack.io/pool"] == "gpu"
+        assert group.inputs["launchTemplate"]["id"]
+    gpu_template = _one(plan, "aws:ec2/launchTemplate:LaunchTemplate", "cluster-gpu")
+    assert (
+        gpu_template.inputs["blockDeviceMappings"][0]["ebs"]["volumeSize"]
+        == settings.gpu_nodes.root_volume_gib
+    )
+    if groups == 2:
+        fallback = next(g for g in gpu if g.name == "cluster-gpu-fallback")
+        assert fallback.inputs["capacityType"] == "ON_DEMAND"
+        assert fallback.inputs["scalingConfig"]["minSize"] == 0
+        autoscaler = _one(plan, "kubernetes:helm.sh/v3:Release", "gpu-cluster-autoscaler").inputs
+        assert autoscaler["values"]["extraArgs"]["expander"] == "priority"
+        priorities = json.loads(autoscaler["values"]["expanderPriorities"])
+        assert priorities["50"] == [".*-gpu-spot-.*"] and priorities["10"] == [".*-gpu-fallback-.*"]
+
+
+def test_kubeconfig_uses_short_lived_tokens() -> None:
+    config = json.loads(kubeconfig_for("c", "https://e", "Q0E=", "eu-west-1"))
+    user = config["users"][0]["user"]
+    assert user["exec"]["args"] == ["eks", "get-token", "--cluster-name", "c", "--region", "eu-west-1"]
+    assert "token" not in user and "client-key-data" not in user
+
+
+# -- gpu -----------------------------------------------------------------------------------------
+
+
+def test_gpu_platform(plans: dict[str, Plan]) -> None:
+    plan = plans["prod"]
+    critical, batch = _k8s(plan, "PriorityClass", "inference-critical"), _k8s(plan, "PriorityClass", "batch")
+    assert critical["value"] > batch["value"] and not critical["globalDefault"]
+    releases = {r.inputs["chart"]: r.inputs for r in plan.of_type("kubernetes:helm.sh/v3:Release")}
+    for chart in ("nvidia-device-plugin", "dcgm-exporter"):
+        assert releases[chart]["values"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert releases[chart]["values"]["nodeSelector"] == {"dualtrack.io/pool": "gpu"}
+    assert releases["dcgm-exporter"]["values"]["serviceMonitor"]["enabled"] is True
+    assert all(r["version"][0].isdigit() for r in releases.values())  # every chart pinned
+
+
+# -- serving -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "stack, gpus, startup_s", [("dev", 1, 1200), ("staging", 4, 2400), ("prod", 8, 3600)]
+)
+def test_triton_deployment(plans: dict[str, Plan], stack: str, gpus: int, startup_s: int) -> None:
+    plan = plans[stack]
+    settings = load_settings(_config(stack))
+    deployment = _k8s(plan, "Deployment", f"triton-{settings.serving.model_version}")
+    pod = deployment["spec"]["template"]["spec"]
+    triton = pod["containers"][0]
+    assert (
+        triton["image"] == f"nvcr.io/nvidia/tritonserver:{settings.serving.triton_version}-trtllm-python-py3"
+    )
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
+    assert triton["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
+    probe = triton["startupProbe"]
+    assert probe["httpGet"]["path"] == "/v2/health/ready"
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= startup_s
+    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert {p["containerPort"] for p in triton["ports"]} == {8000, 8001, 8002}
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": f"{settings.serving.shm_gib}Gi"}
+    assert pod["priorityClassName"] == "inference-critical"
+    assert pod["tolerations"] == [
+        {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Equal", "value": "true"}
+    ]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert {
+        "key": "node.kubernetes.io/instance-type",
+        "operator": "In",
+        "values": [settings.gpu_nodes.instance_type],
+    } in terms[0]["matchExpressions"]
+    sync = pod["initContainers"][0]
+    assert sync["command"][:3] == ["aws", "s3", "sync"]
+    assert (
+        sync["args"][0]
+        == f"s3://dualtrack-{stack}-models-plan/{settings.serving.profile}/{settings.serving.model_version}/"
+    )
+    assert pod["serviceAccountName"] == "triton"
+
+
+def test_model_bucket_is_private_encrypted_versioned(plans: dict[str, Plan]) -> None:
+    plan = plans["dev"]
+    block = _one(plan, "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock").inputs
+    assert all(
+        block[k] is True
+        for k in ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls", "restrictPublicBuckets")
+    )
+    assert (
+        _one(plan, "aws:s3/bucketVersioning:BucketVersioning").inputs["versioningConfiguration"]["status"]
+        == "Enabled"
+    )
+    sse = _one(
+        plan, "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration"
+    ).inputs
+    assert sse["rules"][0]["applyServerSideEncryptionByDefault"]["sseAlgorithm"] == "aws:kms"
+    tls = json.loads(_one(plan, "aws:s3/bucketPolicy:BucketPolicy").inputs["policy"])
+    assert (
+        tls["Statement"][0]["Effect"] == "Deny"
+        and tls["Statement"][0]["Condition"]["Bool"]["aws:SecureTransport"] == "false"
+    )
+
+
+def test_model_sync_role_is_limited_to_the_bucket(plans: dict[str, Plan]) -> None:
+    plan = plans["dev"]
+    reader = _one(plan, "aws:iam/rolePolicy:RolePolicy", "cluster-irsa-triton-models").inputs
+    statements = json.loads(reader["policy"])["Statement"]
+    actions = {a for s in statements for a in s["Action"]}
+    assert actions == {"s3:ListBucket", "s3:GetObject", "kms:Decrypt"}
+    assert all("*" not in s["Resource"].replace("/*", "") for s in statements)
+    role = next(r for r in plan.of_type("aws:iam/role:Role") if r.name == "cluster-irsa-triton-models")
+    condition = json.loads(role.inputs["assumeRolePolicy"])["Statement"][0]["Condition"]["StringEquals"]
+    assert "system:serviceaccount:serving:triton" in condition.values()
+    sa = _k8s(plan, "ServiceAccount", "triton")
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].endswith("cluster-irsa-triton-models")
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_service_hpa_pdb(plans: dict[str, Plan], stack: str) -> None:
+    plan = plans[stack]
+    settings = load_settings(_config(stack))
+    service = _k8s(plan, "Service", "triton")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
+        "http": 8000,
+        "grpc": 8001,
+        "http-metrics": 8002,
+    }
+    assert service["spec"]["type"] == "ClusterIP"
+    hpa = _k8s(plan, "HorizontalPodAutoscaler", f"triton-{settings.serving.model_version}")
+    metric = hpa["spec"]["metrics"][0]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "triton_queue_compute_ratio"
+    assert all(m["type"] != "Resource" for m in hpa["spec"]["metrics"])  # never CPU
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (
+        settings.serving.replicas,
+        settings.serving.max_replicas,
+    )
+    assert _k8s(plan, "PodDisruptionBudget", "triton")["spec"]["maxUnavailable"] == 1
+
+
+def test_engine_build_job_only_for_engine_profiles(plans: dict[str, Plan]) -> None:
+    jobs = {
+        stack: [
+            o
+            for o in plan.kubernetes_objects()
+            if o["kind"] == "Job" and "engine-build" in o["metadata"]["name"]
+        ]
+        for stack, plan in plans.items()
+    }
+    assert len(jobs["dev"]) == 1 and len(jobs["staging"]) == 1 and jobs["prod"] == []  # prod: PyTorch path
+    job = jobs["staging"][0]["spec"]["template"]["spec"]
+    assert job["priorityClassName"] == "batch"
+    assert [c["name"] for c in job["initContainers"]] == ["fetch-checkpoint", "build"]
+    assert job["initContainers"][1]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    script = _k8s(plans["staging"], "ConfigMap", "engine-build-v1")["data"]["build.sh"]
+    assert "--tp_size 4" in script and "trtllm-build" in script and script.startswith("set -euo pipefail")
+
+
+# -- mesh ----------------------------------------------------------------------------------------
+
+
+def test_priority_routing_and_canary(plans: dict[str, Plan]) -> None:
+    vs = _k8s(plans["staging"], "VirtualService", "triton")["spec"]
+    assert vs["gateways"] == ["istio-ingress/dualtrack"]
+    routes = {r["name"]: r for r in vs["http"]}
+    assert list(routes) == ["grpc-high", "grpc-default", "http-high", "http-default"]
+    high = routes["http-high"]
+    assert high["match"][0]["headers"] == {"x-priority": {"exact": "high"}}
+    assert [d["destination"]["subset"] for d in high["route"]] == ["primary"]
+    default = routes["http-default"]
+    assert {d["destination"]["subset"]: d["weight"] for d in default["route"]} == {
+        "primary": 90,
+        "canary": 10,
+    }
+    assert default["timeout"] == "600s" and "5xx" not in default["retries"]["retryOn"]
+    dr = _k8s(plans["staging"], "DestinationRule", "triton")["spec"]
+    assert {s["name"] for s in dr["subsets"]} == {"primary", "canary"}
+    assert dr["trafficPolicy"]["outlierDetection"]["consecutive5xxErrors"] == 5
+    assert dr["trafficPolicy"]["connectionPool"]["http"]["http2MaxRequests"] > 0
+    # no canary configured: everything goes to the primary subset
+    dev_default = {r["name"]: r for r in _k8s(plans["dev"], "VirtualService", "triton")["spec"]["http"]}[
+        "http-default"
+    ]
+    assert [(d["destination"]["subset"], d["weight"]) for d in dev_default["route"]] == [("primary", 100)]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_mesh_security(plans: dict[str, Plan], stack: str) -> None:
+    plan = plans[stack]
+    settings = load_settings(_config(stack))
+    assert _k8s(plan, "PeerAuthentication", "namespace-default")["spec"] == {"mtls": {"mode": "STRICT"}}
+    assert _k8s(plan, "AuthorizationPolicy", "deny-by-default")["spec"] == {}
+    allow = _k8s(plan, "AuthorizationPolicy", "allow-ingress")["spec"]
+    source = allow["rules"][0]["from"][0]["source"]
+    assert source["principals"] == ["cluster.local/ns/istio-ingress/sa/istio-ingress"]
+    assert source["requestPrincipals"] == [f"{settings.mesh.jwt.issuer}/*"]
+    jwt = [o for o in plan.kubernetes_objects() if o["kind"] == "RequestAuthentication"]
+    assert {o["metadata"]["namespace"] for o in jwt} == {"istio-ingress", "serving"}
+    assert all(o["spec"]["jwtRules"][0]["jwksUri"] == settings.mesh.jwt.jwks_uri for o in jwt)
+    gateway = _k8s(plan, "Gateway", "dualtrack")["spec"]["servers"][0]
+    assert gateway["tls"]["mode"] == "SIMPLE" and gateway["hosts"] == [settings.mesh.hostname]
+    ingress = _one(plan, "kubernetes:helm.sh/v3:Release", "mesh-gateway").inputs
+    assert ingress["namespace"] == "istio-ingress"
+    assert ingress["values"]["service"]["loadBalancerSourceRanges"] == settings.onprem_cidrs
+    assert {
+        r.inputs["version"]
+        for r in plan.of_type("kubernetes:helm.sh/v3:Release")
+        if r.inputs["repositoryOpts"]["repo"].startswith("https://istio-release")
+    } == {settings.mesh.istio_version}
+
+
+# -- observability / logging ------------------------------------------------------------------------
+
+
+def test_monitoring(plans: dict[str, Plan]) -> None:
+    plan = plans["prod"]
+    rules = _k8s(plan, "PrometheusRule", "triton")["spec"]["groups"]
+    recorded = {r["record"]: r["expr"] for r in rules[0]["rules"]}
+    assert "nv_inference_queue_duration_us" in recorded["triton:queue_compute_ratio"]
+    assert "nv_inference_compute_infer_duration_us" in recorded["triton:queue_compute_ratio"]
+    alerts = {r["alert"] for r in rules[1]["rules"]}
+    assert {"TritonDown", "TritonQueueRatioHigh", "GpuMemoryNearlyFull", "GpuTemperatureHigh"} <= alerts
+    monitor = _k8s(plan, "ServiceMonitor", "triton")["spec"]
+    assert monitor["endpoints"][0]["port"] == "http-metrics"
+    adapter = _one(plan, "kubernetes:helm.sh/v3:Release", "observability-prometheus-adapter").inputs
+    assert adapter["values"]["rules"]["custom"][0]["name"]["as"] == "triton_queue_compute_ratio"
+    dashboards = [
+        o
+        for o in plan.kubernetes_objects()
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("dashboard-")
+    ]
+    assert {d["metadata"]["name"] for d in dashboards} == {"dashboard-triton", "dashboard-gpu"}
+    assert all(d["metadata"]["labels"]["grafana_dashboard"] == "1" for d in dashboards)
+    stack = _one(plan, "kubernetes:helm.sh/v3:Release", "observability-kube-prometheus-stack").inputs
+    assert stack["values"]["grafana"]["admin"]["existingSecret"] == "grafana-admin"
+    assert stack["values"]["prometheus"]["prometheusSpec"]["retention"] == "30d"
+
+
+def test_logging_retention(plans: dict[str, Plan]) -> None:
+    for stack, days in (("dev", 7), ("prod", 90)):
+        job = _k8s(plans[stack], "Job", f"log-retention-{days}d")
+        script = job["spec"]["template"]["spec"]["containers"][0]["command"][2]
+        assert f'"min_age": "{days}d"' in script and "_ilm/policy/dualtrack-retention" in script
+    es = _k8s(plans["prod"], "Elasticsearch", "logs")["spec"]
+    assert es["nodeSets"][0]["count"] == 3
+    fluent = _one(plans["prod"], "kubernetes:helm.sh/v3:Release", "logging-fluent-bit").inputs
+    assert fluent["values"]["tolerations"] == [{"operator": "Exists"}]  # GPU nodes' logs too
+    assert "Logstash_Prefix dualtrack" in fluent["values"]["config"]["outputs"]
+
+
+# -- messaging / images -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_msk(plans: dict[str, Plan], stack: str) -> None:
+    plan = plans[stack]
+    settings = load_settings(_config(stack))
+    msk = _one(plan, "aws:msk/cluster:Cluster").inputs
+    assert (
+        msk["clientAuthentication"]["sasl"]["iam"] is True
+        and msk["clientAuthentication"]["unauthenticated"] is False
+    )
+    assert msk["encryptionInfo"]["encryptionInTransit"] == {"clientBroker": "TLS", "inCluster": True}
+    assert (
+        msk["numberOfBrokerNodes"]
+        == len(settings.network.availability_zones) * settings.messaging.brokers_per_az
+    )
+    sg = _one(plan, "aws:ec2/securityGroup:SecurityGroup", "messaging-msk").inputs
+    assert [(r["fromPort"], r["toPort"]) for r in sg["ingress"]] == [(9098, 9098)]
+    assert sg["ingress"][0]["cidrBlocks"] == [*settings.onprem_cidrs, str(settings.network.cidr)]
+    config = _one(plan, "aws:msk/configuration:Configuration").inputs["serverProperties"]
+    assert "auto.create.topics.enable=false" in config
+    policy = json.loads(_one(plan, "aws:iam/policy:Policy", "messaging-client").inputs["policy"])
+    topic_statement = next(s for s in policy["Statement"] if "kafka-cluster:ReadData" in s["Action"])
+    assert topic_statement["Resource"].endswith(f"/{settings.messaging.topic}")
+    assert ":topic/" in topic_statement["Resource"]
+
+
+def test_ecr_and_optional_image_build(plans: dict[str, Plan], stack_config) -> None:
+    from dualtrack.plan import run_program
+
+    repo = _one(plans["dev"], "aws:ecr/repository:Repository").inputs
+    assert (
+        repo["imageTagMutability"] == "IMMUTABLE" and repo["imageScanningConfiguration"]["scanOnPush"] is True
+    )
+    assert not plans["dev"].of_type("docker:index/image:Image")
+    config = stack_config("dev")
+    config["dualtrack:images"] = {"build": True, "tag": "1.2.3"}
+    built = run_program("dev", config)
+    image = _one(built, "docker:index/image:Image").inputs
+    assert image["imageName"].endswith("/dev/dualtrack-serving:1.2.3")
+    assert image["build"]["args"]["TRITON_IMAGE"].endswith("-trtllm-python-py3")
+    assert image["registry"]["password"] == "[secret]"
+    triton = _k8s(built, "Deployment", "triton-v1")["spec"]["template"]["spec"]["containers"][0]
+    assert "@sha256:" in triton["image"] and "dualtrack-serving" in triton["image"]
+
+
+# -- outputs and shape ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_outputs_fulfil_the_contract(plans: dict[str, Plan], stack: str) -> None:
+    outputs = plans[stack].outputs
+    assert set(outputs) == set(contract.OUTPUT_KEYS)
+    parsed = contract.parse_outputs(outputs)
+    assert parsed.environment == stack and parsed.kafka_topic == "knowledge_updates"
+    assert parsed.triton_http_endpoint.startswith("https://") and parsed.kafka_bootstrap_brokers.endswith(
+        ":9098"
+    )
+    assert outputs["kubeconfig"] == "[secret]"
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_resource_belongs_to_a_component(plans: dict[str, Plan], stack: str) -> None:
+    plan = plans[stack]
+    components = {r.name for r in plan.resources if r.type.startswith("dualtrack:cloud:")}
+    assert components == {
+        "network",
+        "cluster",
+        "gpu",
+        "serving",
+        "observability",
+        "mesh",
+        "logging",
+        "messaging",
+        "images",
+    }
+    orphans = [
+        r.name
+        for r in plan.resources
+        if r.parent is None and not r.type.startswith(("dualtrack:cloud:", "pulumi:providers:"))
+    ]
+    assert orphans == []
+    counts = Counter(r.type for r in plan.resources)
+    assert counts["pulumi:providers:aws"] == 1 and counts["pulumi:providers:kubernetes"] == 1
+
+
+def _config(stack: str) -> dict:
+    from dualtrack.plan import load_stack_config, runtime_config
+
+    return runtime_config(load_stack_config(stack))[0]
