@@ -351,9 +351,9 @@ def render_plan(plan: Plan) -> dict[str, str]:
     return files
 
 
-def write_plan(plan: Plan, plans_dir: Path = PLANS_DIR) -> Path:
+def write_plan(plan: Plan, plans_dir: Path | None = None) -> Path:
     """Replace ``plans/<stack>/`` with the rendered plan; returns that directory."""
-    target = plans_dir / plan.stack
+    target = (plans_dir or PLANS_DIR) / plan.stack
     files = render_plan(plan)
     if target.exists():
         shutil.rmtree(target)
@@ -364,9 +364,9 @@ def write_plan(plan: Plan, plans_dir: Path = PLANS_DIR) -> Path:
     return target
 
 
-def stale_files(plan: Plan, plans_dir: Path = PLANS_DIR) -> list[str]:
+def stale_files(plan: Plan, plans_dir: Path | None = None) -> list[str]:
     """Paths under ``plans/<stack>/`` that differ from a fresh render (added, changed or gone)."""
-    target = plans_dir / plan.stack
+    target = (plans_dir or PLANS_DIR) / plan.stack
     fresh = render_plan(plan)
     on_disk = (
         {str(p.relative_to(target)): p.read_text(encoding="utf-8") for p in target.rglob("*.yaml")}
@@ -376,7 +376,7 @@ def stale_files(plan: Plan, plans_dir: Path = PLANS_DIR) -> list[str]:
     return sorted(k for k in set(fresh) | set(on_disk) if fresh.get(k) != on_disk.get(k))
 
 
-def diff_against(stacks: Iterable[str], rev: str, plans_dir: Path = PLANS_DIR) -> str:
+def diff_against(stacks: Iterable[str], rev: str) -> str:
     """Unified diff of each stack's fresh plan against ``plans/`` at git revision ``rev``."""
     import difflib
 

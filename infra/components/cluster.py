@@ -205,6 +205,10 @@ class Cluster(pulumi.ComponentResource):
                 addon_name=addon,
                 resolve_conflicts_on_update="OVERWRITE",
                 service_account_role_arn=ebs_role.arn if addon == "aws-ebs-csi-driver" else None,
+                # NetworkPolicy objects are only enforced when the CNI's policy agent is on.
+                configuration_values=json.dumps({"enableNetworkPolicy": "true"})
+                if addon == "vpc-cni"
+                else None,
                 # coredns and the EBS controller are Deployments: they need nodes to become healthy.
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[system_group]),
             )

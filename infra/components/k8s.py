@@ -36,7 +36,16 @@ def resources(
     }
 
 
-def security_context(*, run_as_user: int | None = 1000, read_only_root: bool = True) -> dict[str, Any]:
+APP_UID = 10001
+"""Every container runs as this UID: high, so it maps to no user on the node."""
+
+
+def pod_security(**extra: Any) -> dict[str, Any]:
+    """Pod-level: volumes writable by the app group, default seccomp."""
+    return {"fsGroup": APP_UID, "seccompProfile": {"type": "RuntimeDefault"}, **extra}
+
+
+def security_context(*, run_as_user: int | None = APP_UID, read_only_root: bool = True) -> dict[str, Any]:
     """Non-root, no privilege escalation, no capabilities, default seccomp."""
     ctx: dict[str, Any] = {
         "allowPrivilegeEscalation": False,
@@ -63,6 +72,35 @@ def namespace(
     if istio:
         ns_labels["istio-injection"] = "enabled"
     return k8s.core.v1.Namespace(resource_name, metadata={"name": name, "labels": ns_labels}, opts=opts)
+
+
+def network_policy(
+    resource_name: str,
+    name: str,
+    namespace: str,
+    pod_labels: dict[str, str],
+    ingress: list[dict[str, Any]],
+    opts: pulumi.ResourceOptions,
+) -> k8s.networking.v1.NetworkPolicy:
+    """Ingress allow-list for the selected pods (``ingress=[]`` admits nothing)."""
+    return k8s.networking.v1.NetworkPolicy(
+        resource_name,
+        metadata={"name": name, "namespace": namespace, "labels": MANAGED_BY},
+        spec={
+            "podSelector": {"matchLabels": pod_labels} if pod_labels else {},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        },
+        opts=opts,
+    )
+
+
+def from_namespace(namespace: str, *ports: int) -> dict[str, Any]:
+    """One ingress rule: pods of ``namespace`` may reach ``ports``."""
+    return {
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}],
+        "ports": [{"protocol": "TCP", "port": p} for p in ports],
+    }
 
 
 def release(

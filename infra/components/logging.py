@@ -163,12 +163,21 @@ class Logging(pulumi.ComponentResource):
         )
         script = (
             "set -eu\n"
-            f'until curl -skf -u "elastic:$ES_PASSWORD" {ES_URL}/_cluster/health; do sleep 10; done\n'
-            f'curl -skf -u "elastic:$ES_PASSWORD" -X PUT -H "Content-Type: application/json" '
+            'auth="elastic:$(cat /secrets/elastic)"\n'
+            f'until curl -skf -u "$auth" {ES_URL}/_cluster/health; do sleep 10; done\n'
+            f'curl -skf -u "$auth" -X PUT -H "Content-Type: application/json" '
             f"{ES_URL}/_ilm/policy/{INDEX_PREFIX}-retention "
             f"-d '{json.dumps(ilm_policy(cfg.retention_days))}'\n"
-            f'curl -skf -u "elastic:$ES_PASSWORD" -X PUT -H "Content-Type: application/json" '
+            f'curl -skf -u "$auth" -X PUT -H "Content-Type: application/json" '
             f"{ES_URL}/_index_template/{INDEX_PREFIX} -d '{json.dumps(index_template())}'\n"
+        )
+        kube.network_policy(
+            f"{name}-retention-netpol",
+            "log-retention",
+            NAMESPACE,
+            {"app.kubernetes.io/name": "log-retention"},
+            [],
+            pulumi.ResourceOptions(parent=self, depends_on=[ns]),
         )
         k8s.batch.v1.Job(
             f"{name}-retention",
@@ -185,17 +194,26 @@ class Logging(pulumi.ComponentResource):
                     "spec": {
                         "restartPolicy": "OnFailure",
                         "nodeSelector": system,
-                        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                        "securityContext": kube.pod_security(),
+                        "automountServiceAccountToken": False,
+                        "volumes": [
+                            {
+                                "name": "elastic-user",
+                                "secret": {"secretName": f"{CLUSTER}-es-elastic-user", "defaultMode": 0o440},
+                            }
+                        ],
                         "containers": [
                             {
                                 "name": "set-retention",
                                 "image": CURL_IMAGE,
                                 "command": ["sh", "-c", script],
-                                "env": [password_env],
                                 "resources": kube.resources(
                                     "50m", "64Mi", cpu_limit="200m", memory_limit="128Mi"
                                 ),
-                                "securityContext": kube.security_context(run_as_user=100),
+                                "securityContext": kube.security_context(),
+                                "volumeMounts": [
+                                    {"name": "elastic-user", "mountPath": "/secrets", "readOnly": True}
+                                ],
                             }
                         ],
                     },

@@ -149,6 +149,22 @@ class Serving(pulumi.ComponentResource):
             },
             opts=in_ns,
         )
+        # Enforced by the VPC CNI's network policy agent (enabled on the vpc-cni add-on).
+        kube.network_policy(f"{name}-default-deny", "default-deny-ingress", cfg.namespace, {}, [], in_ns)
+        kube.network_policy(
+            f"{name}-netpol",
+            APP,
+            cfg.namespace,
+            {"app": APP},
+            [
+                kube.from_namespace("istio-ingress", PORTS["http"], PORTS["grpc"]),
+                kube.from_namespace("monitoring", PORTS["http-metrics"]),
+            ],
+            in_ns,
+        )
+        kube.network_policy(
+            f"{name}-build-netpol", "engine-build", cfg.namespace, {"app": "engine-build"}, [], in_ns
+        )
         k8s.policy.v1.PodDisruptionBudget(
             f"{name}-pdb",
             metadata={"name": APP, "namespace": cfg.namespace, "labels": kube.labels(APP)},
@@ -221,7 +237,7 @@ class Serving(pulumi.ComponentResource):
                 "labels": kube.labels(sa),
                 "annotations": {"eks.amazonaws.com/role-arn": role.arn},
             },
-            automount_service_account_token=True,
+            automount_service_account_token=False,
             opts=opts,
         )
 
@@ -288,7 +304,9 @@ class Serving(pulumi.ComponentResource):
                         "serviceAccountName": APP,
                         "priorityClassName": "inference-critical",
                         "terminationGracePeriodSeconds": 120,
-                        "securityContext": {"fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+                        "securityContext": kube.pod_security(),
+                        # IRSA brings its own projected token; nothing here talks to the Kubernetes API.
+                        "automountServiceAccountToken": False,
                         **self._gpu_pod_placement(),
                         "initContainers": [
                             {
@@ -404,7 +422,9 @@ class Serving(pulumi.ComponentResource):
                         "restartPolicy": "Never",
                         "serviceAccountName": "engine-builder",
                         "priorityClassName": "batch",
-                        "securityContext": {"fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+                        "securityContext": kube.pod_security(),
+                        # IRSA brings its own projected token; nothing here talks to the Kubernetes API.
+                        "automountServiceAccountToken": False,
                         **self._gpu_pod_placement(),
                         "initContainers": [
                             {
