@@ -4,15 +4,18 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLES := docs/samples
+CHECKOV_VENV := .venv-checkov
+CRD_SCHEMAS := tests/infra/crd_schemas
 QUESTION ?= How many vacation days do full-time employees get per year?
 
-.PHONY: help up down status test lint install install-dev clean
+.PHONY: help up down status test lint plan install install-dev clean
 
 help:
 	@echo "make up      - install, start Milvus Lite + gateway on 127.0.0.1, ingest samples, ask a question"
 	@echo "make down    - stop the local stack"
 	@echo "make status  - show what runs, its logs and health"
 	@echo "make test    - install everything and run lint + the whole test suite"
+	@echo "make plan    - offline plan of every Pulumi stack into plans/ (no cloud credentials)"
 	@echo "make lint    - ruff"
 
 $(BIN)/python:
@@ -28,8 +31,20 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
+# checkov pins conflict with the Pulumi SDK: it gets a venv of its own.
+$(CHECKOV_VENV)/.installed: requirements-checkov.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q -r requirements-checkov.txt
+	touch $@
+
+# Test-only CRD schema validators (npm); node/npm come from the machine, or Debian if missing.
+$(CRD_SCHEMAS)/node_modules/.installed: $(CRD_SCHEMAS)/package-lock.json
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
+	npm ci --prefix $(CRD_SCHEMAS) --no-audit --no-fund --loglevel=error
+	touch $@
+
 install: $(VENV)/.runtime
-install-dev: $(VENV)/.dev
+install-dev: $(VENV)/.dev $(CHECKOV_VENV)/.installed $(CRD_SCHEMAS)/node_modules/.installed
 
 up: install
 	$(BIN)/dualtrack local up
@@ -41,6 +56,9 @@ down:
 
 status: install
 	$(BIN)/dualtrack local status
+
+plan: install
+	$(BIN)/dualtrack plan
 
 lint: install-dev
 	$(BIN)/ruff check .

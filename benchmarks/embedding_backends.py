@@ -8,6 +8,7 @@ backend, and reports throughput of both on the same texts, in the same run.
 On the project's 2-core machine it did not win (docs/benchmarks.md), so the
 product keeps the torch backend only.
 
+    .venv/bin/pip install -r benchmarks/requirements-embedding.txt
     .venv/bin/python benchmarks/embedding_backends.py [--model packaged:all-MiniLM-L6-v2]
 """
 

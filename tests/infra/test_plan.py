@@ -79,3 +79,17 @@ def test_diff_against_a_revision() -> None:
 def test_cli_errors_are_one_line() -> None:
     result = runner.invoke(app, ["plan", "--stack", "nosuch"])
     assert result.exit_code == 2 and "no stack file" in result.output and "Traceback" not in result.output
+
+
+def test_pull_request_workflow_previews_every_stack_with_the_pack() -> None:
+    import yaml
+
+    workflow = yaml.safe_load((planmod.ROOT / ".github" / "workflows" / "preview.yml").read_text())
+    jobs = workflow["jobs"]
+    assert jobs["preview"]["strategy"]["matrix"]["stack"] == list(STACKS)
+    preview = next(s for s in jobs["preview"]["steps"] if str(s.get("uses", "")).startswith("pulumi/actions@"))
+    assert preview["with"]["command"] == "preview" and preview["with"]["comment-on-pr"] is True
+    assert (planmod.ROOT / preview["with"]["policyPacks"] / "PulumiPolicy.yaml").is_file()
+    assert any("plan --check" in str(s.get("run", "")) for s in jobs["offline-plan"]["steps"])
+    up = next(s for s in jobs["up-dev"]["steps"] if str(s.get("uses", "")).startswith("pulumi/actions@"))
+    assert up["with"]["command"] == "up" and up["with"]["stack-name"].endswith("/dev")
