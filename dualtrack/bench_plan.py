@@ -37,8 +37,9 @@ t = time.perf_counter()
 import pulumi, pulumi_docker  # noqa: F401  (the SDK modules the program imports)
 import pulumi_aws.cloudwatch, pulumi_aws.ec2, pulumi_aws.ecr, pulumi_aws.eks, pulumi_aws.iam  # noqa: F401
 import pulumi_aws.kms, pulumi_aws.msk, pulumi_aws.s3  # noqa: F401
-import pulumi_kubernetes.apiextensions, pulumi_kubernetes.apps.v1, pulumi_kubernetes.autoscaling.v2  # noqa: F401
-import pulumi_kubernetes.batch.v1, pulumi_kubernetes.core.v1, pulumi_kubernetes.helm.v3  # noqa: F401
+import pulumi_kubernetes.apiextensions, pulumi_kubernetes.apps.v1  # noqa: F401
+import pulumi_kubernetes.autoscaling.v2, pulumi_kubernetes.batch.v1  # noqa: F401
+import pulumi_kubernetes.core.v1, pulumi_kubernetes.helm.v3  # noqa: F401
 import pulumi_kubernetes.networking.v1, pulumi_kubernetes.policy.v1  # noqa: F401
 import pulumi_kubernetes.scheduling.v1, pulumi_kubernetes.storage.v1  # noqa: F401
 from pulumi.runtime.mocks import MockMonitor

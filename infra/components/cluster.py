@@ -121,74 +121,83 @@ class Cluster(pulumi.ComponentResource):
                 "AmazonEC2ContainerRegistryReadOnly",
             )
         ]
-        node_opts = pulumi.ResourceOptions(parent=self, depends_on=node_policies)
-        system = cfg.system_nodes
-        system_group = aws.eks.NodeGroup(
-            f"{name}-system",
-            cluster_name=cluster.name,
-            node_group_name_prefix=f"{settings.name}-system-",
-            node_role_arn=node_role.arn,
-            subnet_ids=private_subnet_ids,
-            ami_type="AL2023_x86_64_STANDARD",
-            capacity_type="ON_DEMAND",
-            instance_types=[system.instance_type],
-            scaling_config=aws.eks.NodeGroupScalingConfigArgs(
-                min_size=system.min_size, desired_size=system.desired_size, max_size=system.max_size
-            ),
-            launch_template=self._launch_template("system", system.disk_gib),
-            labels={POOL_LABEL: "system"},
-            update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),
-            opts=node_opts,
+        # desiredSize belongs to cluster-autoscaler once the group exists.
+        node_opts = pulumi.ResourceOptions(
+            parent=self, depends_on=node_policies, ignore_changes=["scalingConfig.desiredSize"]
         )
 
+        def node_group(
+            suffix: str,
+            asg_tag: str,
+            ami: str,
+            capacity: str,
+            instance_type: str,
+            sizes: tuple[int, int, int],
+            template: aws.eks.NodeGroupLaunchTemplateArgs,
+            labels: dict[str, str],
+            gpu: bool,
+        ) -> aws.eks.NodeGroup:
+            return aws.eks.NodeGroup(
+                f"{name}-{suffix}",
+                cluster_name=cluster.name,
+                # cluster-autoscaler's priority expander matches ASG names by this prefix (gpu.py).
+                node_group_name_prefix=f"{settings.name}-{asg_tag}-",
+                node_role_arn=node_role.arn,
+                subnet_ids=private_subnet_ids,
+                ami_type=ami,
+                capacity_type="SPOT" if capacity == "spot" else "ON_DEMAND",
+                instance_types=[instance_type],
+                scaling_config=aws.eks.NodeGroupScalingConfigArgs(
+                    min_size=sizes[0], desired_size=sizes[1], max_size=sizes[2]
+                ),
+                launch_template=template,
+                labels=labels,
+                taints=[aws.eks.NodeGroupTaintArgs(**GPU_TAINT)] if gpu else None,
+                update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),
+                opts=node_opts,
+            )
+
+        system = cfg.system_nodes
+        system_group = node_group(
+            "system",
+            "system",
+            "AL2023_x86_64_STANDARD",
+            "on-demand",
+            system.instance_type,
+            (system.min_size, system.desired_size, system.max_size),
+            self._launch_template("system", system.disk_gib),
+            {POOL_LABEL: "system"},
+            gpu=False,
+        )
         gpu = settings.gpu_nodes
         gpu_template = self._launch_template("gpu", gpu.root_volume_gib)
         gpu_labels = {POOL_LABEL: "gpu", "node.kubernetes.io/instance-type": gpu.instance_type}
         self.gpu_node_groups = [
-            aws.eks.NodeGroup(
-                f"{name}-gpu",
-                cluster_name=cluster.name,
-                # The name prefix is what cluster-autoscaler's priority expander matches (gpu.py).
-                node_group_name_prefix=f"{settings.name}-gpu-{gpu.capacity}-",
-                node_role_arn=node_role.arn,
-                subnet_ids=private_subnet_ids,
-                ami_type="AL2023_x86_64_NVIDIA",
-                capacity_type="SPOT" if gpu.capacity == "spot" else "ON_DEMAND",
-                instance_types=[gpu.instance_type],
-                scaling_config=aws.eks.NodeGroupScalingConfigArgs(
-                    min_size=gpu.min_size, desired_size=gpu.desired_size, max_size=gpu.max_size
-                ),
-                launch_template=gpu_template,
-                labels={**gpu_labels, CAPACITY_LABEL: gpu.capacity},
-                taints=[aws.eks.NodeGroupTaintArgs(**GPU_TAINT)],
-                update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),
-                opts=pulumi.ResourceOptions(
-                    parent=self, depends_on=node_policies, ignore_changes=["scalingConfig.desiredSize"]
-                ),
+            node_group(
+                "gpu",
+                f"gpu-{gpu.capacity}",
+                "AL2023_x86_64_NVIDIA",
+                gpu.capacity,
+                gpu.instance_type,
+                (gpu.min_size, gpu.desired_size, gpu.max_size),
+                gpu_template,
+                {**gpu_labels, CAPACITY_LABEL: gpu.capacity},
+                gpu=True,
             )
         ]
         if gpu.capacity == "spot" and gpu.on_demand_fallback:
             # Scaled from zero by cluster-autoscaler's priority expander when spot is unavailable.
             self.gpu_node_groups.append(
-                aws.eks.NodeGroup(
-                    f"{name}-gpu-fallback",
-                    cluster_name=cluster.name,
-                    node_group_name_prefix=f"{settings.name}-gpu-fallback-",
-                    node_role_arn=node_role.arn,
-                    subnet_ids=private_subnet_ids,
-                    ami_type="AL2023_x86_64_NVIDIA",
-                    capacity_type="ON_DEMAND",
-                    instance_types=[gpu.instance_type],
-                    scaling_config=aws.eks.NodeGroupScalingConfigArgs(
-                        min_size=0, desired_size=0, max_size=gpu.fallback_max_size
-                    ),
-                    launch_template=gpu_template,
-                    labels={**gpu_labels, CAPACITY_LABEL: "on-demand"},
-                    taints=[aws.eks.NodeGroupTaintArgs(**GPU_TAINT)],
-                    update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),
-                    opts=pulumi.ResourceOptions(
-                        parent=self, depends_on=node_policies, ignore_changes=["scalingConfig.desiredSize"]
-                    ),
+                node_group(
+                    "gpu-fallback",
+                    "gpu-fallback",
+                    "AL2023_x86_64_NVIDIA",
+                    "on-demand",
+                    gpu.instance_type,
+                    (0, 0, gpu.fallback_max_size),
+                    gpu_template,
+                    {**gpu_labels, CAPACITY_LABEL: "on-demand"},
+                    gpu=True,
                 )
             )
 

@@ -87,7 +87,9 @@ def test_pull_request_workflow_previews_every_stack_with_the_pack() -> None:
     workflow = yaml.safe_load((planmod.ROOT / ".github" / "workflows" / "preview.yml").read_text())
     jobs = workflow["jobs"]
     assert jobs["preview"]["strategy"]["matrix"]["stack"] == list(STACKS)
-    preview = next(s for s in jobs["preview"]["steps"] if str(s.get("uses", "")).startswith("pulumi/actions@"))
+    preview = next(
+        s for s in jobs["preview"]["steps"] if str(s.get("uses", "")).startswith("pulumi/actions@")
+    )
     assert preview["with"]["command"] == "preview" and preview["with"]["comment-on-pr"] is True
     assert (planmod.ROOT / preview["with"]["policyPacks"] / "PulumiPolicy.yaml").is_file()
     assert any("plan --check" in str(s.get("run", "")) for s in jobs["offline-plan"]["steps"])

@@ -465,3 +465,46 @@ def _config(stack: str) -> dict:
     from dualtrack.plan import load_stack_config, runtime_config
 
     return runtime_config(load_stack_config(stack))[0]
+
+
+# -- the entry point Pulumi runs -------------------------------------------------------------------
+
+
+def _run_entry_point(config: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Run ``infra/`` the way the Pulumi language host does (runpy on the directory) under mocks."""
+    import runpy
+
+    import pulumi
+    import pulumi.runtime.settings as runtime_settings
+
+    from dualtrack.plan import ROOT, PlanMocks, RecordingMonitor, runtime_config
+
+    exported: dict = {}
+    monkeypatch.setattr(pulumi, "export", lambda key, value: exported.__setitem__(key, value))
+    values, secret_keys = runtime_config(config)
+    mocks = PlanMocks("us-east-1", "dev")
+    runtime_settings.ROOT.set(None)
+    pulumi.runtime.set_all_config(values, secret_keys)
+    pulumi.runtime.set_mocks(mocks, project="dualtrack", stack="dev", monitor=RecordingMonitor(mocks))
+
+    def program() -> None:
+        runpy.run_path(str(ROOT / "infra"), run_name="__main__")
+
+    pulumi.runtime.test(program)()
+    return exported
+
+
+def test_entry_point_exports_the_contract(stack_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    exported = _run_entry_point(stack_config("dev"), monkeypatch)
+    assert tuple(exported) == contract.OUTPUT_KEYS
+
+
+def test_entry_point_reports_bad_config_without_traceback(
+    stack_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pulumi
+
+    config = stack_config("dev")
+    config["dualtrack:gpuNodes"]["instanceType"] = "p9.mega"
+    with pytest.raises(pulumi.RunError, match=r"dualtrack:gpuNodes.instanceType: 'p9.mega'"):
+        _run_entry_point(config, monkeypatch)
