@@ -57,6 +57,8 @@ class PlannedResource:
     parent: str | None
     custom: bool
     inputs: dict[str, Any]
+    depends_on: tuple[str, ...] = ()
+    timeouts: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_kubernetes_object(self) -> bool:
@@ -198,6 +200,7 @@ class RecordingMonitor(MockMonitor):
         self.reads: list[PlannedResource] = []
 
     def _record(self, request: Any, props: Any, into: list[PlannedResource], custom: bool) -> None:
+        timeouts = getattr(request, "customTimeouts", None)
         into.append(
             PlannedResource(
                 urn=self.make_urn(request.parent, request.type, request.name),
@@ -206,6 +209,10 @@ class RecordingMonitor(MockMonitor):
                 parent=request.parent.rsplit("::", 1)[-1] if request.parent else None,
                 custom=custom,
                 inputs=_plain(_mask(rpc.deserialize_properties(props))),
+                depends_on=tuple(getattr(request, "dependencies", ()) or ()),
+                timeouts={
+                    k: v for k in ("create", "update", "delete") if timeouts and (v := getattr(timeouts, k))
+                },
             )
         )
 
@@ -330,6 +337,8 @@ def render_plan(plan: Plan) -> dict[str, str]:
         entry: dict[str, Any] = {"type": res.type, "name": res.name}
         if res.parent:
             entry["parent"] = res.parent
+        if res.timeouts:
+            entry["timeouts"] = res.timeouts
         if res.is_kubernetes_object:
             obj = res.kubernetes_object()
             path = _object_path(obj)

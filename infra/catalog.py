@@ -40,7 +40,7 @@ def _family(gpu: GpuType, mem: int, sizes: dict[str, tuple[int, int, int]]) -> d
     }
 
 
-_G_SIZES = {  # size: (gpus, vcpus, memory GiB) -- identical across g5/g6/g6e
+_G_SIZES = {  # size: (gpus, vcpus, memory GiB) -- g5 and g6; g6e has twice the memory
     "xlarge": (1, 4, 16),
     "2xlarge": (1, 8, 32),
     "4xlarge": (1, 16, 64),
@@ -54,7 +54,7 @@ _G_SIZES = {  # size: (gpus, vcpus, memory GiB) -- identical across g5/g6/g6e
 GPU_INSTANCES: dict[str, GpuInstance] = {
     **_family("A10G", 24, {f"g5.{s}": v for s, v in _G_SIZES.items()}),
     **_family("L4", 24, {f"g6.{s}": v for s, v in _G_SIZES.items()}),
-    **_family("L40S", 48, {f"g6e.{s}": v for s, v in _G_SIZES.items()}),
+    **_family("L40S", 48, {f"g6e.{s}": (g, c, m * 2) for s, (g, c, m) in _G_SIZES.items()}),
     "p4d.24xlarge": GpuInstance(gpu="A100", gpus=8, gpu_memory_gib=40, vcpus=96, memory_gib=1152),
     "p4de.24xlarge": GpuInstance(gpu="A100", gpus=8, gpu_memory_gib=80, vcpus=96, memory_gib=1152),
     "p5.48xlarge": GpuInstance(gpu="H100", gpus=8, gpu_memory_gib=80, vcpus=192, memory_gib=2048),

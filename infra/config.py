@@ -53,6 +53,14 @@ class ConfigError(ValueError):
     """The stack configuration is wrong; the message is for the operator, verbatim."""
 
 
+class _Located(ValueError):
+    """A cross-field error that knows which key it is about."""
+
+    def __init__(self, key: str, value: Any, message: str) -> None:
+        super().__init__(message)
+        self.key, self.value, self.message = key, value, message
+
+
 def _key(name: str) -> str:
     """Python field name -> Pulumi config key (camelCase; ``GiB`` spelt as units are)."""
     return to_camel(name).replace("Gib", "GiB")
@@ -79,12 +87,18 @@ class Network(_Section):
         None, description="One NAT (cheap) or one per AZ (survives an AZ loss). Default: perAz in prod."
     )
 
-    @field_validator("cidr")
-    @classmethod
-    def _room_for_subnets(cls, v: IPv4Network) -> IPv4Network:
-        if v.prefixlen > 20:
-            raise ValueError("needs a /20 or larger (a /24 public and a /22 private subnet per AZ)")
-        return v
+    @model_validator(mode="after")
+    def _room_for_subnets(self) -> Network:
+        """Public /24s share the first /20; each AZ gets a private /20 (network.subnet_plan)."""
+        needed = len(self.availability_zones) + 1
+        if self.cidr.prefixlen > 20 or 2 ** (20 - self.cidr.prefixlen) < needed:
+            raise _Located(
+                "network.cidr",
+                str(self.cidr),
+                f"too small for {len(self.availability_zones)} AZs: needs {needed} x /20 "
+                f"(a /{20 - (needed - 1).bit_length()} or larger)",
+            )
+        return self
 
     @field_validator("availability_zones")
     @classmethod
@@ -160,6 +174,21 @@ class Cluster(_Section):
         min_length=1,
     )
     system_nodes: SystemNodes = SystemNodes()
+    admin_role_arns: list[str] = Field(
+        default_factory=list,
+        description="IAM roles given cluster-admin access entries (the deploy pipeline).",
+    )
+    viewer_role_arns: list[str] = Field(
+        default_factory=list, description="IAM roles given read-only access entries (the preview pipeline)."
+    )
+
+    @field_validator("admin_role_arns", "viewer_role_arns")
+    @classmethod
+    def _role_arns(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if not re.match(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$", a)]
+        if bad:
+            raise ValueError(f"not IAM role ARNs: {bad} (expected arn:aws:iam::<account>:role/<name>)")
+        return v
 
     @field_validator("version")
     @classmethod
@@ -335,6 +364,16 @@ class Messaging(_Section):
     brokers_per_az: int = Field(1, ge=1, le=10)
     volume_gib: int = Field(100, ge=1, le=16384)
     topic: str = Field("knowledge_updates", pattern=r"^[A-Za-z0-9._-]{1,249}$")
+    client_cidrs: list[IPv4Network] = Field(
+        default_factory=list,
+        description="Networks that reach the brokers' private addresses over VPN/Direct Connect "
+        "(default: onpremEgressCidrs). MSK is never exposed to the internet.",
+    )
+
+    @field_validator("client_cidrs")
+    @classmethod
+    def _cidrs(cls, v: list[IPv4Network]) -> list[IPv4Network]:
+        return _unique_cidrs(v)
 
 
 class Images(_Section):
@@ -456,14 +495,6 @@ class StackSettings(_Section):
         if self.serving.canary and self.serving.canary.profile:
             used.append((f"{NAMESPACE}:serving.canary.profile", self.serving.canary.profile))
         return used
-
-
-class _Located(ValueError):
-    """A cross-field error that knows which key it is about."""
-
-    def __init__(self, key: str, value: Any, message: str) -> None:
-        super().__init__(message)
-        self.key, self.value, self.message = key, value, message
 
 
 def _pulumi_key(loc: tuple[Any, ...]) -> str:

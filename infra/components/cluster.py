@@ -171,7 +171,9 @@ class Cluster(pulumi.ComponentResource):
         )
         gpu = settings.gpu_nodes
         gpu_template = self._launch_template("gpu", gpu.root_volume_gib)
-        gpu_labels = {POOL_LABEL: "gpu", "node.kubernetes.io/instance-type": gpu.instance_type}
+        # kubernetes.io/ label prefixes are reserved (EKS refuses them): the kubelet sets the
+        # instance-type label itself; nvidia.com/gpu.present satisfies the device plugin's affinity.
+        gpu_labels = {POOL_LABEL: "gpu", "nvidia.com/gpu.present": "true"}
         self.gpu_node_groups = [
             node_group(
                 "gpu",
@@ -220,6 +222,29 @@ class Cluster(pulumi.ComponentResource):
                 else None,
                 # coredns and the EBS controller are Deployments: they need nodes to become healthy.
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[system_group]),
+            )
+
+        for role, policy in (
+            *((arn, "AmazonEKSClusterAdminPolicy") for arn in cfg.admin_role_arns),
+            *((arn, "AmazonEKSViewPolicy") for arn in cfg.viewer_role_arns),
+        ):
+            # API authentication mode: only access entries grant Kubernetes access. The creator
+            # is admin; pipelines (deploy, preview) get their own entries from config.
+            label = role.rsplit("/", 1)[-1]
+            entry = aws.eks.AccessEntry(
+                f"{name}-access-{label}",
+                cluster_name=cluster.name,
+                principal_arn=role,
+                type="STANDARD",
+                opts=child,
+            )
+            aws.eks.AccessPolicyAssociation(
+                f"{name}-access-{label}",
+                cluster_name=cluster.name,
+                principal_arn=role,
+                policy_arn=f"arn:aws:eks::aws:cluster-access-policy/{policy}",
+                access_scope=aws.eks.AccessPolicyAssociationAccessScopeArgs(type="cluster"),
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[entry]),
             )
 
         self.kubeconfig = pulumi.Output.secret(

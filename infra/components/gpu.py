@@ -54,6 +54,9 @@ class GpuPlatform(pulumi.ComponentResource):
             namespace="kube-system",
             values={
                 "nodeSelector": GPU_NODE_SELECTOR,
+                # The chart's default affinity wants node-feature-discovery labels, which
+                # this cluster does not run: the node selector above is the placement.
+                "affinity": {},
                 "tolerations": [kube.GPU_TOLERATION],
                 "priorityClassName": "system-node-critical",
             },

@@ -188,7 +188,6 @@ class Logging(pulumi.ComponentResource):
             },
             spec={
                 "backoffLimit": 6,
-                "ttlSecondsAfterFinished": 3600,
                 "template": {
                     "metadata": {"labels": kube.labels("log-retention")},
                     "spec": {

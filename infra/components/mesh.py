@@ -89,11 +89,14 @@ class Mesh(pulumi.ComponentResource):
             },
             opts=pulumi.ResourceOptions(parent=self, depends_on=[base]),
         )
+        # Read by Kubernetes' built-in AWS service controller (no load-balancer controller here):
+        # it makes internet-facing NLBs unless told `internal`.
         lb_annotations = {
             "service.beta.kubernetes.io/aws-load-balancer-type": "nlb",
-            "service.beta.kubernetes.io/aws-load-balancer-scheme": cfg.ingress_scheme,
             "service.beta.kubernetes.io/aws-load-balancer-cross-zone-load-balancing-enabled": "true",
         }
+        if cfg.ingress_scheme == "internal":
+            lb_annotations["service.beta.kubernetes.io/aws-load-balancer-internal"] = "true"
         gateway_release = kube.release(
             f"{name}-gateway",
             name=INGRESS_NAME,
@@ -244,7 +247,8 @@ class Mesh(pulumi.ComponentResource):
                 "rules": [
                     {
                         "from": [{"source": {"requestPrincipals": [f"{cfg.jwt.issuer}/*"]}}],
-                        "to": [{"operation": {"hosts": [cfg.hostname]}}],
+                        # gRPC clients send the authority with its port (host:443).
+                        "to": [{"operation": {"hosts": [cfg.hostname, f"{cfg.hostname}:*"]}}],
                     }
                 ],
             },

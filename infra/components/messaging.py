@@ -55,6 +55,8 @@ class Messaging(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         cfg = settings.messaging
         brokers = cfg.brokers_per_az * len(settings.network.availability_zones)
+        # Brokers have private addresses only: sites reach them over VPN/Direct Connect.
+        client_cidrs = [str(c) for c in cfg.client_cidrs] or settings.onprem_cidrs
 
         sg = aws.ec2.SecurityGroup(
             f"{name}-msk",
@@ -65,7 +67,7 @@ class Messaging(pulumi.ComponentResource):
                     protocol="tcp",
                     from_port=IAM_TLS_PORT,
                     to_port=IAM_TLS_PORT,
-                    cidr_blocks=[*settings.onprem_cidrs, str(settings.network.cidr)],
+                    cidr_blocks=[*client_cidrs, str(settings.network.cidr)],
                     description="Kafka TLS + IAM",
                 )
             ],
@@ -147,8 +149,13 @@ def client_policy(cluster_arn: str, topic: str) -> str:
             "Version": "2012-10-17",
             "Statement": [
                 {
+                    # Idempotent writes are a cluster-level permission in MSK's IAM mapping.
                     "Effect": "Allow",
-                    "Action": ["kafka-cluster:Connect", "kafka-cluster:DescribeCluster"],
+                    "Action": [
+                        "kafka-cluster:Connect",
+                        "kafka-cluster:DescribeCluster",
+                        "kafka-cluster:WriteDataIdempotently",
+                    ],
                     "Resource": cluster_arn,
                 },
                 {
@@ -158,7 +165,6 @@ def client_policy(cluster_arn: str, topic: str) -> str:
                         "kafka-cluster:DescribeTopic",
                         "kafka-cluster:ReadData",
                         "kafka-cluster:WriteData",
-                        "kafka-cluster:WriteDataIdempotently",
                     ],
                     "Resource": topic_arn,
                 },

@@ -30,6 +30,9 @@ PORTS = {"http": 8000, "grpc": 8001, "http-metrics": 8002}
 QUEUE_RATIO_METRIC = "triton_queue_compute_ratio"
 """Per-pod metric served by prometheus-adapter from the recording rule in observability.py."""
 MODELS_DIR = "/models"
+SYNC_ALLOWANCE_S = 1800
+"""Time for the init container to copy a model repository (671B FP8: ~700 GB) from S3."""
+ENGINE_BUILD_ALLOWANCE_S = 4 * 3600
 PROBE_PERIOD_S = 10
 
 
@@ -121,15 +124,30 @@ class Serving(pulumi.ComponentResource):
         )
         self._service_account(f"{name}-sa", APP, reader, in_ns)
 
-        versions = [(cfg.model_version, cfg.replicas, cfg.model)]
+        build_job = None
+        if cfg.model.path == "engine":
+            builder = cluster.service_account_role(
+                "engine-builder",
+                cfg.namespace,
+                "engine-builder",
+                policy=pulumi.Output.all(bucket.arn, key.arn).apply(
+                    lambda a: _bucket_policy(a[0], a[1], write=True)
+                ),
+            )
+            self._service_account(f"{name}-builder-sa", "engine-builder", builder, in_ns)
+            build_job = self._engine_build_job(name, cfg.model, cfg.model_version, in_ns)
+
+        # The primary's replica count belongs to the HPA (None = leave spec.replicas unset).
+        versions = [(cfg.model_version, None, cfg.model)]
         if cfg.canary:
             versions.append(
                 (cfg.canary.version, cfg.canary.replicas, model_profiles()[cfg.canary.profile or cfg.profile])
             )
-        deployments = [
-            self._deployment(f"{name}-{version}", version, replicas, profile, in_ns)
-            for version, replicas, profile in versions
-        ]
+        deployments = []
+        for version, replicas, profile in versions:
+            # Triton must not start before its engines exist (the init container syncs once).
+            waits_for = [ns, build_job] if build_job is not None and profile == cfg.model else [ns]
+            deployments.append(self._deployment(f"{name}-{version}", version, replicas, profile, waits_for))
 
         k8s.core.v1.Service(
             f"{name}-svc",
@@ -212,18 +230,6 @@ class Serving(pulumi.ComponentResource):
             },
             opts=pulumi.ResourceOptions(parent=self, depends_on=[deployments[0]]),
         )
-
-        if cfg.model.path == "engine":
-            builder = cluster.service_account_role(
-                "engine-builder",
-                cfg.namespace,
-                "engine-builder",
-                policy=pulumi.Output.all(bucket.arn, key.arn).apply(
-                    lambda a: _bucket_policy(a[0], a[1], write=True)
-                ),
-            )
-            self._service_account(f"{name}-builder-sa", "engine-builder", builder, in_ns)
-            self._engine_build_job(name, cfg.model, cfg.model_version, in_ns)
         self.register_outputs({"bucket": bucket.bucket})
 
     def _service_account(
@@ -274,7 +280,12 @@ class Serving(pulumi.ComponentResource):
         return kube.resources(str(cpu), f"{memory}Gi", extra={"nvidia.com/gpu": str(gpus)})
 
     def _deployment(
-        self, resource: str, version: str, replicas: int, profile: ModelProfile, opts: pulumi.ResourceOptions
+        self,
+        resource: str,
+        version: str,
+        replicas: int | None,
+        profile: ModelProfile,
+        depends_on: list[pulumi.Resource],
     ) -> k8s.apps.v1.Deployment:
         cfg = self._settings.serving
         gpu = GPU_INSTANCES[self._settings.gpu_nodes.instance_type].gpu
@@ -282,7 +293,10 @@ class Serving(pulumi.ComponentResource):
         gpus = tp * profile.pipeline_parallel
         pod_labels = {"app": APP, "version": version, "model": profile.served_name}
         source = pulumi.Output.concat("s3://", self.bucket, f"/{profile.name}/{version}/")
-        env = [{"name": "TRTLLM_ORCHESTRATOR", "value": "1"}] if profile.path == "engine" and gpus > 1 else []
+        # UID 10001 has no home and / is read-only: caches (JIT, tokenizers) go to /tmp.
+        env = [{"name": "HOME", "value": "/tmp"}]
+        if profile.path == "engine" and gpus > 1:
+            env.append({"name": "TRTLLM_ORCHESTRATOR", "value": "1"})
         return k8s.apps.v1.Deployment(
             resource,
             metadata={
@@ -291,7 +305,7 @@ class Serving(pulumi.ComponentResource):
                 "labels": kube.labels(APP, version=version),
             },
             spec={
-                "replicas": replicas,
+                **({"replicas": replicas} if replicas is not None else {}),
                 "selector": {"matchLabels": pod_labels},
                 # Never surge: a surge replica needs a whole GPU node that usually is not there.
                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
@@ -372,17 +386,22 @@ class Serving(pulumi.ComponentResource):
                                 "name": "dshm",
                                 "emptyDir": {"medium": "Memory", "sizeLimit": f"{cfg.shm_gib}Gi"},
                             },
-                            {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
+                            {"name": "tmp", "emptyDir": {"sizeLimit": "20Gi"}},
                         ],
                     },
                 },
             },
-            opts=opts,
+            # pulumi waits for the rollout: allow the model sync and the profile's whole first load.
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                depends_on=depends_on,
+                custom_timeouts=_timeouts(SYNC_ALLOWANCE_S + profile.startup_timeout_s),
+            ),
         )
 
     def _engine_build_job(
         self, name: str, profile: ModelProfile, version: str, opts: pulumi.ResourceOptions
-    ) -> None:
+    ) -> k8s.batch.v1.Job:
         """Checkpoint from S3 -> engines on the GPU -> back to S3, as three ordered steps."""
         cfg = self._settings.serving
         tp = self._settings.tensor_parallel
@@ -403,7 +422,7 @@ class Serving(pulumi.ComponentResource):
         prefix = pulumi.Output.concat("s3://", self.bucket, "/")
         aws_env = [{"name": "HOME", "value": "/tmp"}]
         mounts = [{"name": "work", "mountPath": "/work"}, {"name": "tmp", "mountPath": "/tmp"}]
-        k8s.batch.v1.Job(
+        return k8s.batch.v1.Job(
             f"{name}-engine-build",
             metadata={
                 "name": f"engine-build-{profile.name}-{version}".replace(".", "-")[:63],
@@ -411,8 +430,8 @@ class Serving(pulumi.ComponentResource):
                 "labels": kube.labels("engine-build", version=version),
             },
             spec={
+                # No ttlSecondsAfterFinished: a Job Kubernetes deleted would be re-run by the next up.
                 "backoffLimit": 1,
-                "ttlSecondsAfterFinished": 86400,
                 "template": {
                     "metadata": {
                         "labels": {"app": "engine-build", **kube.labels("engine-build")},
@@ -472,14 +491,21 @@ class Serving(pulumi.ComponentResource):
                                 "name": "work",
                                 "emptyDir": {"sizeLimit": f"{math.ceil(profile.weights_gib() * 4)}Gi"},
                             },
-                            {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
+                            {"name": "tmp", "emptyDir": {"sizeLimit": "20Gi"}},
                             {"name": "scripts", "configMap": {"name": f"engine-build-{version}"}},
                         ],
                     },
                 },
             },
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[script_map]),
+            opts=pulumi.ResourceOptions(
+                parent=self, depends_on=[script_map], custom_timeouts=_timeouts(ENGINE_BUILD_ALLOWANCE_S)
+            ),
         )
+
+
+def _timeouts(seconds: int) -> pulumi.CustomTimeouts:
+    duration = f"{math.ceil(seconds / 60)}m"
+    return pulumi.CustomTimeouts(create=duration, update=duration)
 
 
 def _bucket_policy(bucket_arn: str, key_arn: str, *, write: bool) -> str:

@@ -159,3 +159,22 @@ def test_profile_table_is_consistent() -> None:
         assert "A100" not in p.gpu_types and p.startup_timeout_s >= 3600
     distills = [p for p in profiles.values() if "distill" in p.name]
     assert len(distills) == 6 and {p.family for p in distills} == {"qwen2", "llama"}
+
+
+def test_vpc_too_small_for_its_zones(stack_config) -> None:
+    config = stack_config("prod")  # three AZs: four /20s
+    config["dualtrack:network"]["cidr"] = "10.42.0.0/19"
+    message = _error(config)
+    assert "dualtrack:network.cidr: '10.42.0.0/19'" in message and "needs 4 x /20" in message
+    assert "/18 or larger" in message
+
+
+def test_g6e_memory_is_its_own() -> None:
+    assert GPU_INSTANCES["g6e.xlarge"].memory_gib == 32 and GPU_INSTANCES["g6.xlarge"].memory_gib == 16
+    assert GPU_INSTANCES["g6e.12xlarge"].memory_gib == 384
+
+
+def test_pipeline_roles_must_be_role_arns(stack_config) -> None:
+    config = stack_config("dev")
+    config["dualtrack:cluster"]["adminRoleArns"] = ["arn:aws:iam::123:user/bob"]
+    assert "dualtrack:cluster.adminRoleArns" in _error(config)

@@ -53,7 +53,7 @@ def test_check_reports_a_stale_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert result.exit_code == 0, result.output
     assert runner.invoke(app, ["plan", "--stack", "dev", "--check"]).exit_code == 0
     deployment = tmp_path / "dev" / "kubernetes" / "serving" / "Deployment-triton-v1.yaml"
-    deployment.write_text(deployment.read_text().replace("replicas: 1", "replicas: 3"))
+    deployment.write_text(deployment.read_text().replace("maxUnavailable: 1", "maxUnavailable: 2"))
     (tmp_path / "dev" / "kubernetes" / "serving" / "Extra-thing.yaml").write_text("kind: Extra\n")
     result = runner.invoke(app, ["plan", "--stack", "dev", "--check"])
     assert result.exit_code == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -120,9 +121,16 @@ def test_gpu_node_groups(plans: dict[str, Plan], stack: str, groups: int, capaci
         "maxSize": settings.gpu_nodes.max_size,
         "minSize": settings.gpu_nodes.min_size,
     }
+    for group in plan.of_type("aws:eks/nodeGroup:NodeGroup"):
+        # EKS refuses labels under the reserved kubernetes.io/, k8s.io/, eks.amazonaws.com/ prefixes
+        assert not any(
+            re.search(r"(^|\.)(kubernetes\.io|k8s\.io|eks\.amazonaws\.com)/", k)
+            for k in group.inputs["labels"]
+        )
     for group in gpu:
         assert group.inputs["taints"] == [{"effect": "NO_SCHEDULE", "key": "nvidia.com/gpu", "value": "true"}]
         assert group.inputs["labels"]["dualtrack.io/pool"] == "gpu"
+        assert group.inputs["labels"]["nvidia.com/gpu.present"] == "true"  # device plugin affinity
         assert group.inputs["launchTemplate"]["id"]
     gpu_template = _one(plan, "aws:ec2/launchTemplate:LaunchTemplate", "cluster-gpu")
     assert (
@@ -158,6 +166,7 @@ def test_gpu_platform(plans: dict[str, Plan]) -> None:
         assert releases[chart]["values"]["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert releases[chart]["values"]["nodeSelector"] == {"dualtrack.io/pool": "gpu"}
     assert releases["dcgm-exporter"]["values"]["serviceMonitor"]["enabled"] is True
+    assert releases["nvidia-device-plugin"]["values"]["affinity"] == {}  # no node-feature-discovery here
     assert all(r["version"][0].isdigit() for r in releases.values())  # every chart pinned
 
 
@@ -197,6 +206,8 @@ def test_triton_deployment(plans: dict[str, Plan], stack: str, gpus: int, startu
         "operator": "In",
         "values": [settings.gpu_nodes.instance_type],
     } in terms[0]["matchExpressions"]
+    assert {"name": "HOME", "value": "/tmp"} in triton["env"]  # read-only root, UID without a home
+    assert "replicas" not in deployment["spec"]  # the HPA owns the primary's replica count
     sync = pod["initContainers"][0]
     assert sync["command"][:3] == ["aws", "s3", "sync"]
     assert (
@@ -264,6 +275,21 @@ def test_service_hpa_pdb(plans: dict[str, Plan], stack: str) -> None:
     assert _k8s(plan, "PodDisruptionBudget", "triton")["spec"]["maxUnavailable"] == 1
 
 
+@pytest.mark.parametrize("stack", STACKS)
+def test_pulumi_waits_as_long_as_a_first_load_takes(plans: dict[str, Plan], stack: str) -> None:
+    settings = load_settings(_config(stack))
+    deployment = _one(
+        plans[stack], "kubernetes:apps/v1:Deployment", f"serving-{settings.serving.model_version}"
+    )
+    minutes = int(deployment.timeouts["create"].removesuffix("m"))
+    assert minutes * 60 >= settings.serving.model.startup_timeout_s + 1800
+    assert deployment.timeouts["update"] == deployment.timeouts["create"]
+    jobs = [r for r in plans[stack].of_type("kubernetes:batch/v1:Job") if r.name == "serving-engine-build"]
+    if jobs:  # Triton starts only once its engines exist
+        assert jobs[0].urn in deployment.depends_on
+        assert int(jobs[0].timeouts["create"].removesuffix("m")) >= 120
+
+
 def test_engine_build_job_only_for_engine_profiles(plans: dict[str, Plan]) -> None:
     jobs = {
         stack: [
@@ -299,6 +325,8 @@ def test_priority_routing_and_canary(plans: dict[str, Plan]) -> None:
         "canary": 10,
     }
     assert default["timeout"] == "600s" and "5xx" not in default["retries"]["retryOn"]
+    canary = _k8s(plans["staging"], "Deployment", "triton-v2")
+    assert canary["spec"]["replicas"] == 1  # no HPA on the canary: its size is config
     dr = _k8s(plans["staging"], "DestinationRule", "triton")["spec"]
     assert {s["name"] for s in dr["subsets"]} == {"primary", "canary"}
     assert dr["trafficPolicy"]["outlierDetection"]["consecutive5xxErrors"] == 5
@@ -325,8 +353,15 @@ def test_mesh_security(plans: dict[str, Plan], stack: str) -> None:
     assert all(o["spec"]["jwtRules"][0]["jwksUri"] == settings.mesh.jwt.jwks_uri for o in jwt)
     gateway = _k8s(plan, "Gateway", "dualtrack")["spec"]["servers"][0]
     assert gateway["tls"]["mode"] == "SIMPLE" and gateway["hosts"] == [settings.mesh.hostname]
+    hosts = _k8s(plan, "AuthorizationPolicy", "require-jwt")["spec"]["rules"][0]["to"][0]["operation"][
+        "hosts"
+    ]
+    assert hosts == [settings.mesh.hostname, f"{settings.mesh.hostname}:*"]  # gRPC sends host:443
     ingress = _one(plan, "kubernetes:helm.sh/v3:Release", "mesh-gateway").inputs
     assert ingress["namespace"] == "istio-ingress"
+    annotations = ingress["values"]["service"]["annotations"]
+    assert annotations["service.beta.kubernetes.io/aws-load-balancer-type"] == "nlb"
+    assert "service.beta.kubernetes.io/aws-load-balancer-internal" not in annotations
     assert ingress["values"]["service"]["loadBalancerSourceRanges"] == settings.onprem_cidrs
     assert {
         r.inputs["version"]
@@ -397,9 +432,11 @@ def test_msk(plans: dict[str, Plan], stack: str) -> None:
     config = _one(plan, "aws:msk/configuration:Configuration").inputs["serverProperties"]
     assert "auto.create.topics.enable=false" in config
     policy = json.loads(_one(plan, "aws:iam/policy:Policy", "messaging-client").inputs["policy"])
-    topic_statement = next(s for s in policy["Statement"] if "kafka-cluster:ReadData" in s["Action"])
-    assert topic_statement["Resource"].endswith(f"/{settings.messaging.topic}")
-    assert ":topic/" in topic_statement["Resource"]
+    by_action = {a: s["Resource"] for s in policy["Statement"] for a in s["Action"]}
+    assert by_action["kafka-cluster:ReadData"].endswith(f"/{settings.messaging.topic}")
+    assert ":topic/" in by_action["kafka-cluster:WriteData"]
+    # MSK maps idempotent writes to a cluster permission: on the topic it would be refused
+    assert ":cluster/" in by_action["kafka-cluster:WriteDataIdempotently"]
 
 
 def test_ecr_and_optional_image_build(plans: dict[str, Plan], stack_config) -> None:
@@ -508,3 +545,31 @@ def test_entry_point_reports_bad_config_without_traceback(
     config["dualtrack:gpuNodes"]["instanceType"] = "p9.mega"
     with pytest.raises(pulumi.RunError, match=r"dualtrack:gpuNodes.instanceType: 'p9.mega'"):
         _run_entry_point(config, monkeypatch)
+
+
+def test_internal_ingress_and_pipeline_access(stack_config) -> None:
+    from dualtrack.plan import run_program
+
+    config = stack_config("prod")
+    config["dualtrack:mesh"]["ingressScheme"] = "internal"
+    config["dualtrack:cluster"]["adminRoleArns"] = ["arn:aws:iam::123456789012:role/deploy"]
+    config["dualtrack:cluster"]["viewerRoleArns"] = ["arn:aws:iam::123456789012:role/preview"]
+    config["dualtrack:messaging"]["clientCidrs"] = ["10.99.0.0/16"]
+    plan = run_program("prod", config)
+    ingress = _one(plan, "kubernetes:helm.sh/v3:Release", "mesh-gateway").inputs
+    assert (
+        ingress["values"]["service"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-internal"]
+        == "true"
+    )
+    policies = {
+        a.inputs["principalArn"]: a.inputs["policyArn"]
+        for a in plan.of_type("aws:eks/accessPolicyAssociation:AccessPolicyAssociation")
+    }
+    access = "arn:aws:eks::aws:cluster-access-policy/"
+    assert policies == {
+        "arn:aws:iam::123456789012:role/deploy": access + "AmazonEKSClusterAdminPolicy",
+        "arn:aws:iam::123456789012:role/preview": access + "AmazonEKSViewPolicy",
+    }
+    assert len(plan.of_type("aws:eks/accessEntry:AccessEntry")) == 2
+    sg = _one(plan, "aws:ec2/securityGroup:SecurityGroup", "messaging-msk").inputs
+    assert sg["ingress"][0]["cidrBlocks"] == ["10.99.0.0/16", "10.42.0.0/16"]
