@@ -50,7 +50,6 @@ class GpuPlatform(pulumi.ComponentResource):
             name="nvidia-device-plugin",
             chart="nvidia-device-plugin",
             version=charts.nvidia_device_plugin,
-            repo="https://nvidia.github.io/k8s-device-plugin",
             namespace="kube-system",
             values={
                 "nodeSelector": GPU_NODE_SELECTOR,
@@ -67,7 +66,6 @@ class GpuPlatform(pulumi.ComponentResource):
             name="dcgm-exporter",
             chart="dcgm-exporter",
             version=charts.dcgm_exporter,
-            repo="https://nvidia.github.io/dcgm-exporter/helm-charts",
             namespace="kube-system",
             values={
                 "nodeSelector": GPU_NODE_SELECTOR,
@@ -92,7 +90,6 @@ class GpuPlatform(pulumi.ComponentResource):
             name="cluster-autoscaler",
             chart="cluster-autoscaler",
             version=charts.cluster_autoscaler,
-            repo="https://kubernetes.github.io/autoscaler",
             namespace="kube-system",
             values={
                 "cloudProvider": "aws",

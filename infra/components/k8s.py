@@ -103,12 +103,28 @@ def from_namespace(namespace: str, *ports: int) -> dict[str, Any]:
     }
 
 
+ISTIO_CHARTS = "https://istio-release.storage.googleapis.com/charts"
+PROMETHEUS_CHARTS = "https://prometheus-community.github.io/helm-charts"
+CHART_REPOSITORIES = {
+    "base": ISTIO_CHARTS,
+    "istiod": ISTIO_CHARTS,
+    "gateway": ISTIO_CHARTS,
+    "kube-prometheus-stack": PROMETHEUS_CHARTS,
+    "prometheus-adapter": PROMETHEUS_CHARTS,
+    "nvidia-device-plugin": "https://nvidia.github.io/k8s-device-plugin",
+    "dcgm-exporter": "https://nvidia.github.io/dcgm-exporter/helm-charts",
+    "cluster-autoscaler": "https://kubernetes.github.io/autoscaler",
+    "eck-operator": "https://helm.elastic.co",
+    "fluent-bit": "https://fluent.github.io/helm-charts",
+}
+"""Where each chart comes from (versions are stack settings: dualtrack:charts / mesh.istioVersion)."""
+
+
 def release(
     resource_name: str,
     *,
     chart: str,
     version: str,
-    repo: str,
     namespace: str,
     values: dict[str, Any],
     opts: pulumi.ResourceOptions,
@@ -121,7 +137,7 @@ def release(
         name=name or resource_name,
         chart=chart,
         version=version,
-        repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=repo),
+        repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=CHART_REPOSITORIES[chart]),
         namespace=namespace,
         values=values,
         atomic=True,

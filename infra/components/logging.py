@@ -64,7 +64,6 @@ class Logging(pulumi.ComponentResource):
             name="elastic-operator",
             chart="eck-operator",
             version=settings.charts.eck_operator,
-            repo="https://helm.elastic.co",
             namespace=OPERATOR_NAMESPACE,
             values={
                 "nodeSelector": system,
@@ -141,7 +140,6 @@ class Logging(pulumi.ComponentResource):
             name="fluent-bit",
             chart="fluent-bit",
             version=settings.charts.fluent_bit,
-            repo="https://fluent.github.io/helm-charts",
             namespace=NAMESPACE,
             values={
                 "tolerations": [{"operator": "Exists"}],

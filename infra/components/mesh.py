@@ -21,7 +21,6 @@ from infra.components import k8s as kube
 from infra.components.serving import APP, PORTS, Serving
 from infra.config import StackSettings
 
-ISTIO_REPO = "https://istio-release.storage.googleapis.com/charts"
 SYSTEM_NS = "istio-system"
 INGRESS_NS = "istio-ingress"
 INGRESS_NAME = "istio-ingress"
@@ -71,7 +70,6 @@ class Mesh(pulumi.ComponentResource):
             name="istio-base",
             chart="base",
             version=version,
-            repo=ISTIO_REPO,
             namespace=SYSTEM_NS,
             values={"defaultRevision": "default"},
             opts=pulumi.ResourceOptions(parent=self, depends_on=[system_ns]),
@@ -81,7 +79,6 @@ class Mesh(pulumi.ComponentResource):
             name="istiod",
             chart="istiod",
             version=version,
-            repo=ISTIO_REPO,
             namespace=SYSTEM_NS,
             values={
                 "meshConfig": {"accessLogFile": "/dev/stdout", "enablePrometheusMerge": True},
@@ -102,7 +99,6 @@ class Mesh(pulumi.ComponentResource):
             name=INGRESS_NAME,
             chart="gateway",
             version=version,
-            repo=ISTIO_REPO,
             namespace=INGRESS_NS,
             values={
                 "service": {

@@ -67,23 +67,27 @@ class Network(pulumi.ComponentResource):
         self.public_subnet_ids, self.private_subnet_ids = [], []
         private_route_tables = []
         nat_ids: list[pulumi.Output[str]] = []
-        for i, zone in enumerate(zones):
-            public = aws.ec2.Subnet(
-                f"{name}-public-{zone}",
+
+        def subnet(
+            tier: str, zone: str, cidr: str, elb_role: str, route_table: pulumi.Output[str]
+        ) -> aws.ec2.Subnet:
+            created = aws.ec2.Subnet(
+                f"{name}-{tier}-{zone}",
                 vpc_id=vpc.id,
-                cidr_block=public_cidrs[i],
+                cidr_block=cidr,
                 availability_zone=zone,
                 map_public_ip_on_launch=False,
-                tags={
-                    "Name": f"{settings.name}-public-{zone}",
-                    "kubernetes.io/role/elb": "1",
-                    cluster_tag: "shared",
-                },
+                # Where EKS puts internet-facing (elb) or internal (internal-elb) load balancers.
+                tags={"Name": f"{settings.name}-{tier}-{zone}", elb_role: "1", cluster_tag: "shared"},
                 opts=child,
             )
             aws.ec2.RouteTableAssociation(
-                f"{name}-public-{zone}", subnet_id=public.id, route_table_id=public_rt.id, opts=child
+                f"{name}-{tier}-{zone}", subnet_id=created.id, route_table_id=route_table, opts=child
             )
+            return created
+
+        for i, zone in enumerate(zones):
+            public = subnet("public", zone, public_cidrs[i], "kubernetes.io/role/elb", public_rt.id)
             self.public_subnet_ids.append(public.id)
             if settings.nat_per_az or i == 0:
                 eip = aws.ec2.Eip(
@@ -113,20 +117,8 @@ class Network(pulumi.ComponentResource):
                 tags={"Name": f"{settings.name}-private-{zone}"},
                 opts=child,
             )
-            private = aws.ec2.Subnet(
-                f"{name}-private-{zone}",
-                vpc_id=vpc.id,
-                cidr_block=private_cidrs[i],
-                availability_zone=zone,
-                tags={
-                    "Name": f"{settings.name}-private-{zone}",
-                    "kubernetes.io/role/internal-elb": "1",
-                    cluster_tag: "shared",
-                },
-                opts=child,
-            )
-            aws.ec2.RouteTableAssociation(
-                f"{name}-private-{zone}", subnet_id=private.id, route_table_id=private_rt.id, opts=child
+            private = subnet(
+                "private", zone, private_cidrs[i], "kubernetes.io/role/internal-elb", private_rt.id
             )
             self.private_subnet_ids.append(private.id)
             private_route_tables.append(private_rt.id)

@@ -146,7 +146,6 @@ class Observability(pulumi.ComponentResource):
             name=RELEASE,
             chart="kube-prometheus-stack",
             version=settings.charts.kube_prometheus_stack,
-            repo="https://prometheus-community.github.io/helm-charts",
             namespace=NAMESPACE,
             values={
                 "prometheus": {
@@ -194,7 +193,6 @@ class Observability(pulumi.ComponentResource):
             name="prometheus-adapter",
             chart="prometheus-adapter",
             version=settings.charts.prometheus_adapter,
-            repo="https://prometheus-community.github.io/helm-charts",
             namespace=NAMESPACE,
             values={
                 "prometheus": {"url": PROMETHEUS_URL, "port": 9090},
