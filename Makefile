@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 SAMPLES := docs/samples
 CHECKOV_VENV := .venv-checkov
 CRD_SCHEMAS := tests/infra/crd_schemas
+POLICY_VENV := infra/policy/venv
 QUESTION ?= How many vacation days do full-time employees get per year?
 
 .PHONY: help up down status test lint plan install install-dev clean
@@ -43,8 +44,15 @@ $(CRD_SCHEMAS)/node_modules/.installed: $(CRD_SCHEMAS)/package-lock.json
 	npm ci --prefix $(CRD_SCHEMAS) --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The policy pack runs in its own venv (what `pulumi preview --policy-pack infra/policy`
+# creates); the tests evaluate it there too.
+$(POLICY_VENV)/.installed: infra/policy/requirements.txt
+	$(PYTHON) -m venv $(POLICY_VENV)
+	$(POLICY_VENV)/bin/pip install -q -r infra/policy/requirements.txt
+	touch $@
+
 install: $(VENV)/.runtime
-install-dev: $(VENV)/.dev $(CHECKOV_VENV)/.installed $(CRD_SCHEMAS)/node_modules/.installed
+install-dev: $(VENV)/.dev $(CHECKOV_VENV)/.installed $(CRD_SCHEMAS)/node_modules/.installed $(POLICY_VENV)/.installed
 
 up: install
 	$(BIN)/dualtrack local up

@@ -1,49 +1,44 @@
-"""The policy pack, fed the resources captured from the mocked program -- and broken variants."""
+"""The policy pack, fed the resources captured from the mocked program -- and broken variants.
+
+The rules run in the pack's own virtualenv (``infra/policy/venv``, what ``pulumi preview
+--policy-pack infra/policy`` loads) through ``infra/policy/offline.py``.
+"""
 
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
 from typing import Any
 
 import pytest
-from pulumi_policy import (
-    PolicyCustomTimeouts,
-    PolicyResource,
-    PolicyResourceOptions,
-    ResourceValidationArgs,
-    ResourceValidationPolicy,
-    StackValidationArgs,
-)
 
-from dualtrack.plan import STACKS, Plan, PlannedResource
-from infra.policy.rules import POLICIES, image_is_pinned
+from dualtrack.plan import ROOT, STACKS, Plan, PlannedResource
+
+POLICY_DIR = ROOT / "infra" / "policy"
+POLICY_PYTHON = POLICY_DIR / "venv" / "bin" / "python"
 
 
-def _opts(parent: str | None) -> PolicyResourceOptions:
-    return PolicyResourceOptions(False, [], None, [], PolicyCustomTimeouts(0, 0, 0), [], parent)
-
-
-def violations(resources: list[PlannedResource]) -> dict[str, list[str]]:
-    """Run every policy of the pack the way the engine does; ``{policy: [messages]}``."""
-    found: dict[str, list[str]] = {}
-
-    def reporter(name: str) -> Any:
-        return lambda message, urn=None: found.setdefault(name, []).append(message)
-
-    stack = [
-        PolicyResource(r.type, r.inputs, r.urn, r.name, _opts(r.parent), None, None, [], {})
+def _as_json(resources: list[PlannedResource]) -> list[dict[str, Any]]:
+    return [
+        {"type": r.type, "name": r.name, "urn": r.urn, "parent": r.parent, "props": r.inputs}
         for r in resources
     ]
-    for policy in POLICIES:
-        if isinstance(policy, ResourceValidationPolicy):
-            for r in resources:
-                policy.validate(
-                    ResourceValidationArgs(r.type, r.inputs, r.urn, r.name, _opts(r.parent), None),
-                    reporter(policy.name),
-                )
-        else:
-            policy.validate(StackValidationArgs(stack), reporter(policy.name))
-    return found
+
+
+def run_pack(cases: dict[str, list[PlannedResource]]) -> dict[str, dict[str, list[str]]]:
+    """``{case: {policy: [messages]}}`` from one run of the pack in its own environment."""
+    assert POLICY_PYTHON.is_file(), "the policy pack's venv is missing: run `make install-dev`"
+    payload = json.dumps({"cases": {name: _as_json(res) for name, res in cases.items()}})
+    out = subprocess.run(
+        [str(POLICY_PYTHON), str(POLICY_DIR / "offline.py")],
+        input=payload,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(out.stdout)
 
 
 def _mutate(plan: Plan, type_: str, change: Any, name: str | None = None) -> list[PlannedResource]:
@@ -58,13 +53,13 @@ def _drop(plan: Plan, type_: str) -> list[PlannedResource]:
     return [r for r in plan.resources if r.type != type_]
 
 
-@pytest.mark.parametrize("stack", STACKS)
-def test_every_stack_passes_the_pack(plans: dict[str, Plan], stack: str) -> None:
-    assert violations(plans[stack].resources) == {}
+def test_every_stack_passes_the_pack(plans: dict[str, Plan]) -> None:
+    assert run_pack({stack: plans[stack].resources for stack in STACKS}) == {stack: {} for stack in STACKS}
 
 
 def test_pack_has_the_required_rules() -> None:
-    assert {p.name for p in POLICIES} >= {
+    rules = (POLICY_DIR / "rules.py").read_text()
+    for name in (
         "s3-no-public-acl",
         "s3-public-access-blocked",
         "imdsv2-required",
@@ -73,7 +68,8 @@ def test_pack_has_the_required_rules() -> None:
         "containers-limited-and-pinned",
         "strict-mtls",
         "no-loadbalancer-outside-ingress",
-    }
+    ):
+        assert f'"{name}"' in rules
 
 
 BAD_VARIANTS = {
@@ -152,33 +148,53 @@ BAD_VARIANTS = {
 }
 
 
+def _image(image: str) -> Any:
+    return lambda i: i["spec"]["template"]["spec"]["initContainers"][0].update(image=image)
+
+
+PINNED_IMAGES = {  # image -> pinned?
+    "nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3": True,
+    "repo@sha256:" + "0" * 64: True,
+    "registry:5000/app": False,  # a port is not a tag
+    "busybox:latest": False,
+    "busybox": False,
+}
+
+
+@pytest.fixture(scope="module")
+def verdicts(plans: dict[str, Plan]) -> dict[str, dict[str, list[str]]]:
+    """Every bad variant (and every image) through one run of the pack."""
+    dev = plans["dev"]
+    cases = {
+        case: _mutate(dev, type_, change, name) for case, (type_, change, name, _) in BAD_VARIANTS.items()
+    }
+    cases["no public access block"] = _drop(dev, "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock")
+    cases["no peer authentication"] = _drop(dev, "kubernetes:security.istio.io/v1:PeerAuthentication")
+    for image in PINNED_IMAGES:
+        cases[f"image {image}"] = _mutate(dev, "kubernetes:apps/v1:Deployment", _image(image))
+    return run_pack(cases)
+
+
 @pytest.mark.parametrize("case", list(BAD_VARIANTS))
-def test_bad_variant_is_refused(plans: dict[str, Plan], case: str) -> None:
-    type_, change, name, policy = BAD_VARIANTS[case]
-    found = violations(_mutate(plans["dev"], type_, change, name))
+def test_bad_variant_is_refused(verdicts: dict, case: str) -> None:
+    policy = BAD_VARIANTS[case][3]
+    found = verdicts[case]
     assert list(found) == [policy], found
     assert found[policy][0]  # a message the operator can act on
 
 
-def test_missing_public_access_block_is_refused(plans: dict[str, Plan]) -> None:
-    found = violations(_drop(plans["dev"], "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock"))
-    assert found == {"s3-public-access-blocked": ["bucket 'serving-models' has no BucketPublicAccessBlock"]}
+def test_missing_public_access_block_is_refused(verdicts: dict) -> None:
+    assert verdicts["no public access block"] == {
+        "s3-public-access-blocked": ["bucket 'serving-models' has no BucketPublicAccessBlock"]
+    }
 
 
-def test_missing_peer_authentication_is_refused(plans: dict[str, Plan]) -> None:
-    found = violations(_drop(plans["dev"], "kubernetes:security.istio.io/v1:PeerAuthentication"))
-    assert found == {"strict-mtls": ["namespace 'serving' has no namespace-wide STRICT PeerAuthentication"]}
+def test_missing_peer_authentication_is_refused(verdicts: dict) -> None:
+    assert verdicts["no peer authentication"] == {
+        "strict-mtls": ["namespace 'serving' has no namespace-wide STRICT PeerAuthentication"]
+    }
 
 
-@pytest.mark.parametrize(
-    "image, pinned",
-    [
-        ("nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3", True),
-        ("repo@sha256:" + "0" * 64, True),
-        ("registry:5000/app", False),
-        ("busybox:latest", False),
-        ("busybox", False),
-    ],
-)
-def test_image_pinning(image: str, pinned: bool) -> None:
-    assert image_is_pinned(image) is pinned
+@pytest.mark.parametrize("image", list(PINNED_IMAGES))
+def test_image_pinning(verdicts: dict, image: str) -> None:
+    assert (verdicts[f"image {image}"] == {}) is PINNED_IMAGES[image]
