@@ -34,9 +34,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split
 local_app = typer.Typer(no_args_is_help=True, help="Run the local stack (Milvus Lite + gateway).")
 kb_app = typer.Typer(no_args_is_help=True, help="Ingest, search and delete knowledge-base documents.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures go to docs/benchmarks.md).")
+model_repo_app = typer.Typer(no_args_is_help=True, help="Render and check Triton model repositories.")
 app.add_typer(local_app, name="local")
 app.add_typer(kb_app, name="kb")
 app.add_typer(bench_app, name="bench")
+app.add_typer(model_repo_app, name="model-repo")
 
 console = Console()
 err = Console(stderr=True)
@@ -423,6 +425,57 @@ def _stack_names() -> list[str]:
     from dualtrack.plan import STACKS_DIR
 
     return sorted(p.name.split(".")[1] for p in STACKS_DIR.glob("Pulumi.*.yaml"))
+
+
+# -- Triton model repository -------------------------------------------------------------------
+
+
+@model_repo_app.command("render")
+def model_repo_render(
+    profile: Annotated[str, typer.Option("--profile", "-p", help="A profile of model_repo/profiles.yaml")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New directory to write")],
+    role: Annotated[
+        str, typer.Option(help="cloud (ensemble) or onprem (local_fallback + embedding)")
+    ] = "cloud",
+    runtime_root: Annotated[str, typer.Option(help="Where Triton will see the repository")] = "/models",
+    tokenizer_dir: Annotated[str | None, typer.Option(help="Override the profile's tokenizer dir")] = None,
+) -> None:
+    """Fill the templates for a profile; then `model-repo check` runs on the result."""
+    from dualtrack.model_repo import ModelRepoError, RenderOptions, check, render
+
+    if role not in ("cloud", "onprem"):
+        raise _fail(f"--role {role!r}: allowed: cloud, onprem")
+    try:
+        target = render(
+            profile,
+            out,
+            RenderOptions(
+                role=role,
+                runtime_root=runtime_root,  # type: ignore[arg-type]
+                tokenizer_dir=tokenizer_dir,
+            ),
+        )
+        problems = check(target)
+    except ModelRepoError as exc:
+        raise _fail(str(exc)) from None
+    if problems:
+        raise _fail("rendered repository does not check:\n  " + "\n  ".join(problems), code=1)
+    models = sorted(p.name for p in target.iterdir() if p.is_dir())
+    console.print(f"{profile} ({role}) -> {target}: {', '.join(models)}")
+
+
+@model_repo_app.command("check")
+def model_repo_check(repo: Annotated[Path, typer.Argument(help="A Triton model repository")]) -> None:
+    """Parse every config.pbtxt with Triton's ModelConfig, check ensemble wiring and profile coherence."""
+    from dualtrack.model_repo import ModelRepoError, check
+
+    try:
+        problems = check(repo)
+    except ModelRepoError as exc:
+        raise _fail(str(exc)) from None
+    if problems:
+        raise _fail(f"{len(problems)} problem(s) in {repo}:\n  " + "\n  ".join(problems), code=1)
+    console.print(f"{repo}: ok")
 
 
 def main() -> None:

@@ -93,6 +93,24 @@ class ModelProfile(BaseModel):
     kv_cache_dtype: Literal["auto", "fp8"]
     decoupled: bool
     startup_timeout_s: int = Field(ge=60)
+    # Triton/TRT-LLM serving knobs (model_repo templates); defaults suit every profile so far.
+    tokenizer_dir: str = Field("tokenizer", description="inside the model repository (or absolute)")
+    batching_strategy: Literal["inflight_fused_batching", "v1"] = "inflight_fused_batching"
+    max_queue_delay_microseconds: int = Field(1000, ge=0)
+    logits_datatype: Literal["TYPE_FP32", "TYPE_FP16", "TYPE_BF16"] = "TYPE_FP32"
+    preprocessing_instances: int = Field(2, ge=1)
+    postprocessing_instances: int = Field(
+        1, ge=1, description="1 when streaming: parallel detokenizers would reorder streamed tokens"
+    )
+
+    @model_validator(mode="after")
+    def _ordered_stream(self) -> ModelProfile:
+        if self.decoupled and self.postprocessing_instances > 1:
+            raise ValueError(
+                "postprocessing_instances must be 1 for a streaming (decoupled) profile: several "
+                "postprocessing instances finish streamed responses out of order"
+            )
+        return self
 
     @model_validator(mode="after")
     def _overrides_are_allowed_gpus(self) -> ModelProfile:

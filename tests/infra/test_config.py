@@ -178,3 +178,17 @@ def test_pipeline_roles_must_be_role_arns(stack_config) -> None:
     config = stack_config("dev")
     config["dualtrack:cluster"]["adminRoleArns"] = ["arn:aws:iam::123:user/bob"]
     assert "dualtrack:cluster.adminRoleArns" in _error(config)
+
+
+def test_streaming_profiles_detokenize_in_order() -> None:
+    from pydantic import ValidationError
+
+    from infra.catalog import ModelProfile
+
+    row = model_profiles()["deepseek-r1-distill-qwen-7b"].model_dump()
+    with pytest.raises(ValidationError, match="postprocessing_instances must be 1 for a streaming"):
+        ModelProfile(**{**row, "postprocessing_instances": 2})
+    assert (
+        ModelProfile(**{**row, "postprocessing_instances": 2, "decoupled": False}).postprocessing_instances
+        == 2
+    )

@@ -1,0 +1,82 @@
+"""Triton Python model: prompt text -> token ids for the TensorRT-LLM step.
+
+Uses the model's own Hugging Face tokenizer (``tokenizer_dir``). A prompt longer
+than ``max_input_len`` is refused with an error naming both numbers (the engine
+would reject it later and less clearly); the requested output length is capped
+at ``max_output_len``. Stop words become TensorRT-LLM's ``[2, n]`` layout: the
+concatenated ids, then the end offset of each word (padded with -1).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from transformers import AutoTokenizer
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        self.tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"])
+        self.max_input_len = int(params["max_input_len"])
+        self.max_output_len = int(params["max_output_len"])
+        end = self.tokenizer.eos_token_id
+        if end is None:
+            end = self.tokenizer.sep_token_id
+        self.end_id = int(end if end is not None else 0)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.end_id)
+
+    def _stop_words(self, words: list[str]) -> np.ndarray:
+        ids: list[int] = []
+        offsets: list[int] = []
+        for word in words:
+            ids += self.tokenizer.encode(word, add_special_tokens=False)
+            offsets.append(len(ids))
+        if not ids:
+            return np.array([[[0], [-1]]], dtype=np.int32)
+        offsets += [-1] * (len(ids) - len(offsets))
+        return np.array([[ids, offsets]], dtype=np.int32)
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            query = _text(pb_utils.get_input_tensor_by_name(request, "QUERY").as_numpy().reshape(-1)[0])
+            wanted = int(
+                pb_utils.get_input_tensor_by_name(request, "REQUEST_OUTPUT_LEN").as_numpy().reshape(-1)[0]
+            )
+            stop_tensor = pb_utils.get_input_tensor_by_name(request, "STOP_WORDS_DICT")
+            stop = [_text(w) for w in stop_tensor.as_numpy().reshape(-1)] if stop_tensor is not None else []
+            ids = self.tokenizer.encode(query)
+            if not ids or not query.strip():
+                responses.append(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError("the prompt is empty"))
+                )
+                continue
+            if len(ids) > self.max_input_len:
+                message = f"the prompt has {len(ids)} tokens; this model accepts at most {self.max_input_len}"
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+                continue
+            if wanted < 1:
+                responses.append(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError("max_tokens must be >= 1"))
+                )
+                continue
+            outputs = [
+                pb_utils.Tensor("INPUT_ID", np.array([ids], dtype=np.int32)),
+                pb_utils.Tensor("REQUEST_INPUT_LEN", np.array([[len(ids)]], dtype=np.int32)),
+                pb_utils.Tensor(
+                    "OUT_REQUEST_OUTPUT_LEN", np.array([[min(wanted, self.max_output_len)]], dtype=np.int32)
+                ),
+                pb_utils.Tensor("STOP_WORDS_IDS", self._stop_words(stop)),
+                pb_utils.Tensor("OUT_END_ID", np.array([[self.end_id]], dtype=np.int32)),
+                pb_utils.Tensor("OUT_PAD_ID", np.array([[self.pad_id]], dtype=np.int32)),
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+        return responses

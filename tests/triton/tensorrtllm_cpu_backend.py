@@ -1,0 +1,109 @@
+"""TEST DOUBLE -- a CPU stand-in for Triton's TensorRT-LLM backend (never used outside tests).
+
+Installed by the test fixtures as the Python-based backend ``tensorrtllm``
+(``backends/tensorrtllm/model.py``), so the real rendered ``tensorrt_llm``
+config, the real preprocessing/postprocessing models and the real ensemble run
+unchanged on a machine without a GPU. It honours TensorRT-LLM's tensor contract
+(input_ids, input_lengths, request_output_len, streaming, end_id... ->
+output_ids [batch, beam, len], sequence_length [batch, beam]) and "generates"
+deterministically: it echoes the last tokens of the prompt, one response per
+token when streaming.
+
+Test hooks, all through the environment of the tritonserver process:
+- ``DUALTRACK_TEST_RECORD``: a JSON-lines file; every request is appended
+  (what the model received, how many tokens it sent, whether it was cancelled);
+- ``DUALTRACK_TEST_TOKEN_DELAY_S``: seconds per generated token (a slow model);
+- a file named ``fail`` next to the record file: every request gets an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+ECHO_TOKENS = 24
+
+
+def _optional(request, name, default):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return tensor.as_numpy().reshape(-1)[0] if tensor is not None else default
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.model_name = args["model_name"]
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
+        record = os.environ.get("DUALTRACK_TEST_RECORD")
+        self.record = Path(record) if record else None
+        self.delay = float(os.environ.get("DUALTRACK_TEST_TOKEN_DELAY_S", "0"))
+
+    def _log(self, entry: dict) -> None:
+        if self.record is not None:
+            with self.record.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def execute(self, requests: list):
+        responses = []
+        for request in requests:
+            ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
+            length = int(
+                pb_utils.get_input_tensor_by_name(request, "input_lengths").as_numpy().reshape(-1)[0]
+            )
+            wanted = int(
+                pb_utils.get_input_tensor_by_name(request, "request_output_len").as_numpy().reshape(-1)[0]
+            )
+            streaming = bool(_optional(request, "streaming", False))
+            entry = {
+                "model": self.model_name,
+                "pid": os.getpid(),
+                "input_ids": ids[:length].tolist(),
+                "input_length": length,
+                "request_output_len": wanted,
+                "streaming": streaming,
+                "end_id": int(_optional(request, "end_id", -1)),
+                "cancelled": False,
+                "tokens_sent": 0,
+                "time": time.time(),
+            }
+            generated = ids[:length][-min(ECHO_TOKENS, wanted, length) :].astype(np.int32)
+            failing = self.record is not None and (self.record.parent / "fail").exists()
+            if not self.decoupled:
+                entry["tokens_sent"] = len(generated)
+                self._log(entry)
+                responses.append(self._error() if failing else self._response(generated))
+                continue
+            sender = request.get_response_sender()
+            if failing:
+                sender.send(self._error(), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                self._log(entry)
+                continue
+            chunks = [generated[i : i + 1] for i in range(len(generated))] if streaming else [generated]
+            for chunk in chunks:
+                if sender.is_cancelled():
+                    entry["cancelled"] = True
+                    break
+                if self.delay:
+                    time.sleep(self.delay * len(chunk))
+                sender.send(self._response(chunk))
+                entry["tokens_sent"] += len(chunk)
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self._log(entry)
+        return None if self.decoupled else responses
+
+    @staticmethod
+    def _response(tokens: np.ndarray):
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("output_ids", tokens.reshape(1, 1, -1)),
+                pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
+            ]
+        )
+
+    @staticmethod
+    def _error():
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError("injected backend failure (test)"))
