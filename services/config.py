@@ -181,6 +181,97 @@ class GatewaySettings(_Section):
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
+DETECTORS = ("email", "phone", "national_id", "card_number")
+"""Built-in personal-data detectors (services/llm/router.py)."""
+
+
+class EndpointSettings(_Section):
+    """An LLM endpoint: a Triton model (``/v2/models/<model>/generate[_stream]``) or an
+    OpenAI-compatible server (``/v1/chat/completions``)."""
+
+    kind: Literal["triton", "openai"] = "triton"
+    url: str = Field(pattern=r"^https?://[^\s/]+(:\d+)?(/.*)?$")
+    model: str = Field("ensemble", min_length=1, max_length=200)
+    api_key: SecretStr | None = Field(
+        None, description="Bearer token (OpenAI key, or the JWT Istio expects)."
+    )
+    api_key_file: Path | None = None
+    connect_timeout_s: float = Field(2.0, gt=0, le=60)
+    first_token_timeout_s: float = Field(15.0, gt=0, le=3600, description="Time to the first token.")
+    request_timeout_s: float = Field(120.0, gt=0, le=7200, description="A whole generation.")
+
+    def bearer(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_file is not None:
+            return self.api_key_file.read_text(encoding="utf-8").strip()
+        return None
+
+
+class RoutingSettings(_Section):
+    """What may go to the cloud. Confidential chunks never do; a query carrying personal data
+    (the detectors) stays local too."""
+
+    detectors: list[Literal["email", "phone", "national_id", "card_number"]] = Field(
+        default_factory=lambda: list(DETECTORS)
+    )
+    custom_patterns: dict[str, str] = Field(
+        default_factory=dict, description="name -> regular expression; a match keeps the request local."
+    )
+    local_classifications: list[Classification] = Field(
+        default_factory=lambda: [Classification.CONFIDENTIAL],
+        description="A retrieved chunk with one of these labels keeps the request local.",
+    )
+
+    @field_validator("custom_patterns")
+    @classmethod
+    def _compiles(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, pattern in v.items():
+            if not _NAME.match(name):
+                raise ValueError(f"pattern name {name!r} must be an identifier")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {name!r} is not a valid regular expression: {exc}") from None
+        return v
+
+    @field_validator("local_classifications")
+    @classmethod
+    def _confidential_always(cls, v: list[Classification]) -> list[Classification]:
+        if Classification.CONFIDENTIAL not in v:
+            raise ValueError("must include 'confidential': confidential content never leaves the premises")
+        return v
+
+
+class BreakerSettings(_Section):
+    """Circuit breaker on the cloud endpoint."""
+
+    failure_threshold: int = Field(3, ge=1, le=100, description="Consecutive failures that open it.")
+    reset_timeout_s: float = Field(5.0, gt=0, le=3600, description="Open this long before a trial request.")
+    probe_interval_s: float = Field(1.0, gt=0, le=600, description="Health probe of the cloud while open.")
+
+
+class LLMSettings(_Section):
+    """The answering model(s). Without ``cloud`` and ``local`` the extractive answerer answers."""
+
+    cloud: EndpointSettings | None = None
+    local: EndpointSettings | None = None
+    system_prompt: str = Field(
+        "You answer questions using only the numbered context passages. Cite the passages you use "
+        "as [n]. If the context does not contain the answer, say so.",
+        min_length=1,
+        max_length=8000,
+    )
+    context_token_budget: int = Field(3000, ge=64, le=1_000_000, description="Tokens of context in a prompt.")
+    max_prompt_tokens: int = Field(
+        8000, ge=128, le=1_000_000, description="Longer prompts are refused (413)."
+    )
+    max_tokens: int = Field(512, ge=1, le=100_000, description="Default generated tokens per answer.")
+    transport_retries: int = Field(1, ge=0, le=5, description="Retries on connection errors only.")
+    routing: RoutingSettings = RoutingSettings()
+    breaker: BreakerSettings = BreakerSettings()
+
+
 class Settings(BaseSettings):
     """Everything the knowledge base and gateway need."""
 
@@ -198,6 +289,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     gateway: GatewaySettings = GatewaySettings()
+    llm: LLMSettings = LLMSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -1,4 +1,4 @@
-"""FastAPI application: documents, search, ask, health and metrics.
+"""FastAPI application: documents, search, answers (``answering.py``), health and metrics.
 
 Endpoints are plain ``def`` functions: embedding and Milvus calls block, and
 FastAPI runs such endpoints in its thread pool. The knowledge base loads its
@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.config import Settings
 from services.gateway import schemas
+from services.gateway.answering import answer_routes
 from services.gateway.auth import CHALLENGE, UNAUTHORIZED, bearer, key_matches, load_api_key, require_key
 from services.gateway.metrics import Metrics
 from services.kb.classification import Classification, parse_label
@@ -31,6 +32,8 @@ from services.kb.ingest import IngestResult, validate_doc_id
 from services.kb.loaders import CONTENT_TYPES, suffix_of
 from services.kb.models import Hit
 from services.kb.service import KnowledgeBase
+from services.llm.metrics import LLMMetrics
+from services.llm.service import AnswerService
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +45,15 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     api_key = load_api_key(settings.gateway)  # a bad key setting fails here, before serving
     knowledge = kb or KnowledgeBase(settings)
     metrics = Metrics()
+    answers = AnswerService(settings.llm, knowledge.answer, LLMMetrics(metrics.registry))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         starter = threading.Thread(target=knowledge.start, name="kb-start", daemon=True)
         starter.start()
+        await answers.start()
         yield
+        await answers.aclose()
         knowledge.close()
 
     app = FastAPI(
@@ -59,6 +65,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     app.state.api_key = api_key
     app.state.kb = knowledge
     app.state.metrics = metrics
+    app.state.answers = answers
     base_url = settings.gateway.base_url()
     max_upload = settings.ingest.max_file_bytes
 
@@ -240,42 +247,6 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         hits = _search(body.query, body.top_k, body.score_threshold, body.filter, response)
         return schemas.SearchResponse(hits=[_hit_out(h) for h in hits])
 
-    @app.post(
-        "/v1/ask",
-        tags=["retrieval"],
-        dependencies=secured,
-        response_model=schemas.AskResponse,
-        summary="Answer a question with citations",
-    )
-    def ask(body: schemas.AskRequest, response: Response) -> schemas.AskResponse:
-        hits = _search(body.question, body.top_k, body.score_threshold, body.filter, response)
-        answer = knowledge.answer(body.question, hits)
-        metrics.answers.labels(answer.route).inc()
-        return schemas.AskResponse(
-            answer=answer.text,
-            route=answer.route,
-            citations=[
-                schemas.CitationOut(
-                    **{
-                        k: getattr(c, k)
-                        for k in (
-                            "n",
-                            "doc_id",
-                            "title",
-                            "source",
-                            "page",
-                            "section",
-                            "chunk_id",
-                            "score",
-                            "classification",
-                        )
-                    },
-                    url=_url(c.doc_id, c.page),
-                )
-                for c in answer.citations
-            ],
-        )
-
     # -- helpers -------------------------------------------------------------------------
 
     def _search(
@@ -325,6 +296,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
             url=_url(d.doc_id),
         )
 
+    app.include_router(answer_routes(settings, answers, _search, _url, secured))
     return app
 
 

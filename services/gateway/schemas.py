@@ -62,7 +62,11 @@ class CitationOut(BaseModel):
 class AskResponse(BaseModel):
     answer: str
     citations: list[CitationOut]
-    route: str
+    route: str = Field(description="cloud, local, extractive, or cloud+local (the cloud stopped mid-answer)")
+    route_reason: str = Field(
+        "", description="Why: no-sensitive-content, confidential-context, personal-data:<detector>, ..."
+    )
+    failover: str | None = Field(None, description="Why the cloud was not used although allowed")
 
 
 class IngestResponse(BaseModel):
@@ -110,3 +114,69 @@ class Ready(BaseModel):
     model: bool
     milvus: bool
     reasons: list[str]
+
+
+# -- OpenAI-compatible chat completions -----------------------------------------------------------
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """The OpenAI request shape; fields this gateway does not use are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1, le=100_000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=100_000)
+    temperature: float | None = Field(None, ge=0, le=2)
+    # dualtrack extensions (ignored by OpenAI clients that do not send them)
+    top_k: int | None = Field(None, ge=1, le=100)
+    filter: SearchFilter | None = None
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatChoiceMessage
+    finish_reason: str = "stop"
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    citations: list[CitationOut]
+    route: str
+    route_reason: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "dualtrack"
+    description: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,86 @@
+"""Circuit breaker for the cloud endpoint.
+
+closed -> (``failure_threshold`` consecutive failures) -> open: requests go straight
+to the local model, no time lost on a dead cloud -> after ``reset_timeout_s``, or as
+soon as the health probe sees the cloud ready again -> half-open: one trial request
+at a time; success closes the breaker, failure opens it again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Literal
+
+State = Literal["closed", "open", "half_open"]
+
+
+class CircuitBreaker:
+    """Thread-safe; ``clock`` is injectable so the state machine can be tested without sleeping."""
+
+    def __init__(
+        self,
+        failure_threshold: int,
+        reset_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[State], None] | None = None,
+    ) -> None:
+        self.failure_threshold = failure_threshold
+        self.reset_timeout_s = reset_timeout_s
+        self._clock = clock
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._state: State = "closed"
+        self._failures = 0
+        self._opened_at = 0.0
+        self._trial_in_flight = False
+
+    @property
+    def state(self) -> State:
+        with self._lock:
+            self._maybe_half_open()
+            return self._state
+
+    def _set(self, state: State) -> None:
+        if state != self._state:
+            self._state = state
+            if self._on_change is not None:
+                self._on_change(state)
+
+    def _maybe_half_open(self) -> None:
+        if self._state == "open" and self._clock() - self._opened_at >= self.reset_timeout_s:
+            self._set("half_open")
+            self._trial_in_flight = False
+
+    def allow(self) -> bool:
+        """May a request try the cloud now? (In half-open, only one trial at a time.)"""
+        with self._lock:
+            self._maybe_half_open()
+            if self._state == "closed":
+                return True
+            if self._state == "half_open" and not self._trial_in_flight:
+                self._trial_in_flight = True
+                return True
+            return False
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._trial_in_flight = False
+            self._set("closed")
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            self._trial_in_flight = False
+            if self._state == "half_open" or self._failures >= self.failure_threshold:
+                self._opened_at = self._clock()
+                self._set("open")
+
+    def probe_succeeded(self) -> None:
+        """The health probe saw the cloud ready: allow a trial now rather than at the timeout."""
+        with self._lock:
+            if self._state == "open":
+                self._set("half_open")
+                self._trial_in_flight = False

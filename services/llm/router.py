@@ -1,0 +1,89 @@
+"""Sensitivity routing: may this request go to the cloud?
+
+Decided per request from the query and the classification of the retrieved
+chunks. Any chunk labelled with a local-only classification (always
+``confidential``) or a query carrying personal data keeps the request on the
+premises. The decision carries its reason, which is returned with the answer
+and counted in metrics -- never the matched personal data itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from services.config import RoutingSettings
+from services.kb.models import Hit
+
+Target = Literal["cloud", "local"]
+
+_CARD_CANDIDATE = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
+BUILTIN: dict[str, re.Pattern[str]] = {
+    "email": re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
+    # international (+CC ...) or North-American / European grouped numbers of 9+ digits
+    "phone": re.compile(
+        r"(?<![\w/])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){2,4}(?![\w/])"
+    ),
+    # US SSN, UK National Insurance number, German tax id style 11 digits with separators
+    "national_id": re.compile(
+        r"\b\d{3}-\d{2}-\d{4}\b|\b[A-CEGHJ-PR-TW-Z]{2}\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b", re.IGNORECASE
+    ),
+}
+
+
+def luhn_ok(digits: str) -> bool:
+    total, parity = 0, len(digits) % 2
+    for i, ch in enumerate(digits):
+        d = int(ch)
+        if i % 2 == parity:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _card(text: str) -> bool:
+    for match in _CARD_CANDIDATE.finditer(text):
+        digits = re.sub(r"\D", "", match.group())
+        if 13 <= len(digits) <= 19 and luhn_ok(digits):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    target: Target
+    reason: str
+    """Why: ``no-sensitive-content``, ``confidential-context``, ``personal-data:<detector>``,
+    ``forced-local`` (the caller asked), ``no-cloud-endpoint``."""
+
+
+class SensitivityRouter:
+    """Stateless and cheap: regexes over the query, labels over the hits."""
+
+    def __init__(self, settings: RoutingSettings) -> None:
+        self.local_labels = set(settings.local_classifications)
+        self.detectors: dict[str, re.Pattern[str] | None] = {
+            name: (None if name == "card_number" else BUILTIN[name]) for name in settings.detectors
+        }
+        self.detectors.update({name: re.compile(p) for name, p in settings.custom_patterns.items()})
+
+    def personal_data(self, text: str) -> str | None:
+        """The first detector that matches ``text`` (its name only), or None."""
+        for name, pattern in self.detectors.items():
+            if (pattern is None and _card(text)) or (pattern is not None and pattern.search(text)):
+                return name
+        return None
+
+    def decide(self, query: str, hits: Sequence[Hit], *, cloud_available: bool = True) -> RouteDecision:
+        if any(h.chunk.classification in self.local_labels for h in hits):
+            return RouteDecision("local", "confidential-context")
+        detector = self.personal_data(query)
+        if detector is not None:
+            return RouteDecision("local", f"personal-data:{detector}")
+        if not cloud_available:
+            return RouteDecision("local", "no-cloud-endpoint")
+        return RouteDecision("cloud", "no-sensitive-content")
