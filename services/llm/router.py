@@ -22,9 +22,12 @@ Target = Literal["cloud", "local"]
 _CARD_CANDIDATE = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
 BUILTIN: dict[str, re.Pattern[str]] = {
     "email": re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
-    # international (+CC ...) or North-American / European grouped numbers of 9+ digits
+    # +CC international, (area) local, North-American 3-3-4, or a national number with a 0 trunk prefix
     "phone": re.compile(
-        r"(?<![\w/])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){2,4}(?![\w/])"
+        r"(?<![\w+])\+\d{1,3}[ .-]?\d[\d .-]{6,14}\d(?!\d)"
+        r"|\(\d{2,5}\)\s?\d{3,4}[ .-]?\d{3,5}\b"
+        r"|\b\d{3}[.-]\d{3}[.-]\d{4}\b"
+        r"|\b0\d{2,4}[ /-]\d{3,8}\b"
     ),
     # US SSN, UK National Insurance number, German tax id style 11 digits with separators
     "national_id": re.compile(
@@ -66,8 +69,12 @@ class SensitivityRouter:
 
     def __init__(self, settings: RoutingSettings) -> None:
         self.local_labels = set(settings.local_classifications)
+        # most specific first: a card or national id must not be reported as a phone number
+        order = ("card_number", "national_id", "email", "phone")
         self.detectors: dict[str, re.Pattern[str] | None] = {
-            name: (None if name == "card_number" else BUILTIN[name]) for name in settings.detectors
+            name: (None if name == "card_number" else BUILTIN[name])
+            for name in order
+            if name in settings.detectors
         }
         self.detectors.update({name: re.compile(p) for name, p in settings.custom_patterns.items()})
 

@@ -1,0 +1,54 @@
+"""Circuit breaker state machine, on a fake clock."""
+
+from __future__ import annotations
+
+from services.llm.breaker import CircuitBreaker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_opens_after_consecutive_failures_and_recovers() -> None:
+    clock, changes = Clock(), []
+    breaker = CircuitBreaker(3, 5.0, clock=clock, on_change=changes.append)
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.record_failure()
+    breaker.record_success()  # a success resets the count
+    for _ in range(3):
+        breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()
+    clock.now = 4.9
+    assert not breaker.allow()
+    clock.now = 5.0
+    assert breaker.state == "half_open"
+    assert breaker.allow() and not breaker.allow()  # one trial at a time
+    breaker.record_success()
+    assert breaker.state == "closed" and breaker.allow()
+    assert changes == ["open", "half_open", "closed"]
+
+
+def test_failed_trial_reopens() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(1, 2.0, clock=clock)
+    breaker.record_failure()
+    clock.now = 2.0
+    assert breaker.allow()
+    breaker.record_failure()
+    assert breaker.state == "open"
+    clock.now = 3.9
+    assert not breaker.allow()
+
+
+def test_health_probe_brings_traffic_back_early() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(1, 60.0, clock=clock)
+    breaker.record_failure()
+    assert not breaker.allow()
+    breaker.probe_succeeded()
+    assert breaker.state == "half_open" and breaker.allow()
