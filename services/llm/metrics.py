@@ -38,6 +38,11 @@ class LLMMetrics:
             ["route"],
             registry=registry,
         )
+        self.cancelled = Counter(
+            "dualtrack_llm_streams_cancelled_total",
+            "Streams closed because the client went away (upstream request closed too)",
+            registry=registry,
+        )
         self.first_token = Histogram(
             "dualtrack_llm_first_token_seconds",
             "Time to the first generated text",

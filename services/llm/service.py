@@ -187,7 +187,31 @@ class AnswerService:
         temperature: float | None,
         outcome: Outcome,
     ) -> AsyncIterator[str]:
-        """Text deltas; ``outcome`` says which model produced them (set before the first delta)."""
+        """Text deltas; ``outcome`` says which model produced them (set before the first delta).
+
+        Closing this generator early (the client went away) closes the upstream HTTP stream,
+        which makes Triton cancel the request (see docs/llm.md for the ensemble caveat).
+        """
+        inner = self._stream(prompt, decision, question, hits, max_tokens, temperature, outcome)
+        try:
+            async for delta in inner:
+                yield delta
+        except (GeneratorExit, asyncio.CancelledError):
+            self.metrics.cancelled.inc()
+            raise
+        finally:
+            await inner.aclose()
+
+    async def _stream(
+        self,
+        prompt: Prompt,
+        decision: RouteDecision,
+        question: str,
+        hits: Sequence[Hit],
+        max_tokens: int,
+        temperature: float | None,
+        outcome: Outcome,
+    ) -> AsyncIterator[str]:
         outcome.reason = decision.reason
         started = time.perf_counter()
         sent = 0

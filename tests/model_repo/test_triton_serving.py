@@ -4,6 +4,7 @@ the CPU stand-in under tests/triton): the real preprocessing, postprocessing and
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,3 +123,35 @@ def test_embedding_model_matches_the_knowledge_base(onprem: tuple[TritonServer, 
     assert vectors.shape == (2, 384)
     np.testing.assert_allclose(vectors[0], embedder.embed_query("vacation days"), atol=1e-5)
     np.testing.assert_allclose(vectors[1], embedder.embed_passages(["per diem abroad"])[0], atol=1e-5)
+
+
+def test_closing_a_stream_cancels_a_single_model_entry(onprem: tuple[TritonServer, Path]) -> None:
+    """What the gateway relies on when a client leaves: Triton cancels the request of a
+    single-model entry point (the LLM-API path's shape) when its HTTP stream is closed."""
+    server, record = onprem
+    before = len(_calls(record))
+    body = {
+        "input_ids": list(range(1000, 1012)),
+        "input_lengths": [12],
+        "request_output_len": [12],
+        "streaming": [True],
+    }
+    # slow the stand-in down for this request only: one token per 0.1 s
+    (record.parent / "delay").write_text("0.1")
+    try:
+        with httpx.stream(
+            "POST", f"{server.url}/v2/models/tensorrt_llm/generate_stream", json=body, timeout=30
+        ) as r:
+            assert r.status_code == 200
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data:")
+                if seen == 2:
+                    break
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(_calls(record)) == before:
+            time.sleep(0.1)
+    finally:
+        (record.parent / "delay").unlink()
+    call = _calls(record)[-1]
+    assert call["cancelled"] is True and call["tokens_sent"] < 12

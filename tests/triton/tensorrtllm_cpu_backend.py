@@ -12,7 +12,8 @@ token when streaming.
 Test hooks, all through the environment of the tritonserver process:
 - ``DUALTRACK_TEST_RECORD``: a JSON-lines file; every request is appended
   (what the model received, how many tokens it sent, whether it was cancelled);
-- ``DUALTRACK_TEST_TOKEN_DELAY_S``: seconds per generated token (a slow model);
+- ``DUALTRACK_TEST_TOKEN_DELAY_S``: seconds per generated token (a slow model); a file
+  named ``delay`` next to the record file overrides it while it exists;
 - a file named ``fail`` next to the record file: every request gets an error.
 """
 
@@ -41,6 +42,14 @@ class TritonPythonModel:
         record = os.environ.get("DUALTRACK_TEST_RECORD")
         self.record = Path(record) if record else None
         self.delay = float(os.environ.get("DUALTRACK_TEST_TOKEN_DELAY_S", "0"))
+
+    def _delay(self) -> float:
+        """Per-token delay: a file ``delay`` next to the record overrides the environment."""
+        if self.record is not None:
+            override = self.record.parent / "delay"
+            if override.exists():
+                return float(override.read_text() or 0)
+        return self.delay
 
     def _log(self, entry: dict) -> None:
         if self.record is not None:
@@ -87,8 +96,9 @@ class TritonPythonModel:
                 if sender.is_cancelled():
                     entry["cancelled"] = True
                     break
-                if self.delay:
-                    time.sleep(self.delay * len(chunk))
+                delay = self._delay()
+                if delay:
+                    time.sleep(delay * len(chunk))
                 sender.send(self._response(chunk))
                 entry["tokens_sent"] += len(chunk)
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
