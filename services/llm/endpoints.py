@@ -1,5 +1,7 @@
 """Clients for the two kinds of LLM endpoint: Triton's generate API and OpenAI-compatible servers.
 
+Answers are always read as streams (a silent endpoint is noticed at the first-token
+timeout, a slow one at the whole-request deadline); ``generate`` is the one-shot call.
 Both speak async httpx: a client disconnect cancels the awaiting task, which closes the
 upstream HTTP stream, so the model stops working on an answer nobody reads. Errors are
 classified for the failover logic: ``transport`` (cannot reach it, connection dropped,
@@ -11,6 +13,7 @@ Connection failures before anything was sent are retried a bounded number of tim
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -127,7 +130,12 @@ class TritonEndpoint(_Base):
             ) as r:
                 if r.status_code != 200:
                     raise _http_error(r.status_code, (await r.aread()).decode(errors="replace"))
+                deadline = time.monotonic() + self.settings.request_timeout_s
                 async for line in r.aiter_lines():
+                    if time.monotonic() > deadline:
+                        raise LLMError(
+                            "timeout", f"generation exceeded {self.settings.request_timeout_s:.0f}s"
+                        )
                     if not line.startswith("data:"):
                         continue
                     event = json.loads(line[5:])
@@ -186,7 +194,12 @@ class OpenAIEndpoint(_Base):
             ) as r:
                 if r.status_code != 200:
                     raise _http_error(r.status_code, (await r.aread()).decode(errors="replace"))
+                deadline = time.monotonic() + self.settings.request_timeout_s
                 async for line in r.aiter_lines():
+                    if time.monotonic() > deadline:
+                        raise LLMError(
+                            "timeout", f"generation exceeded {self.settings.request_timeout_s:.0f}s"
+                        )
                     if not line.startswith("data:") or line.strip() == "data: [DONE]":
                         continue
                     delta = json.loads(line[5:])["choices"][0].get("delta", {}).get("content")

@@ -131,51 +131,17 @@ class AnswerService:
         max_tokens: int,
         temperature: float | None = None,
     ) -> tuple[str, Outcome]:
-        outcome = Outcome(reason=decision.reason)
-        started = time.perf_counter()
-        if self._cloud_allowed(decision, outcome):
-            assert self.cloud is not None
-            for attempt in range(self.settings.transport_retries + 1):
-                try:
-                    generation = await self.cloud.generate(prompt.text, max_tokens, temperature)
-                except LLMError as exc:
-                    if exc.kind == "model":
-                        self.breaker.record_success()  # it answered: the request was the problem
-                        raise
-                    if exc.kind == "transport" and attempt < self.settings.transport_retries:
-                        continue
-                    self._failed(exc, outcome)
-                    break
-                self.breaker.record_success()
-                return self._done(generation.text, "cloud", outcome, started, generation.completion_tokens)
-        return await self._complete_locally(prompt, question, hits, max_tokens, temperature, outcome, started)
-
-    async def _complete_locally(
-        self,
-        prompt: Prompt,
-        question: str,
-        hits: Sequence[Hit],
-        max_tokens: int,
-        temperature: float | None,
-        outcome: Outcome,
-        started: float,
-    ) -> tuple[str, Outcome]:
-        if self.local is not None:
-            generation = await self.local.generate(prompt.text, max_tokens, temperature)
-            return self._done(generation.text, "local", outcome, started, generation.completion_tokens)
-        answer = await asyncio.to_thread(self.extractive, question, hits)
-        outcome.extra["citations"] = answer.citations  # it cites only the passages it quotes
-        return self._done(answer.text, "extractive", outcome, started, 0)
-
-    def _done(
-        self, text: str, route: str, outcome: Outcome, started: float, tokens: int
-    ) -> tuple[str, Outcome]:
-        outcome.route = route
-        outcome.completion_tokens = tokens
-        outcome.first_token_s = time.perf_counter() - started
-        self.metrics.served.labels(route).inc()
-        self.metrics.tokens.labels(route).inc(tokens)
-        return text, outcome
+        """The whole answer. The cloud is still read as a stream (so a silent cloud is detected
+        at the first-token timeout, not the whole-request one) and a half-finished cloud answer
+        is discarded, not mixed with the on-prem one."""
+        outcome = Outcome()
+        parts = [
+            d
+            async for d in self._generate(
+                prompt, decision, question, hits, max_tokens, temperature, outcome, buffered=True
+            )
+        ]
+        return "".join(parts), outcome
 
     async def stream(
         self,
@@ -192,7 +158,9 @@ class AnswerService:
         Closing this generator early (the client went away) closes the upstream HTTP stream,
         which makes Triton cancel the request (see docs/llm.md for the ensemble caveat).
         """
-        inner = self._stream(prompt, decision, question, hits, max_tokens, temperature, outcome)
+        inner = self._generate(
+            prompt, decision, question, hits, max_tokens, temperature, outcome, buffered=False
+        )
         try:
             async for delta in inner:
                 yield delta
@@ -202,7 +170,7 @@ class AnswerService:
         finally:
             await inner.aclose()
 
-    async def _stream(
+    async def _generate(
         self,
         prompt: Prompt,
         decision: RouteDecision,
@@ -211,34 +179,48 @@ class AnswerService:
         max_tokens: int,
         temperature: float | None,
         outcome: Outcome,
+        *,
+        buffered: bool,
     ) -> AsyncIterator[str]:
+        """Cloud when allowed and healthy, else on-prem, else extractive -- as deltas.
+
+        ``buffered``: hold cloud deltas until the cloud finished, so a failure midway restarts
+        cleanly on-prem; unbuffered (a live stream), the user keeps what was sent and the
+        on-prem model answers after a visible note.
+        """
         outcome.reason = decision.reason
         started = time.perf_counter()
         sent = 0
         if self._cloud_allowed(decision, outcome):
             assert self.cloud is not None
             for attempt in range(self.settings.transport_retries + 1):
+                held: list[str] = []
                 try:
                     async for delta in self.cloud.stream(prompt.text, max_tokens, temperature):
-                        if sent == 0:
+                        if sent + len(held) == 0:
                             outcome.route = "cloud"
                             self._first(outcome, started)
-                        sent += 1
-                        yield delta
+                        if buffered:
+                            held.append(delta)
+                        else:
+                            sent += 1
+                            yield delta
                 except LLMError as exc:
                     if exc.kind == "model" and sent == 0:
-                        self.breaker.record_success()
+                        self.breaker.record_success()  # it answered: the request was the problem
                         raise
                     if exc.kind == "transport" and sent == 0 and attempt < self.settings.transport_retries:
                         continue
                     self._failed(exc, outcome)
-                    if sent:  # the user has part of an answer: the on-prem model finishes it
+                    if sent:  # the user already has part of an answer
                         outcome.route = "cloud+local"
                         yield CONTINUED
                     break
                 else:
                     self.breaker.record_success()
-                    self._finish(outcome, sent)
+                    for delta in held:
+                        yield delta
+                    self._finish(outcome, sent + len(held))
                     return
         local_sent = 0
         if self.local is not None:
@@ -250,7 +232,7 @@ class AnswerService:
                 yield delta
         else:
             answer = await asyncio.to_thread(self.extractive, question, hits)
-            outcome.extra["citations"] = answer.citations
+            outcome.extra["citations"] = answer.citations  # it cites only the passages it quotes
             if sent == 0:
                 outcome.route = "extractive"
                 self._first(outcome, started)

@@ -274,6 +274,66 @@ def test_official_openai_client(gateway: str) -> None:
         openai.OpenAI(base_url=f"{gateway}/v1", api_key="wrong", max_retries=0).models.list()
 
 
+# -- fallbacks ---------------------------------------------------------------------------------------
+
+
+def test_route_decisions_are_counted(gateway: str) -> None:
+    metrics = httpx.get(f"{gateway}/metrics").text
+    assert 'dualtrack_route_decisions_total{reason="confidential-context",target="local"}' in metrics
+    assert 'dualtrack_route_decisions_total{reason="no-sensitive-content",target="cloud"}' in metrics
+    assert 'dualtrack_llm_answers_total{route="cloud"}' in metrics
+
+
+def test_a_cloud_too_slow_to_start_falls_back_in_time(gateway: str, sites: dict[str, Site]) -> None:
+    delay = sites["cloud"].record.parent / "delay"
+    delay.write_text("30")  # first token in 30 s; the gateway waits 5 (llm.cloud.first_token_timeout_s)
+    started = time.monotonic()
+    try:
+        body = _ask(gateway, PUBLIC_Q).json()
+    finally:
+        delay.unlink()
+    assert (body["route"], body["failover"]) == ("local", "timeout")
+    assert time.monotonic() - started < 8
+
+
+@pytest.fixture
+def gateway_with(sites: dict[str, Site], tmp_path: Path, embedder, gateway: str):
+    """Another gateway over the same corpus with a different ``llm`` section."""
+
+    def make(llm: dict) -> Iterator[str]:
+        settings = load_settings(milvus={"uri": str(tmp_path / "kb.db")}, gateway={"api_key": KEY}, llm=llm)
+        kb = KnowledgeBase(settings, embedder=embedder)
+        kb.start()
+        kb.ingestor.ingest_path(SAMPLES / "handbook" / "employee-handbook.md", root=SAMPLES)
+        return kb, serve(create_app(settings, kb))
+
+    return make
+
+
+def test_openai_compatible_fallback_and_extractive_last_resort(gateway_with, gateway: str) -> None:
+    dead = "http://127.0.0.1:9"  # nothing listens: the cloud is down from the start
+    kb, server = gateway_with(
+        {
+            "cloud": {"url": dead, "connect_timeout_s": 0.5},
+            # any OpenAI-compatible server works as the on-prem model -- here the main test gateway
+            "local": {"kind": "openai", "url": gateway, "model": "dualtrack-local", "api_key": KEY},
+        }
+    )
+    with server as url:
+        wait_ready(url)
+        body = _ask(url, PUBLIC_Q).json()
+        assert (body["route"], body["failover"]) == ("local", "transport") and body["answer"]
+        events = _stream(url, PUBLIC_Q)
+        assert [e for e in events if isinstance(e, dict)][-1]["route"] == "local"
+    kb.close()
+    kb, server = gateway_with({"cloud": {"url": dead, "connect_timeout_s": 0.5}})  # no on-prem model at all
+    with server as url:
+        wait_ready(url)
+        body = _ask(url, PUBLIC_Q).json()
+        assert body["route"] == "extractive" and "vacation days" in body["answer"] and body["citations"]
+    kb.close()
+
+
 # -- failover (last: it kills and restarts the cloud) -------------------------------------------------
 
 

@@ -51,6 +51,13 @@ class TritonPythonModel:
                 return float(override.read_text() or 0)
         return self.delay
 
+    def _pace(self, tokens: int) -> None:
+        """Sleep the per-token delay, re-read for every token so a test can lift it mid-request."""
+        for _ in range(tokens):
+            delay = self._delay()
+            if delay:
+                time.sleep(delay)
+
     def _log(self, entry: dict) -> None:
         if self.record is not None:
             with self.record.open("a", encoding="utf-8") as f:
@@ -82,6 +89,7 @@ class TritonPythonModel:
             generated = ids[:length][-min(ECHO_TOKENS, wanted, length) :].astype(np.int32)
             failing = self.record is not None and (self.record.parent / "fail").exists()
             if not self.decoupled:
+                self._pace(len(generated))
                 entry["tokens_sent"] = len(generated)
                 self._log(entry)
                 responses.append(self._error() if failing else self._response(generated))
@@ -96,9 +104,7 @@ class TritonPythonModel:
                 if sender.is_cancelled():
                     entry["cancelled"] = True
                     break
-                delay = self._delay()
-                if delay:
-                    time.sleep(delay * len(chunk))
+                self._pace(len(chunk))
                 sender.send(self._response(chunk))
                 entry["tokens_sent"] += len(chunk)
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
