@@ -9,6 +9,7 @@ tools work unchanged; ``model`` picks the routing mode (``GET /v1/models``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -216,15 +217,14 @@ async def _sse(
     """
     yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""})
     try:
-        async for delta in deltas:
-            yield _chunk(completion_id, created, model, {"content": delta})
+        async with contextlib.aclosing(deltas) as stream:  # type: ignore[type-var]
+            async for delta in stream:
+                yield _chunk(completion_id, created, model, {"content": delta})
     except LLMError as exc:
         error = {"message": f"the model could not answer: {exc}", "type": "server_error", "code": exc.kind}
         yield f"data: {json.dumps({'error': error})}\n\n"
         yield "data: [DONE]\n\n"
         return
-    finally:
-        await deltas.aclose()  # type: ignore[attr-defined]
     usage = {
         "prompt_tokens": prompt.tokens,
         "completion_tokens": outcome.completion_tokens,

@@ -162,13 +162,12 @@ class AnswerService:
             prompt, decision, question, hits, max_tokens, temperature, outcome, buffered=False
         )
         try:
-            async for delta in inner:
-                yield delta
+            async with contextlib.aclosing(inner) as deltas:
+                async for delta in deltas:
+                    yield delta
         except (GeneratorExit, asyncio.CancelledError):
             self.metrics.cancelled.inc()
             raise
-        finally:
-            await inner.aclose()
 
     async def _generate(
         self,
@@ -196,15 +195,18 @@ class AnswerService:
             for attempt in range(self.settings.transport_retries + 1):
                 held: list[str] = []
                 try:
-                    async for delta in self.cloud.stream(prompt.text, max_tokens, temperature):
-                        if sent + len(held) == 0:
-                            outcome.route = "cloud"
-                            self._first(outcome, started)
-                        if buffered:
-                            held.append(delta)
-                        else:
-                            sent += 1
-                            yield delta
+                    # aclosing: the upstream HTTP stream closes here and now when we stop early
+                    upstream = contextlib.aclosing(self.cloud.stream(prompt.text, max_tokens, temperature))
+                    async with upstream as deltas:
+                        async for delta in deltas:
+                            if sent + len(held) == 0:
+                                outcome.route = "cloud"
+                                self._first(outcome, started)
+                            if buffered:
+                                held.append(delta)
+                            else:
+                                sent += 1
+                                yield delta
                 except LLMError as exc:
                     if exc.kind == "model" and sent == 0:
                         self.breaker.record_success()  # it answered: the request was the problem
@@ -224,12 +226,13 @@ class AnswerService:
                     return
         local_sent = 0
         if self.local is not None:
-            async for delta in self.local.stream(prompt.text, max_tokens, temperature):
-                if local_sent == 0 and sent == 0:
-                    outcome.route = "local"
-                    self._first(outcome, started)
-                local_sent += 1
-                yield delta
+            async with contextlib.aclosing(self.local.stream(prompt.text, max_tokens, temperature)) as deltas:
+                async for delta in deltas:
+                    if local_sent == 0 and sent == 0:
+                        outcome.route = "local"
+                        self._first(outcome, started)
+                    local_sent += 1
+                    yield delta
         else:
             answer = await asyncio.to_thread(self.extractive, question, hits)
             outcome.extra["citations"] = answer.citations  # it cites only the passages it quotes

@@ -102,3 +102,21 @@ def test_bad_config_files_are_named(
     monkeypatch.setenv("DUALTRACK_CONFIG", str(cfg))
     with pytest.raises(ConfigError, match=needle):
         load_settings()
+
+
+def test_example_config_file_loads(monkeypatch) -> None:
+    """dualtrack.example.toml documents every section; it must stay valid."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "dualtrack.example.toml"
+    monkeypatch.setenv("DUALTRACK_CONFIG", str(example))
+    settings = load_settings()
+    assert settings.llm.routing.detectors == ["email", "phone", "national_id", "card_number"]
+    assert settings.llm.cloud is None and settings.llm.breaker.failure_threshold == 3
+
+
+def test_llm_endpoint_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(llm={"cloud": {"url": "ftp://nope", "kind": "grpc"}})
+    message = str(info.value)
+    assert "llm.cloud.url = 'ftp://nope'" in message and "'triton' or 'openai'" in message
