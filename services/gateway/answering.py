@@ -156,7 +156,16 @@ def answer_routes(
             return StreamingResponse(
                 _sse(deltas, outcome, prompt, body.model, completion_id, created, citations_of),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                headers={
+                    "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no",
+                    # retrieval time, as on every other answer (a StreamingResponse does not inherit it)
+                    **(
+                        {"Server-Timing": response.headers["Server-Timing"]}
+                        if "Server-Timing" in response.headers
+                        else {}
+                    ),
+                },
             )
         try:
             text, outcome = await service.complete(

@@ -124,6 +124,7 @@ def _stream(url: str, content: str, model: str = "dualtrack") -> list[dict | str
     events: list[dict | str] = []
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["server-timing"].startswith("search;dur=")  # retrieval time, streaming too
         for line in r.iter_lines():
             if line.startswith("data: "):
                 events.append("[DONE]" if line == "data: [DONE]" else json.loads(line[6:]))
