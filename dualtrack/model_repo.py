@@ -223,7 +223,7 @@ def _coherence_problems(repo: Path, models: dict[str, Any], record: dict[str, An
     profile = ModelProfile(**record["profile"])
     problems: list[str] = []
     for name, config in models.items():
-        if name == "embedding":
+        if name == "embedding" or profile.path == "pytorch":  # the LLM API takes it from model.yaml
             continue
         if config.max_batch_size != profile.max_batch_size:
             problems.append(
@@ -254,11 +254,10 @@ def _coherence_problems(repo: Path, models: dict[str, Any], record: dict[str, An
             if got != count:
                 problems.append(f"{model}: {got} instances, profile says {count}")
     else:
-        if entry.model_transaction_policy.decoupled != profile.decoupled:
-            problems.append(f"{record['entry_model']}: decoupled differs from the profile")
         import yaml
 
         llm = yaml.safe_load((repo / record["entry_model"] / "1" / "model.yaml").read_text(encoding="utf-8"))
+        triton = llm.get("triton_config") or {}
         expected = {
             "tensor_parallel_size": record["tensor_parallel"],
             "moe_expert_parallel_size": profile.expert_parallel,
@@ -267,8 +266,12 @@ def _coherence_problems(repo: Path, models: dict[str, Any], record: dict[str, An
         for key, value in expected.items():
             if llm.get(key) != value:
                 problems.append(f"model.yaml: {key} is {llm.get(key)!r}, profile needs {value}")
-        if llm.get("kv_cache_config", {}).get("dtype") != profile.kv_cache_dtype:
+        if (llm.get("kv_cache_config") or {}).get("dtype") != profile.kv_cache_dtype:
             problems.append("model.yaml: kv_cache_config.dtype differs from the profile")
+        if triton.get("decoupled") is not profile.decoupled:
+            problems.append("model.yaml: triton_config.decoupled differs from the profile")
+        if triton.get("max_batch_size") != profile.max_batch_size:
+            problems.append("model.yaml: triton_config.max_batch_size differs from the profile")
     return problems
 
 

@@ -181,7 +181,7 @@ class GatewaySettings(_Section):
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
-DETECTORS = ("email", "phone", "national_id", "card_number")
+DETECTORS = ("email", "phone", "national_id", "card_number", "iban")
 """Built-in personal-data detectors (services/llm/router.py)."""
 
 
@@ -192,6 +192,11 @@ class EndpointSettings(_Section):
     kind: Literal["triton", "openai"] = "triton"
     url: str = Field(pattern=r"^https?://[^\s/]+(:\d+)?(/.*)?$")
     model: str = Field("ensemble", min_length=1, max_length=200)
+    triton_inputs: Literal["ensemble", "llmapi"] = Field(
+        "ensemble",
+        description="Input names the Triton model takes: the inflight-batching ensemble's, or the "
+        "LLM-API model's (sampling_param_*, streaming; cumulative text_output).",
+    )
     api_key: SecretStr | None = Field(
         None, description="Bearer token (OpenAI key, or the JWT Istio expects)."
     )
@@ -212,7 +217,7 @@ class RoutingSettings(_Section):
     """What may go to the cloud. Confidential chunks never do; a query carrying personal data
     (the detectors) stays local too."""
 
-    detectors: list[Literal["email", "phone", "national_id", "card_number"]] = Field(
+    detectors: list[Literal["email", "phone", "national_id", "card_number", "iban"]] = Field(
         default_factory=lambda: list(DETECTORS)
     )
     custom_patterns: dict[str, str] = Field(
@@ -253,6 +258,16 @@ class BreakerSettings(_Section):
 
 class LLMSettings(_Section):
     """The answering model(s). Without ``cloud`` and ``local`` the extractive answerer answers."""
+
+    @field_validator("cloud")
+    @classmethod
+    def _cloud_over_tls(cls, v: EndpointSettings | None) -> EndpointSettings | None:
+        """Prompts and the JWT leave the premises: only over TLS (loopback is for tests/tunnels)."""
+        if v is not None and v.url.startswith("http://"):
+            host = v.url[len("http://") :].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                raise ValueError("the cloud endpoint must use https:// (plain http only to loopback)")
+        return v
 
     cloud: EndpointSettings | None = None
     local: EndpointSettings | None = None

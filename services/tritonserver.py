@@ -136,8 +136,10 @@ class TritonServer:
         bin_dir = str(Path(sys.executable).parent)
         site = sysconfig.get_paths()["purelib"]
         python_path = os.pathsep.join(p for p in (str(ROOT), site, os.environ.get("PYTHONPATH", "")) if p)
+        # Python models run with this environment: keep the gateway's own settings and secrets out
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("DUALTRACK_")}
         return {
-            **os.environ,
+            **inherited,
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
             "LD_LIBRARY_PATH": library_path(),
             "PYTHONPATH": python_path,

@@ -130,7 +130,7 @@ def answer_routes(
                 "model_not_found",
                 "model",
             )
-        turns = [Turn(m.role, m.content or "") for m in body.messages if m.role in ("user", "assistant")]
+        turns = [Turn(m.role, m.text()) for m in body.messages if m.role in ("user", "assistant")]
         if not turns or turns[-1].role != "user" or not turns[-1].content.strip():
             return openai_error(
                 400,
@@ -145,7 +145,16 @@ def answer_routes(
             prompt = prompt_for(question, hits, turns[:-1])
         except PromptTooLong as exc:
             return openai_error(400, str(exc), "invalid_request_error", "context_length_exceeded", "messages")
-        decision = service.decide(question, prompt.hits, mode)
+        # Everything the prompt carries is screened, not only the last question: earlier turns for
+        # personal data, and each earlier turn against the knowledge base, so an on-prem answer
+        # that quoted a confidential document keeps the whole conversation on the premises.
+        screened = list(prompt.hits)
+        for turn in turns[:-1]:
+            screened += await run_in_threadpool(
+                search, turn.content, HISTORY_PROBE_K, HISTORY_MATCH_SCORE, None, Response()
+            )
+        conversation = "\n".join(t.content for t in turns)
+        decision = service.decide(conversation, screened, mode)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
@@ -153,8 +162,30 @@ def answer_routes(
             deltas = service.stream(
                 prompt, decision, question, prompt.hits, max_tokens, body.temperature, outcome
             )
+            # the first delta before the 200: a request no model can answer is an HTTP error
+            try:
+                first = await anext(deltas)
+            except LLMError as exc:
+                await deltas.aclose()  # type: ignore[attr-defined]
+                status = 400 if exc.kind == "model" else 503
+                return openai_error(
+                    status,
+                    f"the model could not answer: {exc}",
+                    "invalid_request_error" if status == 400 else "server_error",
+                )
+            except StopAsyncIteration:
+                first = ""
             return StreamingResponse(
-                _sse(deltas, outcome, prompt, body.model, completion_id, created, citations_of),
+                _sse(
+                    _prepend(first, deltas),
+                    outcome,
+                    prompt,
+                    body.model,
+                    completion_id,
+                    created,
+                    citations_of,
+                    max_tokens,
+                ),
                 media_type="text/event-stream",
                 headers={
                     "Cache-Control": "no-cache",
@@ -183,7 +214,12 @@ def answer_routes(
             id=completion_id,
             created=created,
             model=body.model,
-            choices=[schemas.ChatChoice(message=schemas.ChatChoiceMessage(content=text))],
+            choices=[
+                schemas.ChatChoice(
+                    message=schemas.ChatChoiceMessage(content=text),
+                    finish_reason=_finish(completion_tokens, max_tokens),
+                )
+            ],
             usage=schemas.Usage(
                 prompt_tokens=prompt.tokens,
                 completion_tokens=completion_tokens,
@@ -195,6 +231,23 @@ def answer_routes(
         )
 
     return router
+
+
+HISTORY_PROBE_K = 3
+HISTORY_MATCH_SCORE = 0.5
+"""An earlier turn this close to a stored chunk is treated as carrying that chunk's content."""
+
+
+def _finish(tokens: int, limit: int) -> str:
+    return "length" if tokens >= limit else "stop"
+
+
+async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    if first:
+        yield first
+    async with contextlib.aclosing(rest) as stream:  # type: ignore[type-var]
+        async for delta in stream:
+            yield delta
 
 
 def _chunk(
@@ -219,6 +272,7 @@ async def _sse(
     completion_id: str,
     created: int,
     citations_of: Callable[[Prompt, Outcome], list[schemas.CitationOut]],
+    max_tokens: int,
 ) -> AsyncIterator[str]:
     """OpenAI's stream: a role chunk, content chunks, a final chunk (citations, route, usage), [DONE].
 
@@ -244,7 +298,7 @@ async def _sse(
         created,
         model,
         {},
-        "stop",
+        _finish(outcome.completion_tokens, max_tokens),
         usage=usage,
         route=outcome.route,
         route_reason=outcome.reason,

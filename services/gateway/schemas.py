@@ -119,9 +119,24 @@ class Ready(BaseModel):
 # -- OpenAI-compatible chat completions -----------------------------------------------------------
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | None = None
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        """The text of the message; content given as parts keeps its text parts."""
+        if isinstance(self.content, list):
+            return "\n".join(p.text for p in self.content if p.type == "text" and p.text)
+        return self.content or ""
 
 
 class ChatCompletionRequest(BaseModel):

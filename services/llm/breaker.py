@@ -78,6 +78,12 @@ class CircuitBreaker:
                 self._opened_at = self._clock()
                 self._set("open")
 
+    def release(self) -> None:
+        """An attempt ended without telling anything about the cloud (cancelled, or the request
+        itself was refused): free the half-open trial slot so the next request can try."""
+        with self._lock:
+            self._trial_in_flight = False
+
     def probe_succeeded(self) -> None:
         """The health probe saw the cloud ready: allow a trial now rather than at the timeout."""
         with self._lock:

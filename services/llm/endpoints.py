@@ -1,20 +1,24 @@
 """Clients for the two kinds of LLM endpoint: Triton's generate API and OpenAI-compatible servers.
 
-Answers are always read as streams (a silent endpoint is noticed at the first-token
-timeout, a slow one at the whole-request deadline); ``generate`` is the one-shot call.
-Both speak async httpx: a client disconnect cancels the awaiting task, which closes the
-upstream HTTP stream, so the model stops working on an answer nobody reads. Errors are
-classified for the failover logic: ``transport`` (cannot reach it, connection dropped,
-5xx) and ``timeout`` count against the cloud and fall back; ``model`` (a 4xx with the
-model's own message, e.g. a prompt it refuses) is the caller's problem and is returned.
-Connection failures before anything was sent are retried a bounded number of times.
+Answers are always read as streams: a silent endpoint is given up at the first-token
+deadline, a slow one at the whole-request deadline (neither moves with server
+keep-alives); ``generate`` is the one-shot call. Both speak async httpx: a client
+disconnect cancels the awaiting task, which closes the upstream HTTP stream, so the
+model stops working on an answer nobody reads. Errors are classified for failover:
+
+- ``transport`` / ``timeout`` -- the endpoint is failing (unreachable, dropped, 401/403
+  from an ingress, 404, 429, 5xx, malformed events): counts against the cloud;
+- ``model`` -- it refused *this* request (400/413/422 or an error event);
+- ``busy`` -- this gateway has no free connection to it.
+
+The bearer token is read per request, so a rotated JWT file needs no restart.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -22,7 +26,9 @@ import httpx
 
 from services.config import EndpointSettings
 
-ErrorKind = Literal["transport", "timeout", "model"]
+ErrorKind = Literal["transport", "timeout", "model", "busy"]
+LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=64)
+REQUEST_ERRORS = (400, 413, 422)
 
 
 class LLMError(RuntimeError):
@@ -61,6 +67,8 @@ def _timeout(s: EndpointSettings) -> httpx.Timeout:
 def _classify(exc: Exception) -> LLMError:
     if isinstance(exc, LLMError):
         return exc
+    if isinstance(exc, httpx.PoolTimeout):
+        return LLMError("busy", "no free connection to the endpoint in this gateway")
     if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
         return LLMError("timeout", f"no answer in time ({type(exc).__name__})")
     return LLMError("transport", f"{type(exc).__name__}: {exc}")
@@ -74,75 +82,134 @@ def _http_error(status: int, body: str) -> LLMError:
         )
     except (ValueError, AttributeError):
         message = body[:500]
-    kind: ErrorKind = "model" if 400 <= status < 500 and status not in (404, 408, 429) else "transport"
-    return LLMError(kind, f"HTTP {status}: {message}", status)
+    return LLMError("model" if status in REQUEST_ERRORS else "transport", f"HTTP {status}: {message}", status)
+
+
+def _event(data: str) -> dict:
+    try:
+        event = json.loads(data)
+    except ValueError:
+        raise LLMError("transport", f"malformed event from the model: {data[:120]!r}") from None
+    if not isinstance(event, dict):
+        raise LLMError("transport", f"unexpected event from the model: {data[:120]!r}")
+    if "error" in event:
+        raise LLMError("model", f"model error: {event['error']}")
+    return event
+
+
+class BearerFromSettings(httpx.Auth):
+    """Reads the token for every request (a rotated JWT file is picked up); never logged."""
+
+    def __init__(self, settings: EndpointSettings) -> None:
+        self.settings = settings
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        token = self.settings.bearer()
+        if token:
+            request.headers["Authorization"] = f"Bearer {token}"
+        yield request
 
 
 class _Base:
     def __init__(self, settings: EndpointSettings, name: str) -> None:
         self.settings = settings
         self.name = name
-        headers = {"Authorization": f"Bearer {token}"} if (token := settings.bearer()) else {}
         self.client = httpx.AsyncClient(
             base_url=settings.url.rstrip("/"),
             timeout=_timeout(settings),
-            headers=headers,
-            transport=httpx.AsyncHTTPTransport(retries=0),
+            auth=BearerFromSettings(settings),
+            limits=LIMITS,
+            transport=httpx.AsyncHTTPTransport(retries=0, limits=LIMITS),
         )
+
+    def _deadlines(self) -> tuple[float, float]:
+        now = time.monotonic()
+        return now + self.settings.first_token_timeout_s, now + self.settings.request_timeout_s
+
+    def _check(self, first: float, last: float, produced: bool) -> None:
+        now = time.monotonic()
+        if not produced and now > first:
+            raise LLMError("timeout", f"no text within {self.settings.first_token_timeout_s:.0f}s")
+        if now > last:
+            raise LLMError("timeout", f"generation exceeded {self.settings.request_timeout_s:.0f}s")
+
+    def _whole_request(self) -> httpx.Timeout:
+        return httpx.Timeout(self.settings.request_timeout_s, connect=self.settings.connect_timeout_s)
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
 class TritonEndpoint(_Base):
-    """``POST /v2/models/<model>/generate`` and ``generate_stream`` (SSE), text in, text out."""
+    """``POST /v2/models/<model>/generate`` and ``generate_stream`` (SSE), text in, text out.
+
+    ``triton_inputs = "ensemble"``: the inflight-batching ensemble (text_input, max_tokens,
+    stream; each event carries new text). ``"llmapi"``: TensorRT-LLM's LLM-API model
+    (text_input, streaming, sampling_param_*; each event carries the whole text so far).
+    """
 
     def _body(self, prompt: str, max_tokens: int, temperature: float | None, stream: bool) -> dict:
-        body: dict = {"text_input": prompt, "max_tokens": max_tokens, "stream": stream}
+        if self.settings.triton_inputs == "llmapi":
+            body: dict = {
+                "text_input": [prompt],
+                "streaming": [stream],
+                "sampling_param_max_tokens": [max_tokens],
+            }
+            if temperature is not None:
+                body["sampling_param_temperature"] = [temperature]
+            return body
+        body = {"text_input": prompt, "max_tokens": max_tokens, "stream": stream}
         if temperature is not None:
             body["temperature"] = temperature
         return body
+
+    @staticmethod
+    def _text(event: dict) -> str:
+        text = event.get("text_output")
+        if isinstance(text, list):
+            text = text[0] if text else ""
+        return text if isinstance(text, str) else ""
 
     async def generate(self, prompt: str, max_tokens: int, temperature: float | None = None) -> Generation:
         path = f"/v2/models/{self.settings.model}/generate"
         try:
             r = await self.client.post(
-                path,
-                json=self._body(prompt, max_tokens, temperature, False),
-                timeout=httpx.Timeout(
-                    self.settings.request_timeout_s, connect=self.settings.connect_timeout_s
-                ),
+                path, json=self._body(prompt, max_tokens, temperature, False), timeout=self._whole_request()
             )
         except httpx.HTTPError as exc:
             raise _classify(exc) from None
         if r.status_code != 200:
             raise _http_error(r.status_code, r.text)
-        text = r.json().get("text_output", "")
+        text = self._text(_event(r.text))
         return Generation(text=text, completion_tokens=max(1, len(text.split())) if text else 0)
 
     async def stream(
         self, prompt: str, max_tokens: int, temperature: float | None = None
     ) -> AsyncIterator[str]:
         path = f"/v2/models/{self.settings.model}/generate_stream"
+        cumulative = self.settings.triton_inputs == "llmapi"
         try:
             async with self.client.stream(
                 "POST", path, json=self._body(prompt, max_tokens, temperature, True)
             ) as r:
                 if r.status_code != 200:
                     raise _http_error(r.status_code, (await r.aread()).decode(errors="replace"))
-                deadline = time.monotonic() + self.settings.request_timeout_s
+                first, last = self._deadlines()
+                so_far = ""
                 async for line in r.aiter_lines():
-                    if time.monotonic() > deadline:
-                        raise LLMError(
-                            "timeout", f"generation exceeded {self.settings.request_timeout_s:.0f}s"
-                        )
+                    self._check(first, last, bool(so_far))
                     if not line.startswith("data:"):
                         continue
-                    event = json.loads(line[5:])
-                    if "error" in event:
-                        raise LLMError("model", f"model error: {event['error']}")
-                    if event.get("text_output"):
-                        yield event["text_output"]
+                    text = self._text(_event(line[5:]))
+                    if not text:
+                        continue
+                    if cumulative:
+                        delta = text[len(so_far) :] if text.startswith(so_far) else text
+                        so_far = text
+                    else:
+                        delta, so_far = text, so_far + text
+                    if delta:
+                        yield delta
         except httpx.HTTPError as exc:
             raise _classify(exc) from None
 
@@ -173,17 +240,20 @@ class OpenAIEndpoint(_Base):
             r = await self.client.post(
                 "/v1/chat/completions",
                 json=self._body(prompt, max_tokens, temperature, False),
-                timeout=httpx.Timeout(
-                    self.settings.request_timeout_s, connect=self.settings.connect_timeout_s
-                ),
+                timeout=self._whole_request(),
             )
         except httpx.HTTPError as exc:
             raise _classify(exc) from None
         if r.status_code != 200:
             raise _http_error(r.status_code, r.text)
-        data = r.json()
-        text = data["choices"][0]["message"].get("content") or ""
-        return Generation(text=text, completion_tokens=int(data.get("usage", {}).get("completion_tokens", 0)))
+        data = _event(r.text)
+        try:
+            text = data["choices"][0]["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise LLMError("transport", "malformed completion from the model") from None
+        return Generation(
+            text=text, completion_tokens=int((data.get("usage") or {}).get("completion_tokens", 0))
+        )
 
     async def stream(
         self, prompt: str, max_tokens: int, temperature: float | None = None
@@ -194,16 +264,18 @@ class OpenAIEndpoint(_Base):
             ) as r:
                 if r.status_code != 200:
                     raise _http_error(r.status_code, (await r.aread()).decode(errors="replace"))
-                deadline = time.monotonic() + self.settings.request_timeout_s
+                first, last = self._deadlines()
+                produced = False
                 async for line in r.aiter_lines():
-                    if time.monotonic() > deadline:
-                        raise LLMError(
-                            "timeout", f"generation exceeded {self.settings.request_timeout_s:.0f}s"
-                        )
-                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                    self._check(first, last, produced)
+                    data = line[5:].strip() if line.startswith("data:") else ""
+                    if not data or data == "[DONE]":
                         continue
-                    delta = json.loads(line[5:])["choices"][0].get("delta", {}).get("content")
-                    if delta:
+                    choices = _event(data).get("choices") or []  # some servers open with an empty list
+                    first_choice = choices[0] if isinstance(choices, list) and choices else {}
+                    delta = ((first_choice or {}).get("delta") or {}).get("content")
+                    if isinstance(delta, str) and delta:
+                        produced = True
                         yield delta
         except httpx.HTTPError as exc:
             raise _classify(exc) from None

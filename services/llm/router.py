@@ -26,14 +26,33 @@ BUILTIN: dict[str, re.Pattern[str]] = {
     "phone": re.compile(
         r"(?<![\w+])\+\d{1,3}[ .-]?\d[\d .-]{6,14}\d(?!\d)"
         r"|\(\d{2,5}\)\s?\d{3,4}[ .-]?\d{3,5}\b"
-        r"|\b\d{3}[.-]\d{3}[.-]\d{4}\b"
+        r"|\b\d{3}[ .-]\d{3}[ .-]\d{4}\b"
         r"|\b0\d{2,4}[ /-]\d{3,8}\b"
     ),
     # US SSN, UK National Insurance number, German tax id style 11 digits with separators
+    # US SSN (with dashes, spaces or bare -- a bare 9-digit number errs on the safe side),
+    # UK National Insurance number
     "national_id": re.compile(
-        r"\b\d{3}-\d{2}-\d{4}\b|\b[A-CEGHJ-PR-TW-Z]{2}\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b", re.IGNORECASE
+        r"(?<![\d-])\d{3}[- ]?\d{2}[- ]?\d{4}(?![\d-])"
+        r"|\b[A-CEGHJ-PR-TW-Z]{2}\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b",
+        re.IGNORECASE,
     ),
 }
+
+
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:\s?[A-Z0-9]){11,30}\b")
+
+
+def iban_ok(candidate: str) -> bool:
+    """ISO 13616 mod-97 check (so a random code is not taken for an account number)."""
+    compact = candidate.replace(" ", "").upper()
+    rearranged = compact[4:] + compact[:4]
+    digits = "".join(str(int(ch, 36)) for ch in rearranged)
+    return len(compact) >= 15 and int(digits) % 97 == 1
+
+
+def _iban(text: str) -> bool:
+    return any(iban_ok(m.group()) for m in _IBAN.finditer(text))
 
 
 def luhn_ok(digits: str) -> bool:
@@ -70,18 +89,20 @@ class SensitivityRouter:
     def __init__(self, settings: RoutingSettings) -> None:
         self.local_labels = set(settings.local_classifications)
         # most specific first: a card or national id must not be reported as a phone number
-        order = ("card_number", "national_id", "email", "phone")
+        order = ("card_number", "iban", "national_id", "email", "phone")
+        checks = {"card_number": _card, "iban": _iban}
         self.detectors: dict[str, re.Pattern[str] | None] = {
-            name: (None if name == "card_number" else BUILTIN[name])
-            for name in order
-            if name in settings.detectors
+            name: BUILTIN.get(name) for name in order if name in settings.detectors
         }
+        self._checks = {name: checks[name] for name in self.detectors if name in checks}
         self.detectors.update({name: re.compile(p) for name, p in settings.custom_patterns.items()})
 
     def personal_data(self, text: str) -> str | None:
         """The first detector that matches ``text`` (its name only), or None."""
         for name, pattern in self.detectors.items():
-            if (pattern is None and _card(text)) or (pattern is not None and pattern.search(text)):
+            if (pattern is None and self._checks[name](text)) or (
+                pattern is not None and pattern.search(text)
+            ):
                 return name
         return None
 

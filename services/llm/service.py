@@ -192,38 +192,60 @@ class AnswerService:
         sent = 0
         if self._cloud_allowed(decision, outcome):
             assert self.cloud is not None
-            for attempt in range(self.settings.transport_retries + 1):
-                held: list[str] = []
-                try:
-                    # aclosing: the upstream HTTP stream closes here and now when we stop early
-                    upstream = contextlib.aclosing(self.cloud.stream(prompt.text, max_tokens, temperature))
-                    async with upstream as deltas:
-                        async for delta in deltas:
-                            if sent + len(held) == 0:
-                                outcome.route = "cloud"
-                                self._first(outcome, started)
-                            if buffered:
-                                held.append(delta)
-                            else:
-                                sent += 1
-                                yield delta
-                except LLMError as exc:
-                    if exc.kind == "model" and sent == 0:
-                        self.breaker.record_success()  # it answered: the request was the problem
-                        raise
-                    if exc.kind == "transport" and sent == 0 and attempt < self.settings.transport_retries:
-                        continue
-                    self._failed(exc, outcome)
-                    if sent:  # the user already has part of an answer
-                        outcome.route = "cloud+local"
-                        yield CONTINUED
-                    break
-                else:
-                    self.breaker.record_success()
-                    for delta in held:
-                        yield delta
-                    self._finish(outcome, sent + len(held))
-                    return
+            settled = False  # the breaker heard how this attempt ended (a half-open trial must end)
+            try:
+                for attempt in range(self.settings.transport_retries + 1):
+                    held: list[str] = []
+                    try:
+                        # aclosing: the upstream HTTP stream closes here and now when we stop early
+                        upstream = contextlib.aclosing(
+                            self.cloud.stream(prompt.text, max_tokens, temperature)
+                        )
+                        async with upstream as deltas:
+                            async for delta in deltas:
+                                if sent + len(held) == 0:
+                                    outcome.route = "cloud"
+                                    self._first(outcome, started)
+                                if buffered:
+                                    held.append(delta)
+                                else:
+                                    sent += 1
+                                    yield delta
+                    except LLMError as exc:
+                        if (
+                            exc.kind == "transport"
+                            and sent == 0
+                            and attempt < self.settings.transport_retries
+                        ):
+                            continue
+                        if exc.kind in ("model", "busy"):
+                            # the cloud is fine (it refused this request, or we are out of
+                            # connections): do not count it, but still answer on-prem
+                            self.breaker.release()
+                            outcome.failover = exc.kind
+                            self.metrics.failovers.labels(exc.kind).inc()
+                        else:
+                            self._failed(exc, outcome)
+                        settled = True
+                        if sent:  # the user already has part of an answer
+                            outcome.route = "cloud+local"
+                            yield CONTINUED
+                        break
+                    else:
+                        self.breaker.record_success()
+                        settled = True
+                        for delta in held:
+                            yield delta
+                        self._finish(outcome, sent + len(held))
+                        return
+            except Exception:
+                if not settled:  # an unexpected failure is a cloud failure
+                    self.breaker.record_failure()
+                    settled = True
+                raise
+            finally:
+                if not settled:  # cancelled mid-attempt (client gone): free a half-open trial
+                    self.breaker.release()
         local_sent = 0
         if self.local is not None:
             async with contextlib.aclosing(self.local.stream(prompt.text, max_tokens, temperature)) as deltas:

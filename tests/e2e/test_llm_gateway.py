@@ -181,6 +181,47 @@ def test_confidential_text_never_reaches_the_cloud(
         assert "kestrel" not in seen and "falcon" not in seen and "enterprise value" not in seen
 
 
+def _conversation(url: str, messages: list[dict]) -> dict:
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "dualtrack", "messages": messages},
+        headers=AUTH,
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_the_whole_conversation_is_screened(gateway: str, sites: dict[str, Site], tokenizer) -> None:
+    body = _conversation(
+        gateway,
+        [
+            {"role": "user", "content": "My email is anna.berg@northwind.example, remember it."},
+            {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": PUBLIC_Q},
+        ],
+    )
+    assert (body["route"], body["route_reason"]) == ("local", "personal-data:email")
+    memo = (SAMPLES / "confidential" / "project-falcon-acquisition.md").read_text(encoding="utf-8")
+    quoted = next(p for p in memo.split("\n\n") if p.startswith("Kestrel Vision was founded"))
+    body = _conversation(
+        gateway,
+        [
+            {"role": "user", "content": "Tell me about the company we are looking at."},
+            {"role": "assistant", "content": quoted},  # an earlier on-prem answer quoting the memo
+            {"role": "user", "content": "How many vacation days do employees get?"},
+        ],
+    )
+    assert (body["route"], body["route_reason"]) == ("local", "confidential-context")
+    for seen in sites["cloud"].texts(tokenizer):
+        assert "kestrel" not in seen and "anna" not in seen
+
+
+def test_content_parts_are_accepted(gateway: str) -> None:
+    body = _conversation(gateway, [{"role": "user", "content": [{"type": "text", "text": PUBLIC_Q}]}])
+    assert body["route"] == "cloud" and body["choices"][0]["message"]["content"]
+
+
 def test_personal_data_stays_local(gateway: str) -> None:
     body = _ask(gateway, "Please send the travel policy to anna.berg@northwind.example").json()
     assert (body["route"], body["route_reason"]) == ("local", "personal-data:email")

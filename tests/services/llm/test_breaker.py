@@ -52,3 +52,13 @@ def test_health_probe_brings_traffic_back_early() -> None:
     assert not breaker.allow()
     breaker.probe_succeeded()
     assert breaker.state == "half_open" and breaker.allow()
+
+
+def test_a_cancelled_trial_is_released() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(1, 1.0, clock=clock)
+    breaker.record_failure()
+    clock.now = 1.0
+    assert breaker.allow() and not breaker.allow()  # the trial is out
+    breaker.release()  # ...and its request was cancelled: nothing learnt, slot free again
+    assert breaker.state == "half_open" and breaker.allow()

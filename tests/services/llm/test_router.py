@@ -91,3 +91,20 @@ def test_routing_settings_are_validated() -> None:
         RoutingSettings(custom_patterns={"bad": "(unclosed"})
     with pytest.raises(ValidationError, match="must include 'confidential'"):
         RoutingSettings(local_classifications=[Classification.INTERNAL])
+
+
+@pytest.mark.parametrize(
+    "query, detector",
+    [
+        ("ring 555 123 4567 after six", "phone"),
+        ("ssn 123 45 6789", "national_id"),
+        ("ssn 123456789 on file", "national_id"),
+        ("IBAN DE89 3704 0044 0532 0130 00 for the refund", "iban"),
+    ],
+)
+def test_more_personal_data_formats(router: SensitivityRouter, query: str, detector: str) -> None:
+    assert router.decide(query, []).reason == f"personal-data:{detector}"
+
+
+def test_iban_needs_a_valid_checksum(router: SensitivityRouter) -> None:
+    assert router.decide("code DE00 3704 0044 0532 0130 00 in the log", []).reason != "personal-data:iban"

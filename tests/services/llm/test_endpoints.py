@@ -1,0 +1,142 @@
+"""Endpoint clients against a misbehaving server: every oddity becomes a classified LLMError or
+is tolerated, never a raw exception (which would bypass failover)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from services.config import EndpointSettings, load_settings
+from services.llm.endpoints import LLMError, OpenAIEndpoint, TritonEndpoint
+from services.tritonserver import TritonServer
+from tests.support import serve
+
+
+def misbehaving_server() -> FastAPI:
+    """TEST DOUBLE: an LLM server with the quirks real ones have (and a few broken ones)."""
+    app = FastAPI()
+
+    def sse(lines: list[str], delay: float = 0.0):
+        async def body():
+            for line in lines:
+                if delay:
+                    await asyncio.sleep(delay)
+                yield line + "\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        model = (await request.json())["model"]
+        if model == "unauthorized":
+            return JSONResponse({"error": {"message": "jwt expired"}}, status_code=401)
+        if model == "refuses":
+            return JSONResponse({"error": {"message": "prompt too long"}}, status_code=400)
+        if model == "azure":  # an empty choices list first, null deltas, [DONE] without a space
+            chunks = [
+                {"choices": []},
+                {"choices": [{"delta": None}]},
+                {"choices": [{"delta": {"content": "Hel"}}]},
+                {"choices": [{"delta": {"content": "lo"}}]},
+            ]
+            return sse([f"data: {json.dumps(c)}" for c in chunks] + ["data:[DONE]"])
+        return sse(['data: {"choices": [{"delta": {"content": "ok"}}]}', "data: {not json"])
+
+    @app.post("/v2/models/{model}/generate_stream")
+    async def generate_stream(model: str, request: Request):
+        body = await request.json()
+        if model == "llmapi":  # the LLM-API model streams the whole text so far
+            assert body["sampling_param_max_tokens"] == [8] and body["streaming"] == [True]
+            return sse(
+                [f"data: {json.dumps({'text_output': [t]})}" for t in ("The", "The sky", "The sky is blue")]
+            )
+        if model == "silent":  # keep-alives only: httpx's read timeout never fires
+            return sse([": ping"] * 40, delay=0.1)
+        return sse(['data: {"error": "model exploded"}'])
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    with serve(misbehaving_server(), ready_path="/docs") as base:
+        yield base
+
+
+def _collect(endpoint, prompt: str = "hi", max_tokens: int = 8) -> list[str]:
+    async def run() -> list[str]:
+        try:
+            return [d async for d in endpoint.stream(prompt, max_tokens)]
+        finally:
+            await endpoint.aclose()
+
+    return asyncio.run(run())
+
+
+def _openai(url: str, model: str) -> OpenAIEndpoint:
+    return OpenAIEndpoint(EndpointSettings(kind="openai", url=url, model=model), "test")
+
+
+def test_quirky_openai_stream_is_tolerated(url: str) -> None:
+    assert _collect(_openai(url, "azure")) == ["Hel", "lo"]
+
+
+@pytest.mark.parametrize(
+    "model, kind", [("unauthorized", "transport"), ("refuses", "model"), ("garbage", "transport")]
+)
+def test_failures_are_classified(url: str, model: str, kind: str) -> None:
+    with pytest.raises(LLMError) as info:
+        _collect(_openai(url, model))
+    assert info.value.kind == kind
+
+
+def test_llmapi_cumulative_text_becomes_deltas(url: str) -> None:
+    endpoint = TritonEndpoint(EndpointSettings(url=url, model="llmapi", triton_inputs="llmapi"), "test")
+    assert _collect(endpoint) == ["The", " sky", " is blue"]
+
+
+def test_error_event_is_a_model_error(url: str) -> None:
+    with pytest.raises(LLMError, match="model exploded") as info:
+        _collect(TritonEndpoint(EndpointSettings(url=url, model="broken"), "test"))
+    assert info.value.kind == "model"
+
+
+def test_keepalives_do_not_defeat_the_first_token_deadline(url: str) -> None:
+    endpoint = TritonEndpoint(EndpointSettings(url=url, model="silent", first_token_timeout_s=1.0), "test")
+    started = time.monotonic()
+    with pytest.raises(LLMError, match="no text within 1s") as info:
+        _collect(endpoint)
+    assert info.value.kind == "timeout" and time.monotonic() - started < 2.5
+
+
+def test_rotated_token_file_is_read_per_request(tmp_path) -> None:
+    from services.llm.endpoints import BearerFromSettings
+
+    token = tmp_path / "jwt"
+    token.write_text("first\n")
+    auth = BearerFromSettings(EndpointSettings(url="http://127.0.0.1:1", api_key_file=token))
+    import httpx
+
+    assert next(auth.auth_flow(httpx.Request("GET", "http://x"))).headers["Authorization"] == "Bearer first"
+    token.write_text("second")
+    assert next(auth.auth_flow(httpx.Request("GET", "http://x"))).headers["Authorization"] == "Bearer second"
+
+
+def test_cloud_must_use_tls() -> None:
+    from services.config import ConfigError
+
+    with pytest.raises(ConfigError, match="must use https"):
+        load_settings(llm={"cloud": {"url": "http://llm.example.com"}})
+    assert load_settings(llm={"cloud": {"url": "https://llm.example.com"}}).llm.cloud is not None
+
+
+def test_triton_models_do_not_inherit_gateway_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("DUALTRACK_GATEWAY__API_KEY", "secret")
+    env = TritonServer(tmp_path, 1, 2, 3).environment()
+    assert not any(k.startswith("DUALTRACK_") for k in env) and "LD_LIBRARY_PATH" in env
