@@ -44,7 +44,7 @@ from services.config import load_settings  # noqa: E402
 from services.gateway.app import create_app  # noqa: E402
 from services.kb.service import KnowledgeBase  # noqa: E402
 from services.llm.prompt import build_prompt  # noqa: E402
-from tests.support import SAMPLES, free_port, render_test_repo, triton_with_cpu_backend  # noqa: E402
+from tests.support import free_port, ingest_samples, render_test_repo, triton_with_cpu_backend  # noqa: E402
 
 KEY = "bench-key"
 QUESTION = "How many vacation days do full-time employees get per year?"
@@ -112,13 +112,7 @@ def main() -> None:
     )
     kb = KnowledgeBase(settings)
     kb.start()
-    for path in sorted(SAMPLES.rglob("*")):
-        if (
-            path.is_file()
-            and path.suffix in (".md", ".txt", ".html", ".pdf", ".docx")
-            and path.name != "README.md"
-        ):
-            kb.ingestor.ingest_path(path, root=SAMPLES)
+    ingest_samples(kb)
     url, gateway = start_gateway(settings, kb)
     auth = {"Authorization": f"Bearer {KEY}"}
     chat = {"model": "dualtrack", "messages": [{"role": "user", "content": QUESTION}]}

@@ -158,3 +158,17 @@ def triton_with_cpu_backend(repo: Path, workdir: Path, record: Path, **env: str)
         extra_backends={"tensorrtllm": CPU_TRTLLM_BACKEND},
         env={"DUALTRACK_TEST_RECORD": str(record), **env},
     )
+
+
+def ingest_samples(kb) -> int:
+    """Ingest the sample corpus (docs/samples, sidecars honoured); returns how many documents."""
+    count = 0
+    for path in sorted(SAMPLES.rglob("*")):
+        if (
+            path.is_file()
+            and path.suffix in (".md", ".txt", ".html", ".pdf", ".docx")
+            and path.name != "README.md"
+        ):
+            kb.ingestor.ingest_path(path, root=SAMPLES)
+            count += 1
+    return count

@@ -27,6 +27,7 @@ from services.kb.service import KnowledgeBase
 from services.tritonserver import TritonServer
 from tests.support import (
     SAMPLES,
+    ingest_samples,
     offline_tokenizer_dir,
     render_test_repo,
     serve,
@@ -97,13 +98,7 @@ def gateway(sites: dict[str, Site], tmp_path_factory: pytest.TempPathFactory, em
     )
     kb = KnowledgeBase(settings, embedder=embedder)
     kb.start()
-    for path in sorted(SAMPLES.rglob("*")):
-        if (
-            path.is_file()
-            and path.suffix in (".md", ".txt", ".html", ".pdf", ".docx")
-            and path.name != "README.md"
-        ):
-            kb.ingestor.ingest_path(path, root=SAMPLES)
+    ingest_samples(kb)
     with serve(create_app(settings, kb)) as url:
         wait_ready(url)
         yield url
