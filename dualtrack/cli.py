@@ -316,7 +316,11 @@ def ask(
         raise _fail(str(exc)) from None
     console.print(f"[bold]Q:[/] {question}")
     console.print(f"[bold]A:[/] {escape(body['answer'])}", soft_wrap=True)
-    console.print(f"[dim]route: {body['route']}[/]")
+    why = body.get("route_reason")
+    failover = f"; cloud not used: {body['failover']}" if body.get("failover") else ""
+    console.print(
+        f"[dim]route: {body['route']}{f' ({why}{failover})' if why and why != 'no-cloud-endpoint' else ''}[/]"
+    )
     for c in body["citations"]:
         where = f"p. {c['page']}" if c["page"] else (c["section"] or "")
         line = (
