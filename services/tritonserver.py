@@ -204,3 +204,54 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Foreground server for a systemd unit: SIGTERM stops Triton cleanly."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m services.tritonserver", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--workdir", type=Path, help="backend directory and log (default: a temp dir)")
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    if not args.model_repository.is_dir():
+        parser.error(f"--model-repository {args.model_repository}: not a directory")
+    server = TritonServer(
+        args.model_repository.resolve(),
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        host=args.host,
+        workdir=args.workdir,
+    )
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.start(timeout_s=args.ready_timeout)
+    except TritonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        server.stop()
+        return 1
+    print(f"tritonserver ready on {server.url} (log: {server.log_path})", flush=True)
+    while not stopping and server.proc is not None and server.proc.poll() is None:
+        time.sleep(0.5)
+    code = 0 if stopping else (server.proc.returncode if server.proc else 1)
+    server.stop()
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

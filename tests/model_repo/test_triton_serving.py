@@ -155,3 +155,55 @@ def test_closing_a_stream_cancels_a_single_model_entry(onprem: tuple[TritonServe
         (record.parent / "delay").unlink()
     call = _calls(record)[-1]
     assert call["cancelled"] is True and call["tokens_sent"] < 12
+
+
+def test_foreground_launcher_for_systemd(tmp_path: Path) -> None:
+    """`python -m services.tritonserver` (what the on-prem unit runs): ready, then SIGTERM stops it."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support import free_port
+
+    repo = render_test_repo(tmp_path / "repo", role="onprem")
+    for model in ("local_fallback", "preprocessing", "tensorrt_llm", "postprocessing"):
+        import shutil
+
+        shutil.rmtree(repo / model)  # the embedding model alone: no TensorRT-LLM backend needed
+    (repo / "dualtrack-profile.json").unlink()
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.tritonserver",
+            "--model-repository",
+            str(repo),
+            "--http-port",
+            str(port),
+            "--grpc-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert f"ready on http://127.0.0.1:{port}" in line, line
+        assert httpx.get(f"http://127.0.0.1:{port}/v2/models/embedding/ready", timeout=5).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    bad = subprocess.run(
+        [sys.executable, "-m", "services.tritonserver", "--model-repository", str(tmp_path / "no")],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "not a directory" in bad.stderr
