@@ -7,9 +7,11 @@ SAMPLES := docs/samples
 CHECKOV_VENV := .venv-checkov
 CRD_SCHEMAS := tests/infra/crd_schemas
 POLICY_VENV := infra/policy/venv
+ANSIBLE_RELEASE := 12.3.0
+COLLECTIONS := containers/podman community/general ansible/posix
 QUESTION ?= How many vacation days do full-time employees get per year?
 
-.PHONY: help up down status test lint plan install install-dev clean
+.PHONY: help up down status test lint plan install install-dev clean onprem-host-tools
 
 help:
 	@echo "make up      - install, start Milvus Lite + gateway on 127.0.0.1, ingest samples, ask a question"
@@ -51,8 +53,25 @@ $(POLICY_VENV)/.installed: infra/policy/requirements.txt
 	$(POLICY_VENV)/bin/pip install -q -r infra/policy/requirements.txt
 	touch $@
 
-install: $(VENV)/.runtime
-install-dev: $(VENV)/.dev $(CHECKOV_VENV)/.installed $(CRD_SCHEMAS)/node_modules/.installed $(POLICY_VENV)/.installed
+# Galaxy is unreachable: the collections the playbooks and tests use come out of the pinned
+# `ansible` community wheel from PyPI.
+ansible/collections/.installed: Makefile | $(BIN)/python
+	$(BIN)/pip download -q --no-deps ansible==$(ANSIBLE_RELEASE) -d $(VENV)/wheels
+	rm -rf ansible/collections
+	$(BIN)/python -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+	  keep = tuple('ansible_collections/' + c + '/' for c in sys.argv[2:]); \
+	  z.extractall('ansible/collections', [n for n in z.namelist() if n.startswith(keep)])" \
+	  $(VENV)/wheels/ansible-$(ANSIBLE_RELEASE)-py3-none-any.whl $(COLLECTIONS)
+	touch $@
+
+# The on-prem tests run a systemd host in podman (root-only: installs Debian packages).
+onprem-host-tools:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq podman runc debootstrap)
+
+install: $(VENV)/.runtime ansible/collections/.installed
+install-dev: $(VENV)/.dev $(CHECKOV_VENV)/.installed $(CRD_SCHEMAS)/node_modules/.installed $(POLICY_VENV)/.installed \
+	ansible/collections/.installed onprem-host-tools
 
 up: install
 	$(BIN)/dualtrack local up

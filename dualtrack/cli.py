@@ -35,10 +35,14 @@ local_app = typer.Typer(no_args_is_help=True, help="Run the local stack (Milvus 
 kb_app = typer.Typer(no_args_is_help=True, help="Ingest, search and delete knowledge-base documents.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures go to docs/benchmarks.md).")
 model_repo_app = typer.Typer(no_args_is_help=True, help="Render and check Triton model repositories.")
+onprem_app = typer.Typer(
+    no_args_is_help=True, help="Configure on-prem hosts with Ansible (cloud outputs in)."
+)
 app.add_typer(local_app, name="local")
 app.add_typer(kb_app, name="kb")
 app.add_typer(bench_app, name="bench")
 app.add_typer(model_repo_app, name="model-repo")
+app.add_typer(onprem_app, name="onprem")
 
 console = Console()
 err = Console(stderr=True)
@@ -480,6 +484,84 @@ def model_repo_check(repo: Annotated[Path, typer.Argument(help="A Triton model r
     if problems:
         raise _fail(f"{len(problems)} problem(s) in {repo}:\n  " + "\n  ".join(problems), code=1)
     console.print(f"{repo}: ok")
+
+
+# -- on-prem track ---------------------------------------------------------------------------
+
+
+@onprem_app.command("apply")
+def onprem_apply(
+    inventory: Annotated[
+        Path | None, typer.Option("-i", "--inventory", help="Ansible inventory of the site")
+    ] = None,
+    stack: Annotated[
+        str | None, typer.Option(help="Read outputs with `pulumi stack output -s STACK`")
+    ] = None,
+    outputs: Annotated[Path | None, typer.Option(help="Stack outputs exported by CI (JSON or YAML)")] = None,
+    playbook: Annotated[str, typer.Option(help="Playbook under ansible/playbooks")] = "site.yml",
+    check: Annotated[bool, typer.Option("--check", help="Dry run: report what would change")] = False,
+    diff: Annotated[bool, typer.Option("--diff", help="Show file changes (never of secrets)")] = False,
+    limit: Annotated[str | None, typer.Option(help="Only these hosts (Ansible pattern)")] = None,
+    tags: Annotated[str | None, typer.Option(help="Only tasks with these tags")] = None,
+) -> None:
+    """Validate the cloud outputs, run the playbook with live progress, summarise per host."""
+    from dualtrack.onprem import OnPremError, apply, extravars, load_outputs
+
+    if inventory is None:
+        raise _fail("choose an inventory with -i (start from ansible/inventories/example/hosts.yml)")
+    try:
+        variables = extravars(load_outputs(stack=stack, outputs_file=outputs))
+        mode = " (check mode: nothing changes)" if check else ""
+        console.print(f"applying {playbook} to {inventory} for stack {variables['dualtrack_stack']}{mode}")
+        result = apply(
+            inventory=inventory,
+            variables=variables,
+            playbook=playbook,
+            check=check,
+            diff=diff,
+            limit=limit,
+            tags=tags,
+            runs_dir=state_dir() / "onprem-runs",
+            on_event=_ansible_progress,
+        )
+    except OnPremError as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"{playbook}: {result.status}")
+    for col in ("host", "ok", "changed", "failed", "unreachable", "skipped"):
+        table.add_column(col, justify="left" if col == "host" else "right")
+    for host, s in sorted(result.hosts.items()):
+        table.add_row(
+            escape(host), str(s.ok), str(s.changed), str(s.failed), str(s.unreachable), str(s.skipped)
+        )
+    console.print(table)
+    for failure in result.failures:
+        err.print(f"[red]failed:[/] {escape(failure)}", highlight=False)
+    console.print(f"[dim]artifacts: {result.artifacts}[/]")
+    if not result.succeeded:
+        raise typer.Exit(1)
+
+
+def _ansible_progress(event: dict[str, Any]) -> None:
+    """One line per task result: status, host, task."""
+    kinds = {
+        "runner_on_ok": "ok",
+        "runner_on_failed": "failed",
+        "runner_on_unreachable": "unreachable",
+        "runner_on_skipped": "skipped",
+    }
+    kind = kinds.get(event.get("event", ""))
+    if kind is None:
+        return
+    data = event.get("event_data", {})
+    if kind == "ok" and (data.get("res") or {}).get("changed"):
+        kind = "changed"
+    colour = {"ok": "green", "changed": "yellow", "failed": "red", "unreachable": "red", "skipped": "dim"}[
+        kind
+    ]
+    console.print(
+        f"[{colour}]{kind:>11}[/] {escape(str(data.get('host')))}  {escape(str(data.get('task')))}",
+        highlight=False,
+    )
 
 
 def main() -> None:

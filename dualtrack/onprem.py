@@ -1,0 +1,190 @@
+"""``dualtrack onprem apply``: run the on-prem playbooks with the cloud stack's outputs.
+
+The outputs come from ``pulumi stack output --json --show-secrets -s STACK`` when the
+Pulumi CLI is there, or from a file exported by CI (JSON or YAML). They are validated
+against ``infra/contract.py`` before anything runs -- a missing or mistyped output is a
+clear error, not a half-configured host -- and passed to Ansible as ``dualtrack_cloud``
+(snake_case keys), minus secret outputs, which no role needs and which ansible-runner
+would otherwise write into its artifacts. Each run keeps its artifacts (events, stats)
+in its own directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from infra.contract import SECRET_OUTPUTS, ContractError, StackOutputs, parse_outputs
+
+ROOT = Path(__file__).resolve().parent.parent
+ANSIBLE_DIR = ROOT / "ansible"
+COLLECTIONS = ANSIBLE_DIR / "collections"
+
+
+class OnPremError(RuntimeError):
+    """The run could not start; the message says why (nothing was changed)."""
+
+
+def load_outputs(*, stack: str | None = None, outputs_file: Path | None = None) -> StackOutputs:
+    if (stack is None) == (outputs_file is None):
+        raise OnPremError("give exactly one of --stack (reads `pulumi stack output`) or --outputs FILE")
+    if outputs_file is not None:
+        try:
+            raw = yaml.safe_load(outputs_file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise OnPremError(f"cannot read {outputs_file}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise OnPremError(f"{outputs_file} is not JSON or YAML: {exc}") from None
+        source = str(outputs_file)
+    else:
+        pulumi = shutil.which("pulumi")
+        if pulumi is None:
+            raise OnPremError(
+                "the Pulumi CLI is not installed here: export the outputs in CI and pass --outputs FILE"
+            )
+        done = subprocess.run(
+            [pulumi, "stack", "output", "--json", "--show-secrets", "-s", str(stack)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise OnPremError(f"pulumi stack output -s {stack} failed: {done.stderr.strip()[-500:]}")
+        raw, source = done.stdout, f"stack {stack}"
+    try:
+        return parse_outputs(raw)
+    except ContractError as exc:
+        raise OnPremError(f"outputs from {source} do not match infra/contract.py:\n{exc}") from None
+
+
+def extravars(outputs: StackOutputs) -> dict[str, Any]:
+    """What Ansible sees: every non-secret output, snake_case, under ``dualtrack_cloud``."""
+    cloud = {
+        name: value
+        for name, value in outputs.model_dump().items()
+        if (StackOutputs.model_fields[name].alias or name) not in SECRET_OUTPUTS
+    }
+    return {"dualtrack_cloud": cloud, "dualtrack_stack": outputs.environment}
+
+
+@dataclass
+class HostSummary:
+    ok: int = 0
+    changed: int = 0
+    failed: int = 0
+    unreachable: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class RunResult:
+    status: str
+    rc: int
+    hosts: dict[str, HostSummary]
+    artifacts: Path
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.rc == 0 and all(h.failed == 0 and h.unreachable == 0 for h in self.hosts.values())
+
+
+def _environment() -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)  # ansible-runner calls ansible-playbook from PATH
+    return {
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
+        "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
+        "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles"),
+        "ANSIBLE_FORCE_COLOR": "0",
+    }
+
+
+def apply(
+    *,
+    inventory: Path,
+    variables: dict[str, Any],
+    playbook: str = "site.yml",
+    check: bool = False,
+    diff: bool = False,
+    limit: str | None = None,
+    tags: str | None = None,
+    runs_dir: Path,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> RunResult:
+    """Run ``ansible/playbooks/<playbook>`` with ansible-runner; never raises for a failed play."""
+    import ansible_runner
+
+    book = ANSIBLE_DIR / "playbooks" / playbook
+    if not book.is_file():
+        known = sorted(p.name for p in (ANSIBLE_DIR / "playbooks").glob("*.yml"))
+        raise OnPremError(f"no playbook {playbook!r}; available: {', '.join(known)}")
+    if not inventory.exists():
+        raise OnPremError(f"no inventory at {inventory}")
+    run_dir = runs_dir / time.strftime("%Y%m%dT%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=False)
+    cmdline = " ".join(flag for flag, on in (("--check", check), ("--diff", diff)) if on)
+    failures: list[str] = []
+
+    def handler(event: dict[str, Any]) -> bool:
+        data = event.get("event_data", {})
+        if event.get("event") in ("runner_on_failed", "runner_on_unreachable") and not data.get(
+            "ignore_errors"
+        ):
+            message = (data.get("res") or {}).get("msg", "")
+            failures.append(f"{data.get('host')}: {data.get('task')}: {message}")
+        if on_event is not None:
+            on_event(event)
+        return True
+
+    runner = ansible_runner.run(
+        private_data_dir=str(run_dir),
+        project_dir=str(ANSIBLE_DIR),
+        playbook=str(book),
+        inventory=str(inventory.resolve()),
+        extravars=variables,
+        cmdline=cmdline or None,
+        limit=limit,
+        tags=tags,
+        envvars=_environment(),
+        event_handler=handler,
+        quiet=True,
+    )
+    stats = runner.stats or {}
+    hosts: dict[str, HostSummary] = {}
+    for key, attr in (
+        ("ok", "ok"),
+        ("changed", "changed"),
+        ("failures", "failed"),
+        ("dark", "unreachable"),
+        ("skipped", "skipped"),
+    ):
+        for host, count in (stats.get(key) or {}).items():
+            setattr(hosts.setdefault(host, HostSummary()), attr, count)
+    (run_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "status": runner.status,
+                "rc": runner.rc,
+                "check": check,
+                "hosts": {h: vars(s) for h, s in hosts.items()},
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    return RunResult(
+        status=runner.status, rc=int(runner.rc or 0), hosts=hosts, artifacts=run_dir, failures=failures
+    )
