@@ -19,7 +19,7 @@ help:
 	@echo "make status  - show what runs, its logs and health"
 	@echo "make test    - install everything and run lint + the whole test suite"
 	@echo "make plan    - offline plan of every Pulumi stack into plans/ (no cloud credentials)"
-	@echo "make lint    - ruff"
+	@echo "make lint    - ruff + ansible-lint (production profile)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,8 @@ plan: install
 
 lint: install-dev
 	$(BIN)/ruff check .
+	cd ansible && PATH="$(CURDIR)/$(BIN):$$PATH" ANSIBLE_COLLECTIONS_PATH="$(CURDIR)/ansible/collections" \
+	  $(CURDIR)/$(BIN)/ansible-lint --offline -q playbooks/ inventories/
 
 test: install-dev lint
 	$(BIN)/python -m pytest
