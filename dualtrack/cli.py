@@ -396,10 +396,10 @@ def plan(
     ] = None,
 ) -> None:
     """Run the Pulumi program under mocks and write plans/<stack>/ (no CLI, no credentials)."""
-    from dualtrack.plan import PlanError, diff_against, run_program, stale_files, write_plan
+    from dualtrack.plan import PlanError, diff_against, run_program, stack_names, stale_files, write_plan
     from infra.config import ConfigError as StackConfigError
 
-    stacks = stack or _stack_names()
+    stacks = stack or list(stack_names())
     try:
         if diff is not None:
             text = diff_against(stacks, diff)
@@ -427,12 +427,6 @@ def plan(
 
 def _relative(path: Path) -> Path:
     return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
-
-
-def _stack_names() -> list[str]:
-    from dualtrack.plan import STACKS_DIR
-
-    return sorted(p.name.split(".")[1] for p in STACKS_DIR.glob("Pulumi.*.yaml"))
 
 
 # -- Triton model repository -------------------------------------------------------------------

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -254,8 +255,6 @@ def _coherence_problems(repo: Path, models: dict[str, Any], record: dict[str, An
             if got != count:
                 problems.append(f"{model}: {got} instances, profile says {count}")
     else:
-        import yaml
-
         llm = yaml.safe_load((repo / record["entry_model"] / "1" / "model.yaml").read_text(encoding="utf-8"))
         triton = llm.get("triton_config") or {}
         expected = {

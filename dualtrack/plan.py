@@ -39,7 +39,17 @@ PLANS_DIR = ROOT / "plans"
 PROJECT = "dualtrack"
 ACCOUNT = "123456789012"
 SECRET = "[secret]"  # noqa: S105 (the mask, not a password)
-STACKS = ("dev", "staging", "prod")
+ENVIRONMENT_ORDER = ("dev", "staging", "prod")
+
+
+def stack_names(stacks_dir: Path = STACKS_DIR) -> tuple[str, ...]:
+    """Every ``stacks/Pulumi.<name>.yaml``: dev, staging, prod first, then the rest by name."""
+    names = {p.name.split(".")[1] for p in stacks_dir.glob("Pulumi.*.yaml")}
+    order = {name: i for i, name in enumerate(ENVIRONMENT_ORDER)}
+    return tuple(sorted(names, key=lambda n: (order.get(n, len(order)), n)))
+
+
+STACKS = stack_names()
 ECR_TOKEN_CALL = "aws:ecr/getAuthorizationToken:getAuthorizationToken"  # noqa: S105 (a function name)
 
 

@@ -74,6 +74,26 @@ def namespace(
     return k8s.core.v1.Namespace(resource_name, metadata={"name": name, "labels": ns_labels}, opts=opts)
 
 
+def custom_resource(
+    resource_name: str,
+    api_version: str,
+    kind: str,
+    name: str,
+    namespace: str,
+    spec: dict[str, Any],
+    opts: pulumi.ResourceOptions,
+) -> k8s.apiextensions.CustomResource:
+    """A namespaced custom resource (Istio, prometheus-operator, ECK) with the common labels."""
+    return k8s.apiextensions.CustomResource(
+        resource_name,
+        api_version=api_version,
+        kind=kind,
+        metadata={"name": name, "namespace": namespace, "labels": MANAGED_BY},
+        spec=spec,
+        opts=opts,
+    )
+
+
 def network_policy(
     resource_name: str,
     name: str,

@@ -73,11 +73,12 @@ class Logging(pulumi.ComponentResource):
         )
         crd_opts = pulumi.ResourceOptions(parent=self, depends_on=[operator, ns])
         es_memory = "8Gi" if settings.environment == "prod" else "4Gi"
-        es = k8s.apiextensions.CustomResource(
+        es = kube.custom_resource(
             f"{name}-elasticsearch",
-            api_version="elasticsearch.k8s.elastic.co/v1",
-            kind="Elasticsearch",
-            metadata={"name": CLUSTER, "namespace": NAMESPACE, "labels": kube.MANAGED_BY},
+            "elasticsearch.k8s.elastic.co/v1",
+            "Elasticsearch",
+            CLUSTER,
+            NAMESPACE,
             spec={
                 "version": cfg.elastic_version,
                 "nodeSets": [
@@ -111,11 +112,12 @@ class Logging(pulumi.ComponentResource):
             },
             opts=crd_opts,
         )
-        k8s.apiextensions.CustomResource(
+        kube.custom_resource(
             f"{name}-kibana",
-            api_version="kibana.k8s.elastic.co/v1",
-            kind="Kibana",
-            metadata={"name": CLUSTER, "namespace": NAMESPACE, "labels": kube.MANAGED_BY},
+            "kibana.k8s.elastic.co/v1",
+            "Kibana",
+            CLUSTER,
+            NAMESPACE,
             spec={
                 "version": cfg.elastic_version,
                 "count": 1,

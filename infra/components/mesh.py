@@ -31,25 +31,6 @@ RETRY_ON = "connect-failure,refused-stream,reset-before-request,unavailable"
 """Only failures before the model saw the request; 5xx/timeouts mid-generation are not retried."""
 
 
-def custom(
-    resource: str,
-    api_version: str,
-    kind: str,
-    name: str,
-    namespace: str,
-    spec: dict[str, Any],
-    opts: pulumi.ResourceOptions,
-) -> k8s.apiextensions.CustomResource:
-    return k8s.apiextensions.CustomResource(
-        resource,
-        api_version=api_version,
-        kind=kind,
-        metadata={"name": name, "namespace": namespace, "labels": kube.MANAGED_BY},
-        spec=spec,
-        opts=opts,
-    )
-
-
 class Mesh(pulumi.ComponentResource):
     """Istio control plane, ingress gateway and the serving namespace's traffic and security policy."""
 
@@ -117,7 +98,7 @@ class Mesh(pulumi.ComponentResource):
         crd_opts = pulumi.ResourceOptions(parent=self, depends_on=[istiod])
         ns = serving.namespace
 
-        custom(
+        kube.custom_resource(
             f"{name}-gateway-cr",
             "networking.istio.io/v1",
             "Gateway",
@@ -140,7 +121,7 @@ class Mesh(pulumi.ComponentResource):
             pulumi.ResourceOptions(parent=self, depends_on=[gateway_release]),
         )
 
-        custom(
+        kube.custom_resource(
             f"{name}-virtual-service",
             "networking.istio.io/v1",
             "VirtualService",
@@ -158,7 +139,7 @@ class Mesh(pulumi.ComponentResource):
         if settings.serving.canary:
             dr_subsets.append({"name": "canary", "labels": {"version": settings.serving.canary.version}})
         batch = settings.serving.model.max_batch_size
-        custom(
+        kube.custom_resource(
             f"{name}-destination-rule",
             "networking.istio.io/v1",
             "DestinationRule",
@@ -192,7 +173,7 @@ class Mesh(pulumi.ComponentResource):
             crd_opts,
         )
 
-        custom(
+        kube.custom_resource(
             f"{name}-mtls",
             "security.istio.io/v1",
             "PeerAuthentication",
@@ -206,7 +187,7 @@ class Mesh(pulumi.ComponentResource):
             },
             crd_opts,
         )
-        custom(
+        kube.custom_resource(
             f"{name}-mtls-namespace",
             "security.istio.io/v1",
             "PeerAuthentication",
@@ -222,7 +203,7 @@ class Mesh(pulumi.ComponentResource):
             "audiences": cfg.jwt.audiences,
             "forwardOriginalToken": True,
         }
-        custom(
+        kube.custom_resource(
             f"{name}-jwt-ingress",
             "security.istio.io/v1",
             "RequestAuthentication",
@@ -231,7 +212,7 @@ class Mesh(pulumi.ComponentResource):
             {"selector": {"matchLabels": {"istio": "ingress"}}, "jwtRules": [jwt_rule]},
             crd_opts,
         )
-        custom(
+        kube.custom_resource(
             f"{name}-authz-ingress",
             "security.istio.io/v1",
             "AuthorizationPolicy",
@@ -250,7 +231,7 @@ class Mesh(pulumi.ComponentResource):
             },
             crd_opts,
         )
-        custom(
+        kube.custom_resource(
             f"{name}-jwt-serving",
             "security.istio.io/v1",
             "RequestAuthentication",
@@ -260,7 +241,7 @@ class Mesh(pulumi.ComponentResource):
             crd_opts,
         )
         # An ALLOW policy with no rules matches nothing: everything in the namespace is denied...
-        custom(
+        kube.custom_resource(
             f"{name}-authz-deny",
             "security.istio.io/v1",
             "AuthorizationPolicy",
@@ -270,7 +251,7 @@ class Mesh(pulumi.ComponentResource):
             crd_opts,
         )
         # ...except what the ingress gateway forwards with a valid JWT, and metrics scrapes.
-        custom(
+        kube.custom_resource(
             f"{name}-authz-allow",
             "security.istio.io/v1",
             "AuthorizationPolicy",

@@ -217,11 +217,12 @@ class Observability(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, depends_on=[stack]),
         )
         crd_opts = pulumi.ResourceOptions(parent=self, depends_on=[stack])
-        k8s.apiextensions.CustomResource(
+        kube.custom_resource(
             f"{name}-triton-servicemonitor",
-            api_version="monitoring.coreos.com/v1",
-            kind="ServiceMonitor",
-            metadata={"name": APP, "namespace": serving.namespace, "labels": kube.MANAGED_BY},
+            "monitoring.coreos.com/v1",
+            "ServiceMonitor",
+            APP,
+            serving.namespace,
             spec={
                 "selector": {"matchLabels": {"app.kubernetes.io/name": APP}},
                 "namespaceSelector": {"matchNames": [serving.namespace]},
@@ -229,11 +230,12 @@ class Observability(pulumi.ComponentResource):
             },
             opts=crd_opts,
         )
-        k8s.apiextensions.CustomResource(
+        kube.custom_resource(
             f"{name}-triton-rules",
-            api_version="monitoring.coreos.com/v1",
-            kind="PrometheusRule",
-            metadata={"name": "triton", "namespace": NAMESPACE, "labels": kube.MANAGED_BY},
+            "monitoring.coreos.com/v1",
+            "PrometheusRule",
+            "triton",
+            NAMESPACE,
             spec={
                 "groups": [
                     {

@@ -55,7 +55,7 @@ def answer_routes(
         ]
 
     def citations_of(prompt: Prompt, outcome: Outcome) -> list[schemas.CitationOut]:
-        return cited(outcome.extra.get("citations") or citations_for(prompt.hits))
+        return cited(outcome.citations or citations_for(prompt.hits))
 
     def prompt_for(question: str, hits: list[Hit], history: Sequence[Turn] = ()) -> Prompt:
         return build_prompt(

@@ -2,7 +2,7 @@
 
 Answers are always read as streams: a silent endpoint is given up at the first-token
 deadline, a slow one at the whole-request deadline (neither moves with server
-keep-alives); ``generate`` is the one-shot call. Both speak async httpx: a client
+keep-alives). Both speak async httpx: a client
 disconnect cancels the awaiting task, which closes the upstream HTTP stream, so the
 model stops working on an answer nobody reads. Errors are classified for failover:
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Generator
-from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import httpx
@@ -37,18 +36,8 @@ class LLMError(RuntimeError):
         self.kind, self.status = kind, status
 
 
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    completion_tokens: int
-
-
 class Endpoint(Protocol):
     name: str
-
-    async def generate(
-        self, prompt: str, max_tokens: int, temperature: float | None = None
-    ) -> Generation: ...
 
     def stream(
         self, prompt: str, max_tokens: int, temperature: float | None = None
@@ -133,15 +122,12 @@ class _Base:
         if now > last:
             raise LLMError("timeout", f"generation exceeded {self.settings.request_timeout_s:.0f}s")
 
-    def _whole_request(self) -> httpx.Timeout:
-        return httpx.Timeout(self.settings.request_timeout_s, connect=self.settings.connect_timeout_s)
-
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
 class TritonEndpoint(_Base):
-    """``POST /v2/models/<model>/generate`` and ``generate_stream`` (SSE), text in, text out.
+    """``POST /v2/models/<model>/generate_stream`` (SSE), text in, text out.
 
     ``triton_inputs = "ensemble"``: the inflight-batching ensemble (text_input, max_tokens,
     stream; each event carries new text). ``"llmapi"``: TensorRT-LLM's LLM-API model
@@ -169,19 +155,6 @@ class TritonEndpoint(_Base):
         if isinstance(text, list):
             text = text[0] if text else ""
         return text if isinstance(text, str) else ""
-
-    async def generate(self, prompt: str, max_tokens: int, temperature: float | None = None) -> Generation:
-        path = f"/v2/models/{self.settings.model}/generate"
-        try:
-            r = await self.client.post(
-                path, json=self._body(prompt, max_tokens, temperature, False), timeout=self._whole_request()
-            )
-        except httpx.HTTPError as exc:
-            raise _classify(exc) from None
-        if r.status_code != 200:
-            raise _http_error(r.status_code, r.text)
-        text = self._text(_event(r.text))
-        return Generation(text=text, completion_tokens=max(1, len(text.split())) if text else 0)
 
     async def stream(
         self, prompt: str, max_tokens: int, temperature: float | None = None
@@ -234,26 +207,6 @@ class OpenAIEndpoint(_Base):
         if temperature is not None:
             body["temperature"] = temperature
         return body
-
-    async def generate(self, prompt: str, max_tokens: int, temperature: float | None = None) -> Generation:
-        try:
-            r = await self.client.post(
-                "/v1/chat/completions",
-                json=self._body(prompt, max_tokens, temperature, False),
-                timeout=self._whole_request(),
-            )
-        except httpx.HTTPError as exc:
-            raise _classify(exc) from None
-        if r.status_code != 200:
-            raise _http_error(r.status_code, r.text)
-        data = _event(r.text)
-        try:
-            text = data["choices"][0]["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise LLMError("transport", "malformed completion from the model") from None
-        return Generation(
-            text=text, completion_tokens=int((data.get("usage") or {}).get("completion_tokens", 0))
-        )
 
     async def stream(
         self, prompt: str, max_tokens: int, temperature: float | None = None

@@ -14,11 +14,11 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from services.config import LLMSettings
-from services.kb.models import Answer, Hit
+from services.kb.models import Answer, Citation, Hit
 from services.llm.breaker import CircuitBreaker, State
 from services.llm.endpoints import Endpoint, LLMError, endpoint
 from services.llm.metrics import BREAKER_STATES, LLMMetrics
@@ -39,7 +39,8 @@ class Outcome:
     completion_tokens: int = 0
     failover: str | None = None
     first_token_s: float | None = None
-    extra: dict = field(default_factory=dict)
+    citations: list[Citation] | None = None
+    """Set when the extractive answerer answered: it cites only the passages it quotes."""
 
 
 class AnswerService:
@@ -257,7 +258,7 @@ class AnswerService:
                     yield delta
         else:
             answer = await asyncio.to_thread(self.extractive, question, hits)
-            outcome.extra["citations"] = answer.citations  # it cites only the passages it quotes
+            outcome.citations = answer.citations
             if sent == 0:
                 outcome.route = "extractive"
                 self._first(outcome, started)
