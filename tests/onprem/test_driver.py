@@ -16,6 +16,17 @@ from dualtrack.plan import PLANS_DIR
 runner = CliRunner()
 
 
+@pytest.fixture
+def apply(wheelhouse: Path):
+    """``dualtrack onprem apply ARGS`` -- by default the read-only preflight playbook."""
+
+    def run(*args: str):
+        extra = [] if "--playbook" in args else ["--playbook", "preflight.yml"]
+        return runner.invoke(app, ["onprem", "apply", *args, "--wheelhouse", str(wheelhouse), *extra])
+
+    return run
+
+
 def _text(result) -> str:
     """The CLI output with rich's line wrapping undone."""
     return " ".join(result.output.split())
@@ -43,8 +54,8 @@ def _runs(state: Path) -> list[Path]:
     return sorted((state / "onprem-runs").glob("*")) if (state / "onprem-runs").exists() else []
 
 
-def test_preflight_passes_on_the_systemd_host(inventory: Path, outputs: Path, state: Path) -> None:
-    result = runner.invoke(app, ["onprem", "apply", "-i", str(inventory), "--outputs", str(outputs)])
+def test_preflight_passes_on_the_systemd_host(apply, inventory: Path, outputs: Path, state: Path) -> None:
+    result = apply("-i", str(inventory), "--outputs", str(outputs))
     assert result.exit_code == 0, result.output
     assert "ok" in result.output and "The cloud stack's outputs were passed in" in _text(result)
     (run,) = _runs(state)
@@ -59,69 +70,51 @@ def test_preflight_passes_on_the_systemd_host(inventory: Path, outputs: Path, st
     )  # secrets never handed over
 
 
-def test_check_mode_and_limit_pass_through(inventory: Path, outputs: Path, state: Path) -> None:
-    result = runner.invoke(
-        app,
-        [
-            "onprem",
-            "apply",
-            "-i",
-            str(inventory),
-            "--outputs",
-            str(outputs),
-            "--check",
-            "--diff",
-            "--limit",
-            "all",
-        ],
-    )
+def test_check_mode_and_limit_pass_through(apply, inventory: Path, outputs: Path, state: Path) -> None:
+    result = apply("-i", str(inventory), "--outputs", str(outputs), "--check", "--diff", "--limit", "all")
     assert result.exit_code == 0, result.output
     assert "check mode" in _text(result)
     assert json.loads((_runs(state)[0] / "summary.json").read_text())["check"] is True
 
 
-def test_bad_outputs_stop_before_anything_runs(inventory: Path, outputs: Path, state: Path) -> None:
+def test_bad_outputs_stop_before_anything_runs(apply, inventory: Path, outputs: Path, state: Path) -> None:
     values = json.loads(outputs.read_text())
     del values["kafkaBootstrapBrokers"]
     values["tritonHttpEndpoint"] = "http://plain"
     outputs.write_text(json.dumps(values))
-    result = runner.invoke(app, ["onprem", "apply", "-i", str(inventory), "--outputs", str(outputs)])
+    result = apply("-i", str(inventory), "--outputs", str(outputs))
     assert result.exit_code == 2
     assert "stack output 'kafkaBootstrapBrokers' is missing" in _text(result)
     assert "'tritonHttpEndpoint': 'http://plain'" in _text(result)
     assert _runs(state) == []  # nothing ran
 
 
-def test_a_failing_host_fails_the_run(inventory: Path, outputs: Path) -> None:
+def test_a_failing_host_fails_the_run(apply, inventory: Path, outputs: Path) -> None:
     group_vars = inventory.parent / "group_vars" / "all.yml"
     group_vars.write_text(
         group_vars.read_text().replace('dualtrack_python_version: "3.11"', 'dualtrack_python_version: "3.99"')
     )
-    result = runner.invoke(app, ["onprem", "apply", "-i", str(inventory), "--outputs", str(outputs)])
+    result = apply("-i", str(inventory), "--outputs", str(outputs))
     assert result.exit_code == 1
     assert "the services need 3.99 (dualtrack_python_version)" in _text(result)
 
 
-def test_an_unreachable_host_fails_the_run(tmp_path: Path, outputs: Path) -> None:
+def test_an_unreachable_host_fails_the_run(apply, tmp_path: Path, outputs: Path) -> None:
     inv = tmp_path / "gone.yml"
     inv.write_text(
         yaml.safe_dump(
             {"onprem": {"hosts": {"no-such-container": {"ansible_connection": "containers.podman.podman"}}}}
         )
     )
-    result = runner.invoke(app, ["onprem", "apply", "-i", str(inv), "--outputs", str(outputs)])
+    result = apply("-i", str(inv), "--outputs", str(outputs))
     assert result.exit_code == 1 and "unreachable" in result.output
 
 
-def test_usage_errors(outputs: Path, inventory: Path) -> None:
-    assert "choose an inventory" in _text(runner.invoke(app, ["onprem", "apply", "--outputs", str(outputs)]))
-    both = runner.invoke(
-        app, ["onprem", "apply", "-i", str(inventory), "--outputs", str(outputs), "--stack", "dev"]
-    )
+def test_usage_errors(apply, outputs: Path, inventory: Path) -> None:
+    assert "choose an inventory" in _text(apply("--outputs", str(outputs)))
+    both = apply("-i", str(inventory), "--outputs", str(outputs), "--stack", "dev")
     assert both.exit_code == 2 and "exactly one of --stack" in _text(both)
-    missing = runner.invoke(
-        app, ["onprem", "apply", "-i", str(inventory), "--outputs", str(outputs), "--playbook", "nope.yml"]
-    )
+    missing = apply("-i", str(inventory), "--outputs", str(outputs), "--playbook", "nope.yml")
     assert missing.exit_code == 2 and "no playbook 'nope.yml'; available:" in _text(missing)
 
 

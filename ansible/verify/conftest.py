@@ -1,0 +1,58 @@
+"""What the checks read from each converged host: the settings the roles wrote there.
+
+The checks compare what runs with what was configured, so they need no copy of the
+inventory's variables: the units and the (root-only) env files on the host are the truth.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+
+import pytest
+
+CONFIG_DIR = "/etc/dualtrack"
+VENV = "/opt/dualtrack/venv"
+
+
+@dataclass(frozen=True)
+class Listener:
+    address: str
+    port: int
+
+
+def _flags(argv: list[str]) -> dict[str, str]:
+    return {a[2:]: b for a, b in zip(argv, argv[1:], strict=False) if a.startswith("--")}
+
+
+def _exec_start(host, unit: str) -> list[str]:
+    text = host.file(f"/etc/systemd/system/{unit}.service").content_string
+    line = re.search(r"^ExecStart=(.+)$", text, re.MULTILINE)
+    assert line, f"{unit} has no ExecStart"
+    return shlex.split(line.group(1))
+
+
+def env_file(host, name: str) -> dict[str, str]:
+    text = host.run(f"cat {CONFIG_DIR}/{name}").stdout
+    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+
+
+@pytest.fixture(scope="module")
+def gateway_env(host) -> dict[str, str]:
+    return env_file(host, "gateway.env")
+
+
+@pytest.fixture(scope="module")
+def listeners(host, gateway_env) -> dict[str, list[Listener]]:
+    milvus = _flags(_exec_start(host, "dualtrack-milvus"))
+    triton = _flags(_exec_start(host, "dualtrack-triton"))
+    return {
+        "dualtrack-milvus": [Listener(milvus["host"], int(milvus["port"]))],
+        "dualtrack-triton": [
+            Listener(triton["host"], int(triton[key])) for key in ("http-port", "grpc-port", "metrics-port")
+        ],
+        "dualtrack-gateway": [
+            Listener(gateway_env["DUALTRACK_GATEWAY__HOST"], int(gateway_env["DUALTRACK_GATEWAY__PORT"]))
+        ],
+    }

@@ -1,0 +1,186 @@
+"""``site.yml`` converged on a real systemd host through ``dualtrack onprem apply``, then checked.
+
+One converge per session (the ``site`` fixture): the cloud endpoint from the dev stack's
+outputs is unreachable from the host (it has no network), so answers take the on-prem path:
+the host's own Triton serving the real rendered ``local_fallback`` ensemble, whose TRT-LLM
+step is the CPU TEST DOUBLE mounted from ``tests/triton`` (the only double here).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dualtrack.cli import app
+from tests.onprem.conftest import API_KEY, CLOUD_TOKEN, SAMPLE_DOC, Site, write_site
+from tests.support import SAMPLES
+
+pytestmark = pytest.mark.slow
+
+
+def _curl(site: Site, *args: str, check: bool = True) -> str:
+    done = site.host.exec("curl", "-sS", "--max-time", "60", *args, check=False)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _api(site: Site, method: str, path: str, *args: str) -> dict:
+    out = _curl(
+        site, "-X", method, "-H", f"Authorization: Bearer {API_KEY}", *args, f"http://127.0.0.1:8080{path}"
+    )
+    return json.loads(out)
+
+
+def test_converge_brings_up_every_service(site: Site) -> None:
+    (run,) = site.runs()[:1]
+    summary = site.summary(run)
+    (host,) = summary["hosts"].values()
+    assert summary["status"] == "successful" and host["failed"] == 0 and host["changed"] > 10
+    for unit in ("dualtrack-milvus", "dualtrack-triton", "dualtrack-gateway", "dualtrack-firewall"):
+        assert site.host.exec("systemctl", "is-active", unit).stdout.strip() == "active"
+
+
+def test_a_second_run_changes_nothing(site: Site) -> None:
+    code, output = site.apply()
+    assert code == 0, output[-4000:]
+    summary = site.summary(site.runs()[-1])
+    (host,) = summary["hosts"].values()
+    assert host["changed"] == 0, output[-4000:]
+
+
+def test_verify_passes_and_catches_a_stopped_service(site: Site) -> None:
+    verify = ["onprem", "verify", "-i", str(site.inventory)]
+    result = CliRunner().invoke(app, verify)
+    assert result.exit_code == 0, result.output
+    site.host.exec("systemctl", "stop", "dualtrack-gateway")
+    try:
+        broken = CliRunner().invoke(app, verify)
+        assert broken.exit_code == 1
+    finally:
+        site.host.exec("systemctl", "start", "dualtrack-gateway")
+        _wait_ready(site)
+
+
+def _wait_ready(site: Site, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if '"ready":true' in _curl(site, "http://127.0.0.1:8080/readyz", check=False).replace(" ", ""):
+            return
+        time.sleep(1)
+    raise AssertionError("the gateway did not become ready")
+
+
+def test_secrets_are_private_and_never_logged(site: Site) -> None:
+    for path, owner in (
+        ("/etc/dualtrack/gateway.env", "root"),
+        ("/etc/dualtrack/backup.env", "root"),
+        ("/etc/dualtrack/secrets/cloud-token", "dualtrack"),
+    ):
+        assert site.host.exec("stat", "-c", "%a %U", path).stdout.split() == ["600", owner]
+    assert site.host.exec("cat", "/etc/dualtrack/secrets/cloud-token").stdout == CLOUD_TOKEN
+    artifacts = "".join(
+        p.read_text(errors="ignore") for run in site.runs() for p in run.rglob("*") if p.is_file()
+    )
+    assert artifacts and "Gateway settings" in artifacts
+    for secret in (API_KEY, CLOUD_TOKEN, "kube-SECRET-token"):
+        assert secret not in artifacts
+        assert secret not in site.first_output  # type: ignore[attr-defined]
+    journal = site.host.exec("journalctl", "--no-pager", "-o", "cat").stdout
+    assert "dualtrack-gateway" in journal or "Uvicorn" in journal
+    assert API_KEY not in journal and CLOUD_TOKEN not in journal
+
+
+def test_ingest_and_ask_round_trip_inside_the_host(site: Site) -> None:
+    site.host.copy_in(SAMPLE_DOC, f"/tmp/{SAMPLE_DOC.name}")
+    ingested = _api(site, "POST", "/v1/documents", "-F", f"file=@/tmp/{SAMPLE_DOC.name}")
+    assert ingested["status"] in ("ingested", "skipped") and ingested["chunks"] > 0
+    answer = _api(
+        site,
+        "POST",
+        "/v1/ask",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        json.dumps({"question": "How many vacation days do full-time employees get per year?"}),
+    )
+    assert answer["citations"] and answer["citations"][0]["doc_id"] == ingested["doc_id"]
+    # the cloud is unreachable from the host: the on-prem Triton answered
+    assert answer["route"] == "local" and answer["failover"], answer
+    assert answer["answer"].strip()
+
+
+def test_backup_and_restore_keep_every_chunk(site: Site) -> None:
+    for path in sorted(SAMPLES.glob("products/*.md")) + sorted(SAMPLES.glob("runbooks/*.txt")):
+        site.host.copy_in(path, f"/tmp/{path.name}")
+        _api(site, "POST", "/v1/documents", "-F", f"file=@/tmp/{path.name}")
+    docs = _api(site, "GET", "/v1/documents")
+    before = {d["doc_id"]: d["chunks"] for d in docs["documents"]}
+    assert len(before) >= 2
+    started = site.host.exec("systemctl", "start", "dualtrack-backup.service", check=False)
+    assert started.returncode == 0, site.host.exec("journalctl", "-u", "dualtrack-backup", "-o", "cat").stdout
+    snapshots = site.host.exec("ls", "/var/backups/dualtrack").stdout.split()
+    assert any(name.startswith("kb-") for name in snapshots)
+
+    lost = sorted(before)[0]
+    _api(site, "DELETE", f"/v1/documents/{lost}")
+    assert lost not in {d["doc_id"] for d in _api(site, "GET", "/v1/documents")["documents"]}
+
+    code, output = site.apply("--playbook", "restore.yml")
+    assert code == 0, output[-4000:]
+    _wait_ready(site)
+    after = {d["doc_id"]: d["chunks"] for d in _api(site, "GET", "/v1/documents")["documents"]}
+    assert after == before
+    assert any(n.startswith("pre-restore-") for n in site.host.exec("ls", "/var/backups/dualtrack").stdout.split())
+
+
+def test_firewall_admits_only_the_allowlist(site: Site) -> None:
+    """A client namespace behind a veth pair: 10.99.0.2 is allowlisted, 10.98.0.2 is not."""
+    setup = """
+    ip netns add client
+    ip link add fw0 type veth peer name fw1 netns client
+    ip addr add 10.99.0.1/30 dev fw0; ip addr add 10.98.0.1/30 dev fw0; ip link set fw0 up
+    ip -n client addr add 10.99.0.2/30 dev fw1; ip -n client addr add 10.98.0.2/30 dev fw1
+    ip -n client link set fw1 up; ip -n client link set lo up
+    """
+    site.host.exec("sh", "-c", setup)
+    try:
+
+        def reach(source: str, target: str, port: int) -> bool:
+            probe = (
+                "import socket,sys; s=socket.socket(); s.settimeout(2); s.bind((sys.argv[1],0)); "
+                "sys.exit(s.connect_ex((sys.argv[2], int(sys.argv[3]))))"
+            )
+            cmd = f"ip netns exec client python3 -c {shlex.quote(probe)} {source} {target} {port}"
+            return site.host.exec("sh", "-c", cmd, check=False).returncode == 0
+
+        assert reach("10.99.0.2", "10.99.0.1", 8080)  # gateway: allowlisted client
+        assert reach("10.99.0.2", "10.99.0.1", 19530)  # Milvus: allowlisted client
+        assert not reach("10.98.0.2", "10.98.0.1", 8080)  # gateway: anyone else is dropped
+        assert not reach("10.98.0.2", "10.98.0.1", 19530)
+        assert not reach("10.99.0.2", "10.99.0.1", 8000)  # Triton: nobody but the host itself
+        counters = site.host.exec("nft", "list", "table", "inet", "dualtrack").stdout
+        assert "packets 0 bytes 0 drop" not in counters.split("dualtrack gateway")[0][-200:]
+    finally:
+        site.host.exec("ip", "netns", "del", "client", check=False)
+        site.host.exec("ip", "link", "del", "fw0", check=False)
+
+
+def test_inventory_missing_a_required_secret_is_named_and_nothing_changes(site: Site, tmp_path: Path) -> None:
+    from tests.onprem.conftest import test_site_vars
+
+    inventory = write_site(tmp_path / "bad", site.host, test_site_vars())  # no vault: no API key
+    bad = Site(site.host, inventory, site.outputs, site.vault_password, site.state, site.wheelhouse)
+    code, output = bad.apply("--playbook", "gateway.yml")
+    assert code == 1
+    text = " ".join(output.split())
+    assert "gateway_api_key" in text and "required" in text
+    summary = bad.summary(bad.runs()[-1])
+    (host,) = summary["hosts"].values()
+    assert host["changed"] == 0
+    assert site.host.exec("systemctl", "is-active", "dualtrack-gateway").stdout.strip() == "active"
