@@ -90,7 +90,7 @@ plan: install
 lint: install-dev
 	$(BIN)/ruff check .
 	cd ansible && PATH="$(CURDIR)/$(BIN):$$PATH" ANSIBLE_COLLECTIONS_PATH="$(CURDIR)/ansible/collections" \
-	  $(CURDIR)/$(BIN)/ansible-lint --offline -q playbooks/ inventories/
+	  $(CURDIR)/$(BIN)/ansible-lint --offline -q playbooks/ inventories/ roles/
 
 test: install-dev lint
 	$(BIN)/python -m pytest

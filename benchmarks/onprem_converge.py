@@ -45,7 +45,7 @@ def main() -> int:
         inventory = site_setup.write_site(
             work / "inventory",
             host,
-            site_setup.test_site_vars(),
+            site_setup.site_vars(),
             vault={"gateway_api_key": site_setup.API_KEY, "gateway_cloud_token": site_setup.CLOUD_TOKEN},
         )
         site = site_setup.Site(
@@ -57,7 +57,11 @@ def main() -> int:
             wheelhouse,
         )
         phases: dict[str, float] = {}
-        for phase, extra in (("baseline_preflight", ("--playbook", "preflight.yml")), ("converge", ()), ("rerun", ())):
+        for phase, extra in (
+            ("baseline_preflight", ("--playbook", "preflight.yml")),
+            ("converge", ()),
+            ("rerun", ()),
+        ):
             t0 = time.perf_counter()
             code, output = site.apply(*extra)
             phases[phase] = time.perf_counter() - t0

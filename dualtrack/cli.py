@@ -612,12 +612,15 @@ def onprem_verify(
     inventory: Annotated[Path, typer.Option("-i", "--inventory", help="Ansible inventory of the site")],
     limit: Annotated[str | None, typer.Option(help="Only these hosts (group or host name)")] = None,
     junit: Annotated[Path | None, typer.Option(help="Also write a JUnit XML report")] = None,
+    vault_password_file: Annotated[
+        Path | None, typer.Option(help="Decrypts the site's ansible-vault files")
+    ] = None,
 ) -> None:
     """Check the converged hosts with testinfra (units, ports, firewall, secrets, readiness)."""
     from dualtrack.onprem import OnPremError, verify
 
     try:
-        code = verify(inventory, limit, junit)
+        code = verify(inventory, limit, junit, vault_password_file)
     except OnPremError as exc:
         raise _fail(str(exc)) from None
     if code != 0:

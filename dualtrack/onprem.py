@@ -206,10 +206,13 @@ def apply(
 VERIFY_DIR = ANSIBLE_DIR / "verify"
 
 
-def inventory_hosts(inventory: Path, pattern: str = "onprem") -> dict[str, dict[str, Any]]:
+def inventory_hosts(
+    inventory: Path, pattern: str = "onprem", vault_password_file: Path | None = None
+) -> dict[str, dict[str, Any]]:
     """Hosts matching ``pattern`` with their inventory variables (``ansible-inventory --list``)."""
+    vault = ["--vault-password-file", str(vault_password_file)] if vault_password_file else []
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible-inventory"), "-i", str(inventory), "--list"],
+        [str(Path(sys.executable).parent / "ansible-inventory"), "-i", str(inventory), "--list", *vault],
         capture_output=True,
         text=True,
         env={**os.environ, **_environment()},
@@ -248,9 +251,14 @@ def testinfra_spec(name: str, hostvars: dict[str, Any]) -> str:
     raise OnPremError(f"{name}: ansible_connection {connection!r} is not supported by verify")
 
 
-def verify(inventory: Path, limit: str | None = None, junit: Path | None = None) -> int:
+def verify(
+    inventory: Path,
+    limit: str | None = None,
+    junit: Path | None = None,
+    vault_password_file: Path | None = None,
+) -> int:
     """Run the testinfra checks (``ansible/verify``) against the inventory's hosts; pytest's exit code."""
-    hosts = inventory_hosts(inventory, limit or "onprem")
+    hosts = inventory_hosts(inventory, limit or "onprem", vault_password_file)
     specs = ",".join(testinfra_spec(name, hv) for name, hv in hosts.items())
     argv = [
         sys.executable,

@@ -6,6 +6,7 @@ inventory's variables: the units and the (root-only) env files on the host are t
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ class Listener:
 
 
 def _flags(argv: list[str]) -> dict[str, str]:
-    return {a[2:]: b for a, b in zip(argv, argv[1:], strict=False) if a.startswith("--")}
+    return {a[2:]: b for a, b in itertools.pairwise(argv) if a.startswith("--")}
 
 
 def _exec_start(host, unit: str) -> list[str]:

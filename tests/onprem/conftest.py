@@ -49,13 +49,20 @@ def _podman_env_vars() -> None:
 
 @pytest.fixture(scope="session")
 def onprem_host() -> Iterator[OnPremHost]:
+    """A fresh host per session; ``ONPREM_TEST_KEEP_HOST=NAME`` reuses (and keeps) container NAME
+    -- a developer's shortcut: the converge then runs as a re-run."""
+    keep = os.environ.get("ONPREM_TEST_KEEP_HOST")
     host = OnPremHost(
-        f"dualtrack-onprem-test-{os.getpid()}", volumes=(f"{ROOT / 'tests' / 'triton'}:{TEST_BACKENDS}",)
-    ).start()
+        keep or f"dualtrack-onprem-test-{os.getpid()}",
+        volumes=(f"{ROOT / 'tests' / 'triton'}:{TEST_BACKENDS}",),
+    )
+    if not (keep and host.running()):
+        host.start()
     try:
         yield host
     finally:
-        host.stop()
+        if not keep:
+            host.stop()
 
 
 def write_site(
@@ -100,7 +107,7 @@ def write_site(
     return directory / "hosts.yml"
 
 
-def test_site_vars() -> dict:
+def site_vars() -> dict:
     """What the test site sets beyond the example: container limits, the CPU LLM stand-in."""
     return {
         "dualtrack_listen_address": "0.0.0.0",  # reachable from the client namespace of the firewall test
@@ -185,11 +192,16 @@ def site(onprem_host: OnPremHost, wheelhouse: Path, tmp_path_factory: pytest.Tem
     inventory = write_site(
         base / "inventory",
         onprem_host,
-        test_site_vars(),
+        site_vars(),
         vault={"gateway_api_key": API_KEY, "gateway_cloud_token": CLOUD_TOKEN},
     )
     converged = Site(
-        onprem_host, inventory, outputs_file(base), base / "inventory" / "vault-password", base / "state"
+        onprem_host,
+        inventory,
+        outputs_file(base),
+        base / "inventory" / "vault-password",
+        base / "state",
+        wheelhouse,
     )
     code, output = converged.apply()
     converged.first_output = output  # type: ignore[attr-defined]

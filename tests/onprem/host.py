@@ -135,6 +135,10 @@ class OnPremHost:
     def exec(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return podman("exec", self.name, *argv, check=check)
 
+    def running(self) -> bool:
+        state = podman("inspect", "--format", "{{.State.Running}}", self.name, check=False)
+        return state.stdout.strip() == "true"
+
     def copy_in(self, source: Path, target: str) -> None:
         podman("cp", str(source), f"{self.name}:{target}")
 

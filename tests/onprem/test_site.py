@@ -55,7 +55,14 @@ def test_a_second_run_changes_nothing(site: Site) -> None:
 
 
 def test_verify_passes_and_catches_a_stopped_service(site: Site) -> None:
-    verify = ["onprem", "verify", "-i", str(site.inventory)]
+    verify = [
+        "onprem",
+        "verify",
+        "-i",
+        str(site.inventory),
+        "--vault-password-file",
+        str(site.vault_password),
+    ]
     result = CliRunner().invoke(app, verify)
     assert result.exit_code == 0, result.output
     site.host.exec("systemctl", "stop", "dualtrack-gateway")
@@ -136,7 +143,9 @@ def test_backup_and_restore_keep_every_chunk(site: Site) -> None:
     _wait_ready(site)
     after = {d["doc_id"]: d["chunks"] for d in _api(site, "GET", "/v1/documents")["documents"]}
     assert after == before
-    assert any(n.startswith("pre-restore-") for n in site.host.exec("ls", "/var/backups/dualtrack").stdout.split())
+    assert any(
+        n.startswith("pre-restore-") for n in site.host.exec("ls", "/var/backups/dualtrack").stdout.split()
+    )
 
 
 def test_firewall_admits_only_the_allowlist(site: Site) -> None:
@@ -172,9 +181,9 @@ def test_firewall_admits_only_the_allowlist(site: Site) -> None:
 
 
 def test_inventory_missing_a_required_secret_is_named_and_nothing_changes(site: Site, tmp_path: Path) -> None:
-    from tests.onprem.conftest import test_site_vars
+    from tests.onprem.conftest import site_vars
 
-    inventory = write_site(tmp_path / "bad", site.host, test_site_vars())  # no vault: no API key
+    inventory = write_site(tmp_path / "bad", site.host, site_vars())  # no vault: no API key
     bad = Site(site.host, inventory, site.outputs, site.vault_password, site.state, site.wheelhouse)
     code, output = bad.apply("--playbook", "gateway.yml")
     assert code == 1
@@ -184,3 +193,25 @@ def test_inventory_missing_a_required_secret_is_named_and_nothing_changes(site: 
     (host,) = summary["hosts"].values()
     assert host["changed"] == 0
     assert site.host.exec("systemctl", "is-active", "dualtrack-gateway").stdout.strip() == "active"
+
+
+def test_restricting_ssh_without_admin_networks_is_refused(site: Site) -> None:
+    code, output = site.apply("--playbook", "firewall.yml", "-e", "firewall_restrict_ssh=true")
+    assert code == 1
+    assert "firewall_admin_cidrs" in " ".join(output.split())
+    assert host_changes(site) == 0
+
+
+def test_enabling_sync_without_the_sync_service_says_what_is_missing(site: Site) -> None:
+    code, output = site.apply("--playbook", "kb_sync.yml", "-e", "kb_sync_enabled=true")
+    assert code == 1
+    assert "no `services.sync` module" in " ".join(output.split())
+    assert host_changes(site) == 0
+    assert site.host.exec(
+        "test", "-e", "/etc/systemd/system/dualtrack-kb-sync.service", check=False
+    ).returncode
+
+
+def host_changes(site: Site) -> int:
+    (host,) = site.summary(site.runs()[-1])["hosts"].values()
+    return host["changed"]
