@@ -639,11 +639,19 @@ def _ansible_progress(event: dict[str, Any]) -> None:
     if kind is None:
         return
     data = event.get("event_data", {})
-    if kind == "ok" and (data.get("res") or {}).get("changed"):
+    res = data.get("res") or {}
+    if kind == "ok" and res.get("changed"):
         kind = "changed"
-    colour = {"ok": "green", "changed": "yellow", "failed": "red", "unreachable": "red", "skipped": "dim"}[
-        kind
-    ]
+    elif kind == "ok" and "censored" in res:
+        kind = "done"  # a no_log task: Ansible hides whether it changed (the summary counts it)
+    colour = {
+        "ok": "green",
+        "changed": "yellow",
+        "done": "cyan",
+        "failed": "red",
+        "unreachable": "red",
+        "skipped": "dim",
+    }[kind]
     console.print(
         f"[{colour}]{kind:>11}[/] {escape(str(data.get('host')))}  {escape(str(data.get('task')))}",
         highlight=False,

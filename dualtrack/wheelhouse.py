@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -78,7 +79,18 @@ def build_project_wheel(out: Path) -> Path:
 
 
 def build(target: Path) -> Path:
-    """Fill ``target`` with exactly the wheels the host needs (pip's cache makes a refresh quick)."""
+    """Fill ``target`` with exactly the wheels the host needs (pip's cache makes a refresh quick).
+
+    pip resolves platform-specific wheels for the machine it runs on, so the controller must
+    be what the hosts are: Linux on x86_64 (glibc no newer than the hosts' matters only for
+    packages without manylinux wheels; every pinned one has them).
+    """
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        raise WheelhouseError(
+            "build the wheelhouse on Linux x86_64 like the hosts "
+            f"(this is {sys.platform}/{platform.machine()}): in CI or on a jump host, "
+            "then pass --wheelhouse DIR"
+        )
     target.mkdir(parents=True, exist_ok=True)
     wheels, fresh = target / "wheels", target / "wheels.partial"
     shutil.rmtree(fresh, ignore_errors=True)

@@ -34,9 +34,17 @@ def _exec_start(host, unit: str) -> list[str]:
     return shlex.split(line.group(1))
 
 
+def _unquote(value: str) -> str:
+    """A value as systemd reads it from an env file (the roles write them double-quoted)."""
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
+    return value
+
+
 def env_file(host, name: str) -> dict[str, str]:
     text = host.run(f"cat {CONFIG_DIR}/{name}").stdout
-    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    pairs = (line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {key: _unquote(value) for key, value in pairs}
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,11 @@ a standalone Milvus and a backup restores into either:
         manifest.json                 format, collections, row counts, dimension, sha256 per file
         <collection>.jsonl.gz         every row, vectors included
 
-Consistency: the rows of both collections are counted before and after the export;
-if a writer changed them meanwhile the export is retried (3 times, then it fails rather
-than keep a torn snapshot). The snapshot is written under a ``.partial`` name and renamed
+Consistency: before and after the export, both collections' row counts and the
+registry's (document, version) pairs are compared -- a replaced document gets a new
+version, so a delete-plus-insert of equal size is caught too; if a writer changed
+anything meanwhile the export is retried (3 times, then it fails rather than keep a
+torn snapshot). The snapshot is written under a ``.partial`` name and renamed
 only when complete, so a crash never leaves something that looks like a backup.
 Retention keeps the newest ``--keep`` snapshots.
 
@@ -59,6 +61,18 @@ def _collections(settings: MilvusSettings) -> list[str]:
 def _count(client: MilvusClient, name: str) -> int:
     rows = client.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong")
     return int(rows[0]["count(*)"])
+
+
+def _state(client: MilvusClient, names: list[str], registry: str) -> tuple[dict[str, int], str]:
+    """Row counts plus a digest of the registry's (doc_id, version) pairs."""
+    counts = {name: _count(client, name) for name in names}
+    pairs = sorted(
+        (row[schema.DOC_ID], row[schema.VERSION])
+        for row in client.query(
+            registry, filter="", output_fields=[schema.DOC_ID, schema.VERSION], limit=16384
+        )
+    )
+    return counts, hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
 
 
 def _rows(client: MilvusClient, name: str) -> Iterator[dict[str, Any]]:
@@ -117,10 +131,10 @@ def create(settings: MilvusSettings, dest: Path, keep: int, prefix: str = PREFIX
         for _attempt in range(ATTEMPTS):
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(mode=0o700)
-            before = {name: _count(client, name) for name in names}
+            before = _state(client, names, names[1])
             counts = _export(client, names, partial)
-            after = {name: _count(client, name) for name in names}
-            if before == after == counts:
+            after = _state(client, names, names[1])
+            if before == after and before[0] == counts:
                 break
         else:
             shutil.rmtree(partial, ignore_errors=True)

@@ -10,16 +10,16 @@ On a Milvus that enforces authentication it also, idempotently:
 
 Milvus Lite has no users or roles (its RPCs answer UNIMPLEMENTED and accept any
 password); that is reported as ``"rbac": "unavailable"`` so the playbook can say the
-firewall is the only guard. Passwords come from the environment, never the command
-line (which any local user can read). The last line on stdout is a JSON report whose
-``changed`` flag Ansible uses.
+firewall is the only guard. Passwords come as JSON on standard input (``--secrets-stdin``:
+``{"root_password": ..., "app_password": ...}``) -- never the command line or the
+environment, which other local users and sudo's logs can see. The last line on stdout is a
+JSON report whose ``changed`` flag Ansible uses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,19 +32,9 @@ from services.kb.errors import KBError
 
 DEFAULT_ROOT_PASSWORD = "Milvus"  # noqa: S105 -- Milvus' published default, replaced here
 APP_ROLE = "dualtrack_kb_app"
-APP_PRIVILEGES = (
-    "DescribeCollection",
-    "Load",
-    "GetLoadState",
-    "GetLoadingProgress",
-    "Search",
-    "Query",
-    "Insert",
-    "Delete",
-    "Upsert",
-    "Flush",
-    "IndexDetail",
-)
+APP_PRIVILEGE_GROUP = "CollectionReadWrite"
+"""Milvus 2.5's built-in group: describe, load, search, query, insert, delete... on one collection
+(granted with ``grant_privilege_v2``; the legacy per-privilege API files DescribeCollection as global)."""
 _UNIMPLEMENTED = ("unimplemented", "not implemented", "unsupported")
 
 
@@ -108,26 +98,28 @@ def ensure_app_user(
         for g in client.describe_role(role_name=APP_ROLE).get("privileges", [])
     }
     for name in collections:
-        for privilege in APP_PRIVILEGES:
-            if (name, privilege) not in granted:
-                client.grant_privilege(
-                    role_name=APP_ROLE, object_type="Collection", privilege=privilege, object_name=name
-                )
-                report.changed = True
-                report.actions.append(f"{privilege} on {name} granted")
+        if (name, APP_PRIVILEGE_GROUP) not in granted:
+            client.grant_privilege_v2(
+                role_name=APP_ROLE, privilege=APP_PRIVILEGE_GROUP, collection_name=name, db_name="default"
+            )
+            report.changed = True
+            report.actions.append(f"{APP_PRIVILEGE_GROUP} on {name} granted")
     if APP_ROLE not in client.describe_user(user_name=user).get("roles", ()):
         client.grant_role(user_name=user, role_name=APP_ROLE)
         report.changed = True
         report.actions.append(f"role {APP_ROLE} given to {user}")
 
 
-def provision(app_user: str | None, dimension: int | None) -> Report:
+def provision(
+    app_user: str | None,
+    dimension: int | None,
+    root_password: str | None = None,
+    app_password: str | None = None,
+) -> Report:
     from services.kb.store import KnowledgeStore
 
     settings = load_settings()
     uri = settings.milvus.uri
-    root_password = os.environ.get("DUALTRACK_PROVISION_ROOT_PASSWORD")
-    app_password = os.environ.get("DUALTRACK_PROVISION_APP_PASSWORD")
     report = Report(collection=settings.milvus.collection)
     probe = MilvusClient(uri=uri, token=f"root:{root_password or DEFAULT_ROOT_PASSWORD}")
     token = ""
@@ -172,9 +164,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--app-user", help="application user to create where Milvus enforces RBAC")
     parser.add_argument("--dimension", type=int, help="vector size (default: load the embedding model)")
+    parser.add_argument("--secrets-stdin", action="store_true", help="read passwords as JSON from stdin")
     args = parser.parse_args(argv)
+    secrets: dict[str, str] = {}
+    if args.secrets_stdin:
+        try:
+            secrets = json.loads(sys.stdin.read() or "{}")
+        except ValueError:
+            print(json.dumps({"failed": True, "msg": "--secrets-stdin: standard input is not JSON"}))
+            return 1
     try:
-        report = provision(args.app_user, args.dimension)
+        report = provision(
+            args.app_user,
+            args.dimension,
+            secrets.get("root_password") or None,
+            secrets.get("app_password") or None,
+        )
     except (ConfigError, KBError, MilvusException) as exc:
         print(json.dumps({"failed": True, "msg": str(getattr(exc, "message", exc))}))
         return 1

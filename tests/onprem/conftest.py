@@ -22,7 +22,7 @@ from tests.support import DISTILL_PROFILE, SAMPLES
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_VARS = ROOT / "ansible" / "inventories" / "example" / "group_vars" / "all.yml"
 TEST_BACKENDS = "/srv/dualtrack-tests"  # tests/triton mounted read-only: the TEST DOUBLE backend
-API_KEY = "test-api-key-0123456789"
+API_KEY = 'test-api-key-0123456789\\"$x`y'  # every character systemd unescapes
 CLOUD_TOKEN = "eyJhbGciOiJub25lIn0.e30.cloud-SECRET-jwt"
 VAULT_PASSWORD = "vault-test-password"
 SAMPLE_DOC = SAMPLES / "handbook" / "employee-handbook.md"

@@ -1,4 +1,4 @@
-"""The firewall role's CIDR filters (ansible/plugins/filter/dualtrack_net.py)."""
+"""The roles' filters: CIDRs for the firewall, systemd EnvironmentFile quoting for the env files."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ from pathlib import Path
 import pytest
 from ansible.errors import AnsibleFilterError
 
-_spec = importlib.util.spec_from_file_location(
-    "dualtrack_net",
-    Path(__file__).resolve().parents[2] / "ansible" / "plugins" / "filter" / "dualtrack_net.py",
-)
-assert _spec and _spec.loader
-net = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(net)
+FILTERS = Path(__file__).resolve().parents[2] / "ansible" / "plugins" / "filter"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, FILTERS / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+net = _load("dualtrack_net")
+systemd = _load("dualtrack_systemd")
 
 
 def test_split_by_family_and_normalise() -> None:
@@ -34,3 +40,13 @@ def test_membership_for_the_lockout_guard() -> None:
     assert not net.dualtrack_in_cidrs("192.168.0.1", ["10.0.0.0/8"])
     assert not net.dualtrack_in_cidrs("not-an-ip", ["10.0.0.0/8"])
     assert net.dualtrack_in_cidrs("fd00::5", ["fd00::/64"])
+
+
+def test_env_values_are_quoted_for_systemd() -> None:
+    """systemd unescapes exactly \\ " ` $ inside double quotes; the site tests prove the round trip
+    (the test API key carries all four and the gateway accepts it)."""
+    assert systemd.systemd_env('a\\b"c$d`e') == '"a\\\\b\\"c\\$d\\`e"'
+    assert systemd.systemd_env("trailing  ") == '"trailing  "'
+    assert systemd.systemd_env(True) == '"true"' and systemd.systemd_env(8080) == '"8080"'
+    with pytest.raises(AnsibleFilterError, match="newline"):
+        systemd.systemd_env("two\nlines")
