@@ -66,6 +66,9 @@ def ensure_image() -> str:
     if podman("image", "exists", image, check=False).returncode == 0:
         return image
     tarball = cache_dir() / f"onprem-bookworm-rootfs-{digest}.tar"
+    for stale in cache_dir().glob("onprem-bookworm-rootfs*.tar"):  # an older package list's image
+        if stale != tarball:
+            stale.unlink()
     if not tarball.exists():
         rootfs = cache_dir() / "rootfs-build"
         shutil.rmtree(rootfs, ignore_errors=True)
