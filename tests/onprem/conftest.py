@@ -123,6 +123,25 @@ def site_vars() -> dict:
     }
 
 
+def run_local_playbook(directory: Path, plays: list[dict]) -> subprocess.CompletedProcess[str]:
+    """``ansible-playbook`` on localhost with the project's configuration (roles, filters)."""
+    from dualtrack.onprem import _environment
+
+    book = directory / "local-playbook.yml"
+    book.write_text(yaml.safe_dump(plays), encoding="utf-8")
+    return subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ansible-playbook"),
+            *("-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={sys.executable}"),
+            str(book),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **_environment()},
+        check=False,
+    )
+
+
 def outputs_file(directory: Path) -> Path:
     """The dev stack's outputs as CI exports them; the cloud endpoint is unreachable from the host."""
     values = yaml.safe_load((PLANS_DIR / "dev" / "outputs.yaml").read_text())
@@ -142,6 +161,8 @@ class Site:
     vault_password: Path
     state: Path
     wheelhouse: Path
+    first_output: str = ""
+    """What the first ``apply`` printed (the secrets tests search it)."""
 
     def apply(self, *args: str) -> tuple[int, str]:
         os.environ["DUALTRACK_HOME"] = str(self.state)
@@ -203,7 +224,6 @@ def site(onprem_host: OnPremHost, wheelhouse: Path, tmp_path_factory: pytest.Tem
         base / "state",
         wheelhouse,
     )
-    code, output = converged.apply()
-    converged.first_output = output  # type: ignore[attr-defined]
-    assert code == 0, output[-6000:]
+    code, converged.first_output = converged.apply()
+    assert code == 0, converged.first_output[-6000:]
     return converged

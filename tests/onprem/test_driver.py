@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from dualtrack.cli import app
-from dualtrack.plan import PLANS_DIR
+from tests.onprem.conftest import outputs_file
 
 runner = CliRunner()
 
@@ -35,13 +35,7 @@ def _text(result) -> str:
 @pytest.fixture
 def outputs(tmp_path: Path) -> Path:
     """The dev stack's outputs as CI would export them (the committed offline plan's values)."""
-    values = yaml.safe_load((PLANS_DIR / "dev" / "outputs.yaml").read_text())
-    values["kubeconfig"] = json.dumps(
-        {"apiVersion": "v1", "users": [{"user": {"token": "kube-SECRET-token"}}]}
-    )
-    path = tmp_path / "dev-outputs.json"
-    path.write_text(json.dumps(values))
-    return path
+    return outputs_file(tmp_path)
 
 
 @pytest.fixture(autouse=True)

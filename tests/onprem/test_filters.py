@@ -7,14 +7,9 @@ Run through ``ansible-playbook`` on localhost, never imported here: importing ``
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import yaml
-
-from dualtrack.onprem import _environment
+from tests.onprem.conftest import run_local_playbook
 
 EXPRESSIONS = {
     "v4": "{{ ['10.20.0.7/16', 'fd00::1/64', ' 192.168.1.5 '] | dualtrack_cidrs(4) }}",
@@ -31,20 +26,8 @@ EXPRESSIONS = {
 }
 
 
-def _playbook(tmp_path: Path, tasks: list[dict]) -> subprocess.CompletedProcess[str]:
-    book = tmp_path / "filters.yml"
-    book.write_text(yaml.safe_dump([{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]))
-    return subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ansible-playbook"),
-            *("-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={sys.executable}"),
-            str(book),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **_environment()},
-        check=False,
-    )
+def _playbook(tmp_path: Path, tasks: list[dict]):
+    return run_local_playbook(tmp_path, [{"hosts": "localhost", "gather_facts": False, "tasks": tasks}])
 
 
 def test_filters_as_ansible_evaluates_them(tmp_path: Path) -> None:

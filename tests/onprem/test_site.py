@@ -97,7 +97,7 @@ def test_secrets_are_private_and_never_logged(site: Site) -> None:
     assert artifacts and "Gateway settings" in artifacts
     for secret in (API_KEY, CLOUD_TOKEN, "kube-SECRET-token"):
         assert secret not in artifacts
-        assert secret not in site.first_output  # type: ignore[attr-defined]
+        assert secret not in site.first_output
     journal = site.host.exec("journalctl", "--no-pager", "-o", "cat").stdout
     assert "dualtrack-gateway" in journal or "Uvicorn" in journal
     assert API_KEY not in journal and CLOUD_TOKEN not in journal

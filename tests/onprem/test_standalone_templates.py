@@ -3,53 +3,30 @@ settings are rendered by Ansible itself and checked for what production depends 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
-from dualtrack.onprem import ANSIBLE_DIR, _environment
+from dualtrack.onprem import ANSIBLE_DIR
+from tests.onprem.conftest import run_local_playbook
 
 TEMPLATES = ANSIBLE_DIR / "roles" / "milvus" / "templates"
 
 
 def _render(tmp_path: Path, variables: dict) -> dict[str, str]:
-    book = tmp_path / "render.yml"
-    tasks = [
+    plays = [
+        {"hosts": "localhost", "gather_facts": False, "roles": [{"role": "dualtrack"}], "vars": variables}
+    ]
+    plays[0]["tasks"] = [
         {
             "name": f"render {name}",
             "ansible.builtin.template": {"src": str(TEMPLATES / f"{name}.j2"), "dest": str(tmp_path / name)},
         }
         for name in ("docker-compose.yml", "user.yaml", "dualtrack-milvus-compose.service")
     ]
-    book.write_text(
-        yaml.safe_dump(
-            [
-                {
-                    "hosts": "localhost",
-                    "gather_facts": False,
-                    "roles": [{"role": "dualtrack"}],
-                    "vars": variables,
-                    "tasks": tasks,
-                }
-            ]
-        )
-    )
-    done = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ansible-playbook"),
-            *("-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={sys.executable}"),
-            str(book),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **_environment()},
-        check=False,
-    )
+    done = run_local_playbook(tmp_path, plays)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    return {p.name: p.read_text() for p in tmp_path.iterdir() if p.name != "render.yml"}
+    return {p.name: p.read_text() for p in tmp_path.iterdir() if p.name != "local-playbook.yml"}
 
 
 def test_compose_project_for_production(tmp_path: Path) -> None:
