@@ -1,4 +1,5 @@
-"""``dualtrack onprem apply``: run the on-prem playbooks with the cloud stack's outputs.
+"""``dualtrack onprem apply`` / ``verify``: run the on-prem playbooks with the cloud stack's
+outputs, then check the hosts with testinfra (``ansible/verify``).
 
 The outputs come from ``pulumi stack output --json --show-secrets -s STACK`` when the
 Pulumi CLI is there, or from a file exported by CI (JSON or YAML). They are validated
