@@ -86,8 +86,7 @@ def test_knowledge_base_collections_exist(host, gateway_env) -> None:
 
 def test_gateway_ready(host, listeners) -> None:
     (gateway,) = listeners["dualtrack-gateway"]
-    wildcard = gateway.address in ("0.0.0.0", "::")  # noqa: S104 -- reading a setting, not binding
-    address = "127.0.0.1" if wildcard else gateway.address
+    address = "127.0.0.1" if gateway.address in WILDCARDS else gateway.address
     out = host.run(f"curl -sf http://{address}:{gateway.port}/readyz")
     assert out.rc == 0, f"/readyz: {out.stdout or out.stderr}"
     assert json.loads(out.stdout).get("ready") is True

@@ -130,13 +130,19 @@ def provision(
             )
         token = f"root:{ensure_root_password(uri, root_password, report)}"
         report.rbac = "enforced"
+    client = MilvusClient(uri=uri, token=token)
+    before = set(client.list_collections())
+    if dimension is None and settings.milvus.collection in before:
+        # an existing collection says its own size: no need to load the model on every re-run
+        # (the gateway still checks the model against it when it starts)
+        fields = client.describe_collection(settings.milvus.collection)["fields"]
+        dimension = next(int(f["params"]["dim"]) for f in fields if f["name"] == schema.VECTOR)
     if dimension is None:
         from services.kb.embedder import Embedder
 
         dimension = Embedder(settings.embedding).dimension
     admin = settings.milvus.model_copy(update={"token": token or None})
     store = KnowledgeStore(admin, dimension)
-    before = set(MilvusClient(uri=uri, token=token).list_collections())
     store.connect()
     store.close()
     created = {settings.milvus.collection, schema.registry_name(settings.milvus.collection)} - before

@@ -85,3 +85,10 @@ def test_provision_creates_collections_once_and_reports_lite_has_no_rbac(
     assert first.rbac == "unavailable" and "firewall" in first.message
     second = provision.provision(app_user="kb_app", dimension=384)
     assert not second.changed and second.actions == []
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a re-run must not load the embedding model")
+
+    monkeypatch.setattr("services.kb.embedder.Embedder", no_model)
+    third = provision.provision(app_user="kb_app", dimension=None)  # size read from the collection
+    assert not third.changed
