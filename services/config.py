@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -287,6 +288,117 @@ class LLMSettings(_Section):
     breaker: BreakerSettings = BreakerSettings()
 
 
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+class CdcSettings(_Section):
+    """Debezium change events from one source table, mapped to documents: each row is a
+    document whose text is ``content_column``; ``op: d`` deletes it."""
+
+    topic: str = Field(description="The Debezium topic, e.g. ``kb.public.articles``.")
+    table: str = Field(
+        description="``schema.table`` (or ``db.table``) the events must come from; others are "
+        "dead-lettered, so a mis-routed topic never writes into the knowledge base."
+    )
+    id_column: str = "id"
+    content_column: str = "body"
+    title_column: str | None = "title"
+    classification_column: str | None = Field(
+        None, description="A column holding public/internal/confidential; else classification.default."
+    )
+    format: Literal["txt", "md", "html"] = Field("md", description="How the content column is parsed.")
+    doc_id_prefix: str = Field("cdc-", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$|^$")
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        if not _TOPIC.match(v):
+            raise ValueError("must be 1-249 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+
+class SyncSettings(_Section):
+    """Knowledge sync over Kafka (``services.sync``). Production: MSK over TLS with IAM
+    (``SASL_SSL`` + ``AWS_MSK_IAM``) or SCRAM; local and tests: ``PLAINTEXT`` on loopback.
+    The connection keys come from the cloud stack's outputs (the kb_sync role writes them)."""
+
+    bootstrap_servers: str = Field(
+        "", description="host:port,host:port (stack output kafkaBootstrapBrokers)."
+    )
+    topic: str = "knowledge_updates"
+    dead_letter_topic: str = Field(
+        "", description="Where unprocessable events go with the reason; empty means ``<topic>.dlq``."
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["AWS_MSK_IAM", "SCRAM-SHA-512", "SCRAM-SHA-256"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ca_file: Path | None = Field(None, description="CA bundle for TLS; the system store when unset.")
+    aws_region: str | None = Field(None, description="For AWS_MSK_IAM; else AWS_REGION from the environment.")
+    site_id: str = Field(
+        "", description="This site's name in events it publishes; empty means the host name."
+    )
+    group_id: str = Field(
+        "dualtrack-kb-sync",
+        min_length=1,
+        description="One group per knowledge base: every store must read every partition.",
+    )
+    publish: bool = Field(False, description="Publish this site's ingests and deletes (opt-in).")
+    publish_vectors: bool = Field(
+        True, description="Ship chunk vectors so receivers with the same model skip re-embedding."
+    )
+    max_classification: Classification = Field(
+        Classification.INTERNAL,
+        description="The most sensitive label that may leave the site; confidential never does.",
+    )
+    outbox_path: Path = Field(
+        Path(".dualtrack/sync-outbox.db"),
+        description="Durable queue between a local write and the broker's acknowledgement.",
+    )
+    create_topics: bool = Field(True, description="Create missing topics (MSK has auto-creation off).")
+    partitions: int = Field(6, ge=1, le=1000)
+    replication_factor: int = Field(3, ge=1, le=10)
+    batch_size: int = Field(500, ge=1, le=100_000, description="Events applied per Milvus round trip.")
+    session_timeout_ms: int = Field(10_000, ge=1000, le=300_000)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9464, ge=0, le=65535, description="0 turns /metrics off.")
+    cdc: CdcSettings | None = None
+
+    @field_validator("topic", "dead_letter_topic")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        if v and not _TOPIC.match(v):
+            raise ValueError("must be 1-249 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("max_classification")
+    @classmethod
+    def _never_confidential(cls, v: Classification) -> Classification:
+        if v is Classification.CONFIDENTIAL:
+            raise ValueError("confidential content never leaves the premises: use public or internal")
+        return v
+
+    @model_validator(mode="after")
+    def _security(self) -> SyncSettings:
+        if self.sasl_mechanism and self.security_protocol != "SASL_SSL":
+            raise ValueError(f"sasl_mechanism {self.sasl_mechanism} needs security_protocol SASL_SSL")
+        if self.security_protocol == "SASL_SSL" and not self.sasl_mechanism:
+            raise ValueError("security_protocol SASL_SSL needs sasl_mechanism (AWS_MSK_IAM or SCRAM-SHA-512)")
+        if (self.sasl_mechanism or "").startswith("SCRAM") and not (
+            self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(f"sasl_mechanism {self.sasl_mechanism} needs sasl_username and sasl_password")
+        return self
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.dead_letter_topic or f"{self.topic}.dlq"
+
+    @property
+    def origin(self) -> str:
+        return self.site_id or socket.gethostname()
+
+
 class Settings(BaseSettings):
     """Everything the knowledge base and gateway need."""
 
@@ -305,6 +417,7 @@ class Settings(BaseSettings):
     retrieval: RetrievalSettings = RetrievalSettings()
     gateway: GatewaySettings = GatewaySettings()
     llm: LLMSettings = LLMSettings()
+    sync: SyncSettings = SyncSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -1,5 +1,5 @@
 """Shared fixtures: the real offline embedding model (loaded once), Milvus Lite
-embedded per test, a Milvus Lite server per session."""
+embedded per test, a Milvus Lite server and a Kafka-protocol broker per session."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from services.config import Settings, load_settings
 from services.kb.embedder import Embedder
 from services.kb.service import KnowledgeBase
-from tests.support import MilvusServer
+from tests.support import KafkaBroker, MilvusServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -52,3 +52,10 @@ def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusSe
     server = MilvusServer(tmp_path_factory.mktemp("milvus") / "data").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    broker = KafkaBroker(tmp_path_factory.mktemp("kafka")).start()
+    yield broker
+    broker.stop()

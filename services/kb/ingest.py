@@ -15,11 +15,13 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
+
+import numpy as np
 
 from services.config import Settings
 from services.kb.chunker import chunk_blocks
@@ -81,13 +83,39 @@ def chunk_id(doc_id: str, version: str, chunk_no: int) -> str:
     return hashlib.sha256(f"{doc_id}\x00{version}\x00{chunk_no}".encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class PreparedDocument:
+    """A parsed, classified, chunked document, not yet embedded or stored."""
+
+    record: DocumentRecord
+    chunks: list[Chunk]
+    timings: dict[str, float]
+
+
+class ChangeListener(Protocol):
+    """Told about each local write once it has succeeded (the sync publisher)."""
+
+    def document_written(
+        self, record: DocumentRecord, chunks: Sequence[Chunk], vectors: np.ndarray
+    ) -> None: ...
+
+    def document_deleted(self, doc_id: str) -> None: ...
+
+
 class Ingestor:
     """Turns documents into searchable chunks in one ``KnowledgeStore``."""
 
-    def __init__(self, settings: Settings, embedder: Embedder, store: KnowledgeStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: Embedder,
+        store: KnowledgeStore,
+        listener: ChangeListener | None = None,
+    ) -> None:
         self.settings = settings
         self.embedder = embedder
         self.store = store
+        self.listener = listener
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -133,6 +161,69 @@ class Ingestor:
         ``labels`` are operator-given classifications (flag, sidecar); the stored
         label is the most restrictive of those, the document's own and the path rules.
         """
+        prepared = self.prepare(data, source, doc_id=doc_id, labels=labels, title=title, metadata=metadata)
+        if isinstance(prepared, IngestResult):
+            return prepared
+        timings = prepared.timings
+        doc_id, version, label = (
+            prepared.record.doc_id,
+            prepared.record.version,
+            prepared.record.classification,
+        )
+        with self._doc_lock(doc_id):
+            current = self.store.get_document(doc_id)
+            if (
+                current is not None
+                and current.version == version
+                and self.store.count_chunks(doc_id, version) == current.chunks
+            ):
+                if self.store.count_chunks(doc_id) > current.chunks:
+                    self.store.purge_stale(doc_id, version)  # leftovers of an interrupted run
+                return IngestResult(
+                    name=source,
+                    status="skipped",
+                    doc_id=doc_id,
+                    chunks=current.chunks,
+                    version=version,
+                    classification=label,
+                    reason="unchanged",
+                    timings=timings,
+                )
+            chunks = prepared.chunks
+            started = time.perf_counter()
+            vectors = self.embedder.embed_passages([embedding_text(c) for c in chunks])
+            timings["embed"] = time.perf_counter() - started
+
+            started = time.perf_counter()
+            record = replace(prepared.record, ingested_at=time.time())
+            self.store.write_chunks(chunks, vectors, batch=self.settings.ingest.insert_batch)
+            self.store.activate(record)
+            self.store.purge_stale(doc_id, version)
+            timings["insert"] = time.perf_counter() - started
+            if self.listener is not None:
+                self.listener.document_written(record, chunks, vectors)
+        return IngestResult(
+            name=source,
+            status="ingested",
+            doc_id=doc_id,
+            chunks=len(chunks),
+            version=version,
+            classification=label,
+            timings=timings,
+        )
+
+    def prepare(
+        self,
+        data: bytes,
+        source: str,
+        *,
+        doc_id: str | None = None,
+        labels: list[Classification | None] | None = None,
+        title: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> PreparedDocument | IngestResult:
+        """Parse, classify and chunk without touching the store (nor embedding): the
+        document as it would be written, or a ``rejected`` result saying why not."""
         timings: dict[str, float] = {}
         limit = self.settings.ingest.max_file_bytes
         if len(source.encode()) > MAX_SOURCE:
@@ -177,64 +268,28 @@ class Ingestor:
         doc_title = title or doc.title or PurePosixPath(source).stem
         content_hash = hashlib.sha256(data).hexdigest()
         version = self._version(content_hash, label, doc_title, meta)
-
-        with self._doc_lock(doc_id):
-            current = self.store.get_document(doc_id)
-            if (
-                current is not None
-                and current.version == version
-                and self.store.count_chunks(doc_id, version) == current.chunks
-            ):
-                if self.store.count_chunks(doc_id) > current.chunks:
-                    self.store.purge_stale(doc_id, version)  # leftovers of an interrupted run
-                return IngestResult(
-                    name=source,
-                    status="skipped",
-                    doc_id=doc_id,
-                    chunks=current.chunks,
-                    version=version,
-                    classification=label,
-                    reason="unchanged",
-                    timings=timings,
-                )
-            chunks = [
-                self._chunk(doc_id, version, n, d, label, source, doc_title, meta)
-                for n, d in enumerate(drafts)
-            ]
-            started = time.perf_counter()
-            vectors = self.embedder.embed_passages([_embedding_text(doc_title, c) for c in chunks])
-            timings["embed"] = time.perf_counter() - started
-
-            started = time.perf_counter()
-            self.store.write_chunks(chunks, vectors, batch=self.settings.ingest.insert_batch)
-            self.store.activate(
-                DocumentRecord(
-                    doc_id=doc_id,
-                    version=version,
-                    content_hash=content_hash,
-                    classification=label,
-                    source=source,
-                    title=doc_title,
-                    chunks=len(chunks),
-                    ingested_at=time.time(),
-                    metadata=meta,
-                )
-            )
-            self.store.purge_stale(doc_id, version)
-            timings["insert"] = time.perf_counter() - started
-        return IngestResult(
-            name=source,
-            status="ingested",
+        chunks = [
+            self._chunk(doc_id, version, n, d, label, source, doc_title, meta) for n, d in enumerate(drafts)
+        ]
+        record = DocumentRecord(
             doc_id=doc_id,
-            chunks=len(chunks),
             version=version,
+            content_hash=content_hash,
             classification=label,
-            timings=timings,
+            source=source,
+            title=doc_title,
+            chunks=len(chunks),
+            ingested_at=time.time(),
+            metadata=meta,
         )
+        return PreparedDocument(record=record, chunks=chunks, timings=timings)
 
     def delete(self, doc_id: str) -> bool:
         with self._doc_lock(doc_id):
-            return self.store.delete_document(doc_id)
+            existed = self.store.delete_document(doc_id)
+            if existed and self.listener is not None:
+                self.listener.document_deleted(doc_id)
+            return existed
 
     def _version(self, content_hash: str, label: Classification, title: str, meta: Mapping[str, Any]) -> str:
         """Everything that changes stored rows goes into the version, so a new
@@ -284,8 +339,10 @@ class Ingestor:
         )
 
 
-def _embedding_text(title: str, chunk: Chunk) -> str:
-    """What the model sees: the title and section give short chunks their context."""
+def embedding_text(chunk: Chunk) -> str:
+    """What the model sees: the title and section give short chunks their context.
+    Shared with the sync consumer, which re-embeds received chunks the same way."""
+    title = str(chunk.metadata.get("title") or "")
     section = chunk.metadata.get("section")
     head = f"{title} - {section}" if section and section != title else title
     return f"{head}. {chunk.text}"

@@ -5,6 +5,9 @@ Two collections per knowledge base:
 ``<name>``            one row per chunk (what search reads)
 ``<name>_documents``  one row per document: the *active* version of each
 
+and, where knowledge sync runs, ``<name>_sync``: the newest change event applied
+per document (tombstones included), so replays and stale events are no-ops.
+
 Milvus has no multi-row transactions, so a document's chunks are never edited
 in place. A new version's chunks are written next to the old ones, then the
 registry row is flipped to the new version, then the old chunks are deleted.
@@ -58,6 +61,13 @@ REGISTRY_OUTPUT_FIELDS: Final = (
     METADATA,
 )
 
+# sync ledger fields (DOC_ID, VERSION, MARKER shared): the newest change applied per document
+REVISION: Final = "revision"
+ORIGIN: Final = "origin"
+DELETED: Final = "deleted"
+
+LEDGER_OUTPUT_FIELDS: Final = (DOC_ID, REVISION, ORIGIN, VERSION, DELETED)
+
 MAX_TEXT_BYTES: Final = 65535
 MAX_DOC_ID: Final = 256
 MAX_SOURCE: Final = 1024
@@ -65,6 +75,10 @@ MAX_SOURCE: Final = 1024
 
 def registry_name(collection: str) -> str:
     return f"{collection}_documents"
+
+
+def ledger_name(collection: str) -> str:
+    return f"{collection}_sync"
 
 
 def chunk_schema(dim: int) -> CollectionSchema:
@@ -93,6 +107,19 @@ def registry_schema() -> CollectionSchema:
     schema.add_field(CHUNKS, DataType.INT64)
     schema.add_field(INGESTED_AT, DataType.INT64)
     schema.add_field(METADATA, DataType.JSON)
+    schema.add_field(MARKER, DataType.FLOAT_VECTOR, dim=MARKER_DIM)
+    return schema
+
+
+def ledger_schema() -> CollectionSchema:
+    """One row per document a sync consumer or publisher has touched, deletes included
+    (a tombstone): what makes an older or repeated change event a no-op."""
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field(DOC_ID, DataType.VARCHAR, is_primary=True, max_length=MAX_DOC_ID)
+    schema.add_field(REVISION, DataType.INT64)
+    schema.add_field(ORIGIN, DataType.VARCHAR, max_length=128)
+    schema.add_field(VERSION, DataType.VARCHAR, max_length=64)
+    schema.add_field(DELETED, DataType.BOOL)
     schema.add_field(MARKER, DataType.FLOAT_VECTOR, dim=MARKER_DIM)
     return schema
 

@@ -15,7 +15,7 @@ from services.kb.answer import Answerer, ExtractiveAnswerer
 from services.kb.embedder import Embedder
 from services.kb.errors import KBError, StoreUnavailable
 from services.kb.filters import SearchFilter
-from services.kb.ingest import Ingestor
+from services.kb.ingest import ChangeListener, Ingestor
 from services.kb.models import Answer, Hit
 from services.kb.retriever import Retriever
 from services.kb.store import KnowledgeStore
@@ -45,6 +45,8 @@ class KnowledgeBase:
         self._model_error: str | None = None
         self._lock = threading.RLock()
         self.answerer: Answerer | None = None
+        self.listener: ChangeListener | None = None
+        """Told about every successful local write (the sync publisher, when publishing)."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -90,7 +92,7 @@ class KnowledgeBase:
     def ingestor(self) -> Ingestor:
         with self._lock:
             if self._ingestor is None:
-                self._ingestor = Ingestor(self.settings, self.embedder, self.store)
+                self._ingestor = Ingestor(self.settings, self.embedder, self.store, self.listener)
             return self._ingestor
 
     def readiness(self) -> Readiness:

@@ -158,6 +158,11 @@ class KnowledgeStore:
             return f"collection {self.collection!r} is missing in Milvus at {self.where}"
         return None
 
+    def call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one client call with this store's timeout, reload-on-restart and error
+        translation; for companions sharing the connection (the sync ledger)."""
+        return self._call(what, fn, *args, **kwargs)
+
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", self.settings.timeout_s)
         try:
@@ -338,6 +343,24 @@ class KnowledgeStore:
         )
         self.purge_stale(doc_id, None)
         return existed
+
+    def purge_stale_many(self, keep: dict[str, str], group: int = 100) -> None:
+        """``purge_stale`` for many documents in few round trips (the sync consumer's batches)."""
+        items = sorted(keep.items())
+        for start in range(0, len(items), group):
+            expr = " or ".join(
+                f"({schema.DOC_ID} == {literal(d)} and {schema.VERSION} != {literal(v)})"
+                for d, v in items[start : start + group]
+            )
+            self._call("delete", self.client.delete, self.collection, filter=expr)
+
+    def delete_documents(self, doc_ids: Sequence[str], group: int = 1000) -> None:
+        """``delete_document`` for many documents: registry rows first, then their chunks."""
+        ids = sorted(set(doc_ids))
+        for start in range(0, len(ids), group):
+            expr = in_list(schema.DOC_ID, ids[start : start + group])
+            self._call("delete", self.client.delete, self.registry, filter=expr)
+            self._call("delete", self.client.delete, self.collection, filter=expr)
 
     def count_chunks(self, doc_id: str | None = None, version: str | None = None) -> int:
         parts = []

@@ -1,0 +1,194 @@
+"""The sync consumer: knowledge-update (and Debezium) events into this knowledge base.
+
+Delivery is at-least-once and the effect exactly-once:
+
+* offsets are committed only after a batch's knowledge-base writes (and its
+  dead-letter records) are done, so a crash re-delivers, never skips;
+* applying is idempotent and newest-wins (``services.sync.apply``), so a
+  re-delivered, duplicated or out-of-order event changes nothing it should not;
+* a message that cannot be applied (not JSON, unknown schema version, wrong
+  vector dimension, a refused classification) goes to the dead-letter topic with
+  the reason in its headers, and the consumer moves on;
+* while the knowledge base is unavailable the batch is retried with back-off and
+  nothing is committed;
+* SIGTERM finishes the batch in hand, commits it, and leaves the group.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from services.config import Settings
+from services.kb.errors import KBError
+from services.kb.ingest import Ingestor
+from services.kb.service import KnowledgeBase
+from services.sync import cdc, events
+from services.sync.apply import Applier, Outcome
+from services.sync.kafka import consumer_config, ensure_topics, producer_config, updates_topic_config
+from services.sync.metrics import ConsumerMetrics
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = "dualtrack.dlq.reason"
+
+
+class SyncConsumer:
+    """One consumer process for one knowledge base."""
+
+    def __init__(self, settings: Settings, kb: KnowledgeBase, metrics: ConsumerMetrics | None = None) -> None:
+        self.settings = settings
+        self.sync = settings.sync
+        self.kb = kb
+        self.metrics = metrics or ConsumerMetrics()
+        self.applier = Applier(settings, kb.store, kb.embedder)
+        self.ingestor = Ingestor(settings, kb.embedder, kb.store)  # CDC rows: parse + chunk only
+        self._last_lag = 0.0
+
+    @property
+    def topics(self) -> list[str]:
+        return [self.sync.topic] + ([self.sync.cdc.topic] if self.sync.cdc else [])
+
+    def prepare_topics(self) -> None:
+        """Create our topics if missing (the Debezium topic belongs to Debezium)."""
+        if self.sync.create_topics:
+            created = ensure_topics(
+                self.sync,
+                {
+                    self.sync.topic: updates_topic_config(self.sync.replication_factor),
+                    self.sync.dlq_topic: {},
+                },
+            )
+            for name in created:
+                log.info("created topic %s", name)
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set."""
+        self.prepare_topics()
+        consumer = Consumer({**consumer_config(self.sync), "error_cb": _log_error})
+        dlq = Producer({**producer_config(self.sync), "error_cb": _log_error})
+        consumer.subscribe(self.topics)
+        log.info("consuming %s as group %s", ", ".join(self.topics), self.sync.group_id)
+        try:
+            while not stop.is_set():
+                messages = consumer.consume(self.sync.batch_size, timeout=0.5)
+                if messages:
+                    started = time.perf_counter()
+                    if self.handle(consumer, dlq, messages, stop):
+                        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+                if time.monotonic() - self._last_lag > 5 or not messages:
+                    self.update_lag(consumer)
+        finally:
+            consumer.close()  # leaves the group at once: partitions move without waiting for a timeout
+            dlq.flush(10)
+
+    def handle(
+        self, consumer: Consumer, dlq: Producer, messages: Sequence[Message], stop: threading.Event
+    ) -> bool:
+        """Apply one batch and commit it; False when stopped before it was applied."""
+        updates: list[tuple[Message, Any]] = []
+        changes: list[tuple[Message, Any]] = []
+        dead: list[tuple[Message, str, bool]] = []
+        offsets: dict[tuple[str, int], int] = {}
+        for m in messages:
+            if m.error() is not None:
+                if m.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("kafka: %s", m.error())
+                continue
+            offsets[(m.topic(), m.partition())] = m.offset() + 1
+            try:
+                if self.sync.cdc is not None and m.topic() == self.sync.cdc.topic:
+                    event = cdc.translate(m.value(), m.key(), self.sync.cdc, self.ingestor)
+                    if event is not None:
+                        changes.append((m, event))
+                else:
+                    updates.append((m, events.decode(m.value())))
+            except events.InvalidEvent as exc:
+                self.metrics.outcome(m.topic(), "dead_letter")
+                dead.append((m, str(exc), False))
+        for batch, from_sites in ((updates, True), (changes, False)):
+            if not batch:
+                continue
+            outcomes = self._apply([e for _, e in batch], from_sites, stop)
+            if outcomes is None:
+                return False
+            for (m, _), outcome in zip(batch, outcomes, strict=True):
+                self.metrics.outcome(m.topic(), outcome.status)
+                if outcome.status == "dead_letter":
+                    dead.append((m, outcome.reason or "unprocessable", outcome.sensitive))
+        self.metrics.reembedded.inc(self.applier.reembedded_chunks)
+        self.applier.reembedded_chunks = 0
+        self._dead_letter(dlq, dead)
+        self._commit(consumer, offsets)
+        return True
+
+    def _apply(self, batch: list[Any], from_sites: bool, stop: threading.Event) -> list[Outcome] | None:
+        delay = 0.5
+        while True:
+            try:
+                return self.applier.apply(batch, from_other_sites=from_sites)
+            except KBError as exc:
+                self.metrics.store_retries.inc()
+                log.warning("knowledge base unavailable (%s); retrying in %.1fs", exc, delay)
+                if stop.wait(delay):
+                    return None  # stopping: nothing applied for sure, nothing committed
+                delay = min(delay * 2, 30.0)
+
+    def _dead_letter(self, dlq: Producer, dead: list[tuple[Message, str, bool]]) -> None:
+        if not dead:
+            return
+        failures: list[str] = []
+
+        def report(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                failures.append(str(err))
+
+        for m, reason, sensitive in dead:
+            log.warning("dead-lettering %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), reason)
+            headers = [
+                (REASON_HEADER, reason.encode()),
+                ("dualtrack.dlq.topic", m.topic().encode()),
+                ("dualtrack.dlq.partition", str(m.partition()).encode()),
+                ("dualtrack.dlq.offset", str(m.offset()).encode()),
+                ("dualtrack.dlq.at", str(time.time()).encode()),
+            ]
+            # a refused confidential event is recorded, never copied
+            value = None if sensitive else m.value()
+            dlq.produce(self.sync.dlq_topic, key=m.key(), value=value, headers=headers, on_delivery=report)
+        dlq.flush(60)
+        if failures or len(dlq):
+            raise RuntimeError(f"the dead-letter topic did not take {len(dead)} record(s): {failures[:1]}")
+
+    def _commit(self, consumer: Consumer, offsets: dict[tuple[str, int], int]) -> None:
+        if not offsets:
+            return
+        try:
+            consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
+            )
+        except KafkaException as exc:
+            # a rebalance took the partition: its new owner re-applies (idempotently)
+            log.warning("offset commit failed (%s); the events will be applied again", exc)
+
+    def update_lag(self, consumer: Consumer) -> None:
+        self._last_lag = time.monotonic()
+        try:
+            assigned = consumer.assignment()
+            if not assigned:
+                return
+            committed = consumer.committed(assigned, timeout=5)
+            for tp in committed:
+                low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+                done = tp.offset if tp.offset >= 0 else low
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(high - done, 0))
+        except KafkaException as exc:
+            log.debug("lag not updated: %s", exc)
+
+
+def _log_error(err: Any) -> None:
+    log.warning("kafka: %s", err)

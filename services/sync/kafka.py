@@ -1,0 +1,131 @@
+"""librdkafka client settings and topic creation, from ``SyncSettings``.
+
+MSK (production) is reached over TLS with IAM (``AWS_MSK_IAM``: a SigV4 token
+from the host's standard AWS credential chain, sent as SASL/OAUTHBEARER) or
+SCRAM; local brokers over PLAINTEXT. MSK has automatic topic creation off, so
+the consumer creates the topics it needs (compacted updates topic: the newest
+event per document is kept forever, so a new site can replay the whole state).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from services.config import ConfigError, SyncSettings
+
+log = logging.getLogger(__name__)
+
+
+def client_config(sync: SyncSettings) -> dict[str, Any]:
+    """Connection settings shared by producers, consumers and the admin client."""
+    if not sync.bootstrap_servers.strip():
+        raise ConfigError(
+            "sync.bootstrap_servers is empty: set it to the brokers (stack output kafkaBootstrapBrokers, "
+            "env DUALTRACK_SYNC__BOOTSTRAP_SERVERS)"
+        )
+    conf: dict[str, Any] = {
+        "bootstrap.servers": sync.bootstrap_servers,
+        "security.protocol": sync.security_protocol,
+        "client.id": f"dualtrack-{sync.origin}",
+    }
+    if sync.ca_file is not None:
+        conf["ssl.ca.location"] = str(sync.ca_file)
+    if sync.sasl_mechanism == "AWS_MSK_IAM":
+        region = sync.aws_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if not region:
+            raise ConfigError("sync.sasl_mechanism AWS_MSK_IAM needs sync.aws_region (or AWS_REGION)")
+        conf["sasl.mechanism"] = "OAUTHBEARER"
+        conf["oauth_cb"] = _msk_iam_token(region)
+    elif sync.sasl_mechanism:
+        assert sync.sasl_password is not None
+        conf["sasl.mechanism"] = sync.sasl_mechanism
+        conf["sasl.username"] = sync.sasl_username
+        conf["sasl.password"] = sync.sasl_password.get_secret_value()
+    return conf
+
+
+def _msk_iam_token(region: str) -> Any:
+    """An OAUTHBEARER callback that signs an MSK IAM token with the host's AWS credentials."""
+
+    def refresh(_config: str) -> tuple[str, float]:
+        from aws_msk_iam_sasl_signer import MSKAuthTokenProvider
+
+        token, expiry_ms = MSKAuthTokenProvider.generate_auth_token(region)
+        return token, expiry_ms / 1000.0
+
+    return refresh
+
+
+def producer_config(sync: SyncSettings) -> dict[str, Any]:
+    """Idempotent, acks=all: a retried send is never duplicated nor reordered."""
+    return {
+        **client_config(sync),
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 20,
+        "compression.type": "zstd",
+        "message.timeout.ms": 60_000,
+    }
+
+
+def consumer_config(sync: SyncSettings) -> dict[str, Any]:
+    """Offsets are committed by hand, after the knowledge-base write."""
+    return {
+        **client_config(sync),
+        "group.id": sync.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": sync.session_timeout_ms,
+        "heartbeat.interval.ms": max(sync.session_timeout_ms // 4, 500),
+        "max.poll.interval.ms": 600_000,  # re-embedding a large batch can take minutes
+        "isolation.level": "read_committed",
+    }
+
+
+def ensure_topics(sync: SyncSettings, topics: dict[str, dict[str, str]], timeout: float = 30.0) -> list[str]:
+    """Create the missing ``topics`` (name -> topic config); returns those created.
+    The replication factor is capped at the broker count (a one-broker dev cluster)."""
+    admin = AdminClient(client_config(sync))
+    admin.poll(0)  # lets an OAUTHBEARER token be fetched
+    try:
+        meta = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise ConnectionError(f"Kafka at {sync.bootstrap_servers} is unreachable: {exc}") from None
+    missing = [name for name in topics if name not in meta.topics]
+    if not missing:
+        return []
+    replicas = min(sync.replication_factor, max(len(meta.brokers), 1))
+    if replicas < sync.replication_factor:
+        log.warning(
+            "only %d broker(s): creating topics with replication factor %d", len(meta.brokers), replicas
+        )
+    futures = admin.create_topics(
+        [
+            NewTopic(name, num_partitions=sync.partitions, replication_factor=replicas, config=topics[name])
+            for name in missing
+        ],
+        request_timeout=timeout,
+    )
+    created = []
+    for name, future in futures.items():
+        try:
+            future.result()
+            created.append(name)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise ConnectionError(f"cannot create topic {name!r}: {exc}") from None
+    return created
+
+
+def updates_topic_config(replicas: int) -> dict[str, str]:
+    """Compacted: the newest event per document stays, older ones are cleaned up."""
+    conf = {"cleanup.policy": "compact"}
+    if replicas >= 3:
+        conf["min.insync.replicas"] = "2"
+    return conf

@@ -1,0 +1,131 @@
+"""Applying events to a real Milvus Lite store: idempotent, newest-wins, tombstones,
+shipped vectors vs re-embedding. (The broker around it: test_consumer.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.kb.ingest import chunk_id
+from services.kb.service import KnowledgeBase
+from services.sync.apply import Applier
+from services.sync.ledger import SyncLedger
+from tests.services.sync.conftest import delete, unit_vectors, upsert
+
+
+@pytest.fixture
+def applier(kb: KnowledgeBase) -> Applier:
+    return Applier(kb.settings, kb.store, kb.embedder)
+
+
+def state(kb: KnowledgeBase, doc_id: str) -> tuple[str | None, int]:
+    record = kb.store.get_document(doc_id)
+    return (record.version if record else None, kb.store.count_chunks(doc_id))
+
+
+def test_the_same_event_twice_is_one_state(kb: KnowledgeBase, applier: Applier) -> None:
+    e = upsert("handbook", 10, ["Remote work needs a manager's approval.", "Laptops are encrypted."])
+    assert [o.status for o in applier.apply([e])] == ["applied"]
+    assert [o.status for o in applier.apply([e])] == ["duplicate"]
+    assert [o.status for o in applier.apply([e, e])] == ["duplicate", "duplicate"]
+    assert state(kb, "handbook") == (e.version, 2)
+    ids = {c.id for c in kb.store.chunks_of("handbook", e.version)}
+    assert ids == {chunk_id("handbook", e.version, n) for n in range(2)}
+
+
+def test_an_older_version_never_overwrites_a_newer_one(kb: KnowledgeBase, applier: Applier) -> None:
+    old = upsert("policy", 100, ["Old rule one.", "Old rule two.", "Old rule three."])
+    new = upsert("policy", 200, ["New rule."])
+    assert applier.apply([new])[0].status == "applied"
+    outcome = applier.apply([old])[0]
+    assert outcome.status == "stale" and "200" in (outcome.reason or "")
+    assert state(kb, "policy") == (new.version, 1)
+    # in one batch, in either order, the newest wins and nothing of the other is left
+    fresh = upsert("policy2", 1, ["a."]), upsert("policy2", 2, ["b.", "c."])
+    applier.apply([fresh[1], fresh[0]])
+    assert state(kb, "policy2") == (fresh[1].version, 2)
+
+
+def test_a_newer_version_replaces_every_chunk_of_the_old(kb: KnowledgeBase, applier: Applier) -> None:
+    v1 = upsert("guide", 1, ["one.", "two.", "three."])
+    v2 = upsert("guide", 2, ["only."])
+    applier.apply([v1])
+    applier.apply([v2])
+    assert state(kb, "guide") == (v2.version, 1)
+
+
+def test_a_delete_racing_an_upsert(kb: KnowledgeBase, applier: Applier) -> None:
+    up = upsert("memo", 5, ["Quarterly numbers."])
+    gone = delete("memo", 6)
+    applier.apply([up])
+    applier.apply([gone])
+    assert state(kb, "memo") == (None, 0)
+    # the upsert delivered again after the delete (a retry, a reordering): still gone
+    assert applier.apply([up])[0].status == "stale"
+    assert applier.apply([gone])[0].status == "duplicate"
+    assert state(kb, "memo") == (None, 0)
+    # the delete arriving before the upsert it follows: the upsert must not resurrect it
+    applier.apply([delete("memo2", 9), upsert("memo2", 8, ["x."])])
+    assert state(kb, "memo2") == (None, 0)
+    ledger = SyncLedger(kb.store).get(["memo2"])["memo2"]
+    assert ledger.deleted and ledger.revision == 9
+    # a later upsert does bring it back
+    back = upsert("memo", 7, ["Revised numbers."])
+    assert applier.apply([back])[0].status == "applied"
+    assert state(kb, "memo") == (back.version, 1)
+
+
+def test_equal_revisions_are_ordered_by_origin(kb: KnowledgeBase, applier: Applier) -> None:
+    a = upsert("shared", 50, ["from a."], origin="site-a")
+    b = upsert("shared", 50, ["from b."], origin="site-b")
+    applier.apply([b])
+    assert applier.apply([a])[0].status == "stale"  # ("site-a" < "site-b")
+    assert state(kb, "shared") == (b.version, 1)
+
+
+def test_shipped_vectors_are_used_when_the_model_matches(kb: KnowledgeBase, applier: Applier) -> None:
+    dim = kb.store.dimension
+    shipped = unit_vectors(2, dim, seed=1)
+    e = upsert("vec", 1, ["alpha.", "beta."], vectors=shipped, model=kb.embedder.model_id)
+    applier.apply([e])
+    assert applier.reembedded_chunks == 0
+    rows = kb.store.client.query(
+        kb.store.collection, filter='doc_id == "vec"', output_fields=["chunk_no", "embedding"]
+    )
+    stored = np.array([r["embedding"] for r in sorted(rows, key=lambda r: r["chunk_no"])], dtype=np.float32)
+    np.testing.assert_allclose(stored, shipped, atol=1e-6)
+
+
+def test_vectors_of_another_model_are_replaced_by_local_embeddings(
+    kb: KnowledgeBase, applier: Applier
+) -> None:
+    dim = kb.store.dimension
+    foreign = upsert(
+        "foreign",
+        1,
+        ["Expense reports are due monthly."],
+        vectors=unit_vectors(1, dim, 2),
+        model="other/model",
+    )
+    applier.apply([foreign])
+    assert applier.reembedded_chunks == 1
+    hits = kb.search("When are expense reports due?", top_k=1)
+    assert hits and hits[0].chunk.doc_id == "foreign" and hits[0].score > 0.5
+    # a different dimension altogether: re-embedded too, not refused
+    wide = upsert(
+        "wide", 1, ["Badges open the east door."], vectors=unit_vectors(1, dim * 2, 3), model="big/model"
+    )
+    assert applier.apply([wide])[0].status == "applied"
+    assert state(kb, "wide") == (wide.version, 1)
+
+
+def test_confidential_from_another_site_is_refused_and_not_copied(
+    kb: KnowledgeBase, applier: Applier
+) -> None:
+    secret = upsert("merger", 1, ["Project Falcon terms."], classification="confidential")
+    outcome = applier.apply([secret])[0]
+    assert outcome.status == "dead_letter" and outcome.sensitive
+    assert "confidential" in (outcome.reason or "")
+    assert state(kb, "merger") == (None, 0)
+    # this site's own database (CDC) may hold its confidential rows
+    assert applier.apply([secret], from_other_sites=False)[0].status == "applied"
