@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, Response, UploadFile, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from services.config import Settings
 from services.gateway import schemas
@@ -34,6 +34,7 @@ from services.kb.models import Hit
 from services.kb.service import KnowledgeBase
 from services.llm.metrics import LLMMetrics
 from services.llm.service import AnswerService
+from services.sync.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,19 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     knowledge = kb or KnowledgeBase(settings)
     metrics = Metrics()
     answers = AnswerService(settings.llm, knowledge.answer, LLMMetrics(metrics.registry))
+    publisher = publisher_for(settings, knowledge, metrics.registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         starter = threading.Thread(target=knowledge.start, name="kb-start", daemon=True)
         starter.start()
         await answers.start()
+        if publisher is not None:
+            publisher.start()
         yield
         await answers.aclose()
+        if publisher is not None:
+            publisher.close()
         knowledge.close()
 
     app = FastAPI(
@@ -298,6 +304,15 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
 
     app.include_router(answer_routes(settings, answers, _search, _url, secured))
     return app
+
+
+def publisher_for(settings: Settings, knowledge: KnowledgeBase, registry: CollectorRegistry) -> Publisher | None:
+    """The sync publisher, when ``sync.publish`` is on: told of every successful write."""
+    if not settings.sync.publish:
+        return None
+    publisher = Publisher(settings, lambda: knowledge.store, lambda: knowledge.embedder.model_id, registry)
+    knowledge.listener = publisher
+    return publisher
 
 
 def _known_shape(doc_id: str) -> None:

@@ -32,6 +32,7 @@ def client_config(sync: SyncSettings) -> dict[str, Any]:
         "bootstrap.servers": sync.bootstrap_servers,
         "security.protocol": sync.security_protocol,
         "client.id": f"dualtrack-{sync.origin}",
+        "logger": logging.getLogger("services.sync.librdkafka"),  # not raw stderr
     }
     if sync.ca_file is not None:
         conf["ssl.ca.location"] = str(sync.ca_file)

@@ -185,7 +185,14 @@ class Publisher:
 
         for seq, key, value in batch:
             self._produce(key, value, delivered(seq))
-        self._producer.flush(timeout)
+        deadline = time.monotonic() + timeout
+        while len(self._producer) and time.monotonic() < deadline:
+            self._producer.flush(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        if len(self._producer):
+            # unreachable broker: withdraw this round so the next one does not send it twice;
+            # the rows stay in the outbox
+            self._producer.purge()
+            self._producer.flush(0)
         self.outbox.remove(acked)
         self.metrics.pending.set(self.outbox.count())
         return len(acked)
@@ -214,6 +221,8 @@ class Publisher:
         if self._relay is not None:
             self._relay.join(timeout)
         self.drain(timeout)
+        self._producer.purge()  # what is left stays in the outbox for the next start
+        self._producer.flush(0)
         self.outbox.close()
 
 

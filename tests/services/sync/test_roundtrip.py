@@ -1,0 +1,159 @@
+"""Two sites through a real broker: what site A ingests (and may share) site B can
+answer from; what is confidential never reaches the topic."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from services.config import GatewaySettings, Settings
+from services.kb.classification import Classification
+from services.kb.embedder import Embedder
+from services.kb.service import KnowledgeBase
+from services.sync.publisher import Publisher
+from tests.services.sync.conftest import counter, read_topic, running_consumer
+from tests.services.sync.test_consumer import wait_for
+from tests.support import SAMPLES, ingest_samples
+
+QUERIES = [
+    "How long do I have to submit travel expenses?",
+    "What should I do during a security incident?",
+    "How does database failover work?",
+    "What battery life do the robots have?",
+]
+
+
+@pytest.fixture
+def site_a(sync_settings: Callable[..., Settings], embedder: Embedder) -> Iterator[tuple[KnowledgeBase, Publisher]]:
+    settings = sync_settings("a", publish=True)
+    kb = KnowledgeBase(settings, embedder=embedder)
+    kb.start()
+    publisher = Publisher(settings, lambda: kb.store, lambda: kb.embedder.model_id)
+    kb.listener = publisher
+    publisher.start()
+    yield kb, publisher
+    publisher.close()
+    kb.close()
+
+
+def published(publisher: Publisher, kind: str) -> float:
+    return publisher.metrics.registry.get_sample_value("dualtrack_sync_published_total", {"type": kind}) or 0.0
+
+
+def test_site_b_answers_like_site_a(
+    site_a: tuple[KnowledgeBase, Publisher], sync_settings: Callable[..., Settings], embedder: Embedder
+) -> None:
+    kb_a, publisher = site_a
+    documents = ingest_samples(kb_a)
+    assert publisher.drain(30)
+    shared = [d for d in kb_a.store.list_documents() if d.classification.value != "confidential"]
+    assert len(shared) == documents - 1 and published(publisher, "upsert") == len(shared)
+
+    with running_consumer(sync_settings("b"), embedder) as (consumer, kb_b):
+        wait_for(lambda: counter(consumer, "applied") >= len(shared), what="site A's documents applied on B")
+        assert {d.doc_id: d.version for d in kb_b.store.list_documents()} == {d.doc_id: d.version for d in shared}
+        for query in QUERIES:
+            a = [(h.chunk.id, round(h.score, 4)) for h in kb_a.search(query, top_k=3)]
+            b = [(h.chunk.id, round(h.score, 4)) for h in kb_b.search(query, top_k=3)]
+            assert a == b, query
+        # shipped vectors: nothing was embedded again on B
+        assert consumer.metrics.registry.get_sample_value("dualtrack_sync_reembedded_chunks_total") == 0
+
+        # a delete on A reaches B
+        doc = shared[0].doc_id
+        assert kb_a.ingestor.delete(doc)
+        assert publisher.drain(30)
+        wait_for(lambda: kb_b.store.get_document(doc) is None, what="the delete applied on B")
+        assert kb_b.store.count_chunks(doc) == 0
+
+
+def test_confidential_never_reaches_the_topic(
+    site_a: tuple[KnowledgeBase, Publisher], sync_settings: Callable[..., Settings]
+) -> None:
+    kb_a, publisher = site_a
+    ingest_samples(kb_a)
+    secret_path = SAMPLES / "confidential" / "project-falcon-acquisition.md"
+    secret_id = kb_a.ingestor.ingest_path(secret_path, root=SAMPLES).doc_id
+    assert kb_a.store.get_document(secret_id).classification.value == "confidential"
+    # an internal document re-labelled confidential: its earlier copy is retracted, not updated
+    handbook = SAMPLES / "handbook" / "employee-handbook.md"
+    handbook_id = kb_a.ingestor.ingest_path(handbook, root=SAMPLES).doc_id
+    kb_a.ingestor.ingest_path(handbook, root=SAMPLES, classification=Classification.CONFIDENTIAL)
+    # a confidential document deleted: nothing to retract, its id stays on site
+    assert kb_a.ingestor.delete(secret_id)
+    assert publisher.drain(30)
+
+    settings = sync_settings("a")
+    messages = read_topic(settings.sync.bootstrap_servers, settings.sync.topic)
+    bodies = [json.loads(m.value()) for m in messages]
+    assert bodies and all(b["classification"] != "confidential" for b in bodies if b["type"] == "document.upsert")
+    assert secret_id not in {b["doc_id"] for b in bodies}
+    secret_text = secret_path.read_text().split("\n\n")[1].strip()[:40]
+    assert secret_text and all(secret_text.encode() not in m.value() for m in messages)
+    handbook_events = [b["type"] for b in bodies if b["doc_id"] == handbook_id]
+    assert handbook_events == ["document.upsert", "document.delete"]
+    withheld = publisher.metrics.registry.get_sample_value(
+        "dualtrack_sync_withheld_total", {"classification": "confidential"}
+    )
+    assert withheld == 2
+
+
+def test_events_written_while_the_broker_is_down_are_sent_later(
+    sync_settings: Callable[..., Settings], embedder: Embedder, tmp_path
+) -> None:
+    from tests.support import KafkaBroker
+
+    broker = KafkaBroker(tmp_path).start()
+    settings = sync_settings("a", publish=True, bootstrap_servers=broker.bootstrap)
+    broker.stop()  # down before the first write
+    kb = KnowledgeBase(settings, embedder=embedder)
+    kb.start()
+    publisher = Publisher(settings, lambda: kb.store, lambda: kb.embedder.model_id)
+    kb.listener = publisher
+    try:
+        result = kb.ingestor.ingest_path(SAMPLES / "products" / "robot-fleet-faq.md", root=SAMPLES)
+        assert result.status == "ingested"  # the local write does not wait for the broker
+        assert publisher.outbox.count() == 1
+        publisher.close(timeout=2)  # the process stops with the event unsent
+        # a restarted gateway finds it in the outbox and sends it once the broker is back
+        broker = KafkaBroker(tmp_path)
+        broker.port = int(settings.sync.bootstrap_servers.rsplit(":", 1)[1])
+        broker.start()
+        publisher = Publisher(settings, lambda: kb.store, lambda: kb.embedder.model_id)
+        assert publisher.outbox.count() == 1
+        assert publisher.drain(60)
+        messages = read_topic(broker.bootstrap, settings.sync.topic, expect=1)
+        assert [json.loads(m.value())["doc_id"] for m in messages] == [result.doc_id]
+        publisher.close()
+    finally:
+        kb.close()
+        broker.stop()
+
+
+def test_the_gateway_publishes_when_configured(sync_settings: Callable[..., Settings], embedder: Embedder) -> None:
+    from services.gateway.app import create_app
+    from tests.support import serve, wait_ready
+
+    settings = sync_settings("a", publish=True)
+    settings = settings.model_copy(update={"gateway": GatewaySettings(api_key="test-key")})
+    auth = {"Authorization": "Bearer test-key"}
+    kb = KnowledgeBase(settings, embedder=embedder)
+    with serve(create_app(settings, kb)) as url:
+        wait_ready(url)
+        path = SAMPLES / "runbooks" / "database-failover.txt"
+        r = httpx.post(f"{url}/v1/documents", files={"file": (path.name, path.read_bytes())}, headers=auth, timeout=60)
+        assert r.status_code == 201, r.text
+        doc_id = r.json()["doc_id"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "dualtrack_sync_published_total{type=\"upsert\"} 1.0" not in (
+            text := httpx.get(f"{url}/metrics", headers=auth, timeout=5).text
+        ):
+            time.sleep(0.2)
+        assert 'dualtrack_sync_published_total{type="upsert"} 1.0' in text
+        assert "dualtrack_sync_outbox_pending 0.0" in text
+    messages = read_topic(settings.sync.bootstrap_servers, settings.sync.topic, expect=1)
+    assert json.loads(messages[0].value())["doc_id"] == doc_id
