@@ -43,6 +43,10 @@ app.add_typer(kb_app, name="kb")
 app.add_typer(bench_app, name="bench")
 app.add_typer(model_repo_app, name="model-repo")
 app.add_typer(onprem_app, name="onprem")
+sync_app = typer.Typer(
+    no_args_is_help=True, help="Knowledge sync over Kafka: the consumer and the event schema."
+)
+app.add_typer(sync_app, name="sync")
 
 console = Console()
 err = Console(stderr=True)
@@ -656,6 +660,96 @@ def _ansible_progress(event: dict[str, Any]) -> None:
         f"[{colour}]{kind:>11}[/] {escape(str(data.get('host')))}  {escape(str(data.get('task')))}",
         highlight=False,
     )
+
+
+@sync_app.command("run")
+def sync_run() -> None:
+    """Apply knowledge-update (and configured Debezium) events to this knowledge base until
+    SIGTERM/Ctrl-C. Settings: the ``sync`` section (``DUALTRACK_SYNC__*``); the on-prem
+    kb_sync role runs the same consumer as a systemd unit."""
+    import logging
+
+    from services.kb.errors import KBError
+    from services.sync import runner
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        runner.run(_settings())
+    except (KBError, ConnectionError) as exc:
+        raise _fail(str(exc)) from None
+
+
+@sync_app.command("publish-existing")
+def sync_publish_existing(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker's acknowledgements")] = 120.0,
+) -> None:
+    """Publish every document already in this knowledge base (public/internal only), e.g. when
+    a site starts publishing. Uses the ``sync`` settings and this site's outbox."""
+    from services.kb.errors import KBError
+    from services.kb.service import KnowledgeBase
+    from services.sync.publisher import Publisher
+
+    settings = _settings()
+    kb = KnowledgeBase(settings)
+    kb.load_model()
+    publisher = Publisher(settings, lambda: kb.store, lambda: kb.embedder.model_id)
+    try:
+        with Progress(TextColumn("{task.description}"), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+            task = bar.add_task("queueing documents", total=None)
+            seen = publisher.publish_existing(lambda _record: bar.advance(task))
+        withheld = sum(
+            publisher.metrics.registry.get_sample_value(
+                "dualtrack_sync_withheld_total", {"classification": c.value}
+            )
+            or 0
+            for c in Classification
+        )
+        console.print(f"{seen} documents queued; {int(withheld)} withheld by sync.max_classification")
+        if not publisher.drain(timeout):
+            raise _fail(
+                f"{publisher.outbox.count()} event(s) still wait for the broker (kept in the outbox)", 1
+            )
+        console.print("every event acknowledged by the broker")
+    except KBError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        publisher.close(timeout=5)
+        kb.close()
+
+
+@sync_app.command("rewind")
+def sync_rewind() -> None:
+    """Move the consumer group back to the start of the topic (stop the consumer first).
+    After a backup restore: the restored ledger lets exactly the newer events apply."""
+    from services.sync.consumer import rewind
+
+    settings = _settings()
+    try:
+        pending = rewind(settings)
+    except ConnectionError as exc:
+        raise _fail(str(exc)) from None
+    for topic, n in pending.items():
+        console.print(f"{topic}: {n} events to re-read")
+
+
+@sync_app.command("schema")
+def sync_schema(
+    check: Annotated[
+        Path | None, typer.Option("--check", help="Exit 1 if this file differs from the schema (CI).")
+    ] = None,
+) -> None:
+    """Print the JSON Schema of a knowledge-update event (docs/sync-event.schema.json)."""
+    import json
+
+    from services.sync.events import json_schema
+
+    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    if check is None:
+        sys.stdout.write(text)
+        return
+    if not check.is_file() or check.read_text(encoding="utf-8") != text:
+        raise _fail(f"{check} is not the current event schema: dualtrack sync schema > {check}", code=1)
+    console.print(f"{check}: current")
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import json
 import shlex
 
 import pytest
-from conftest import CONFIG_DIR, VENV
+from conftest import CONFIG_DIR, VENV, env_file
 
 SERVICES = ("dualtrack-milvus", "dualtrack-triton", "dualtrack-gateway")
 
@@ -96,3 +96,16 @@ def test_backups_scheduled(host) -> None:
     timers = host.run("systemctl list-timers --all --no-legend dualtrack-backup.timer").stdout
     assert "dualtrack-backup.timer" in timers
     assert host.file(f"{CONFIG_DIR}/backup.env").exists
+
+
+def test_sync_consumer_runs_where_enabled(host) -> None:
+    if host.run("systemctl is-enabled dualtrack-kb-sync").stdout.strip() != "enabled":
+        pytest.skip("kb_sync is not enabled on this host")
+    assert host.run("systemctl is-active dualtrack-kb-sync").stdout.strip() == "active"
+    env = env_file(host, "kb-sync.env")
+    assert env["DUALTRACK_SYNC__BOOTSTRAP_SERVERS"] and env["DUALTRACK_SYNC__GROUP_ID"]
+    port = int(env.get("DUALTRACK_SYNC__METRICS_PORT", "9464"))
+    bound = {addr for addr, p in _listening(host) if p == port}
+    assert bound == {"127.0.0.1"}, f"the consumer's /metrics listens on {sorted(bound)}"
+    metrics = host.run(f"curl -sf http://127.0.0.1:{port}/metrics")
+    assert metrics.rc == 0 and "dualtrack_sync_events_total" in metrics.stdout

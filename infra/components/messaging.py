@@ -140,9 +140,11 @@ class Messaging(pulumi.ComponentResource):
 
 
 def client_policy(cluster_arn: str, topic: str) -> str:
-    """Connect, create/describe/read/write the sync topic, use its consumer groups."""
+    """Connect, create/describe/read/write the sync topic and its dead-letter topic
+    (``<topic>.dlq``, the sync service's default), use its consumer groups."""
     # arn:aws:kafka:R:A:cluster/NAME/UUID -> arn:aws:kafka:R:A:topic/NAME/UUID/TOPIC
     topic_arn = cluster_arn.replace(":cluster/", ":topic/", 1) + f"/{topic}"
+    topic_arns = [topic_arn, f"{topic_arn}.dlq"]
     group_arn = cluster_arn.replace(":cluster/", ":group/", 1) + "/*"
     return json.dumps(
         {
@@ -166,7 +168,7 @@ def client_policy(cluster_arn: str, topic: str) -> str:
                         "kafka-cluster:ReadData",
                         "kafka-cluster:WriteData",
                     ],
-                    "Resource": topic_arn,
+                    "Resource": topic_arns,
                 },
                 {
                     "Effect": "Allow",

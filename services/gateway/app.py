@@ -306,7 +306,9 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     return app
 
 
-def publisher_for(settings: Settings, knowledge: KnowledgeBase, registry: CollectorRegistry) -> Publisher | None:
+def publisher_for(
+    settings: Settings, knowledge: KnowledgeBase, registry: CollectorRegistry
+) -> Publisher | None:
     """The sync publisher, when ``sync.publish`` is on: told of every successful write."""
     if not settings.sync.publish:
         return None

@@ -5,7 +5,8 @@ a standalone Milvus and a backup restores into either:
 
     <dest>/kb-<UTC timestamp>/
         manifest.json                 format, collections, row counts, dimension, sha256 per file
-        <collection>.jsonl.gz         every row, vectors included
+        <collection>.jsonl.gz         every row, vectors included (per collection: chunks,
+                                      registry and, where sync runs, its ledger)
 
 Consistency: before and after the export, both collections' row counts and the
 registry's (document, version) pairs are compared -- a replaced document gets a new
@@ -17,7 +18,9 @@ Retention keeps the newest ``--keep`` snapshots.
 
 Restore verifies every checksum and row count *before* touching Milvus (a corrupt backup
 is rejected with the store untouched), snapshots the current contents next to the
-backups (``pre-restore-...``), then replaces both collections and checks the counts.
+backups (``pre-restore-...``), then replaces the collections and checks the counts.
+Where knowledge sync runs, its ledger (``<collection>_sync``) is part of the snapshot, so
+after a restore the consumer can re-read the topic and apply exactly what is newer.
 """
 
 from __future__ import annotations
@@ -54,8 +57,14 @@ def _client(settings: MilvusSettings) -> MilvusClient:
     return MilvusClient(uri=settings.uri, token=token, timeout=settings.timeout_s)
 
 
-def _collections(settings: MilvusSettings) -> list[str]:
-    return [settings.collection, schema.registry_name(settings.collection)]
+def _collections(settings: MilvusSettings, client: MilvusClient | None = None) -> list[str]:
+    """Chunks and registry, plus the sync ledger where knowledge sync has created one (it must
+    travel with the data it describes, or replayed events would be judged against a future)."""
+    names = [settings.collection, schema.registry_name(settings.collection)]
+    ledger = schema.ledger_name(settings.collection)
+    if client is not None and ledger in client.list_collections():
+        names.append(ledger)
+    return names
 
 
 def _count(client: MilvusClient, name: str) -> int:
@@ -120,8 +129,8 @@ def _export(client: MilvusClient, names: list[str], target: Path) -> dict[str, i
 def create(settings: MilvusSettings, dest: Path, keep: int, prefix: str = PREFIX) -> Path:
     """Write one snapshot under ``dest``; returns its directory."""
     client = _client(settings)
-    names = _collections(settings)
     try:
+        names = _collections(settings, client)
         for name in names:
             client.load_collection(name)
         dest.mkdir(parents=True, exist_ok=True)
@@ -206,14 +215,19 @@ def restore(settings: MilvusSettings, backup: Path, dest: Path) -> dict[str, int
         raise BackupError(
             f"{backup} holds collection {manifest['collection']!r}, this site uses {settings.collection!r}"
         )
-    names = _collections(settings)
+    names = list(manifest["counts"])
     client = _client(settings)
     try:
-        if set(names) <= set(client.list_collections()):
+        current = _collections(settings, client)
+        if set(current[:2]) <= set(client.list_collections()):
             create(settings, dest, keep=0, prefix="pre-restore-")
-        for name in names:
-            client.drop_collection(name)
-        KnowledgeStore(settings, int(manifest["dimension"])).connect()  # schema from its one definition
+        for name in current:
+            client.drop_collection(name)  # the ledger too: a backup without one means "none yet"
+        store = KnowledgeStore(settings, int(manifest["dimension"]))
+        store.connect()  # schema from its one definition
+        if schema.ledger_name(settings.collection) in names:
+            store.ensure_ledger()
+        store.close()
         for name in names:
             batch: list[dict[str, Any]] = []
             with gzip.open(backup / f"{name}.jsonl.gz", "rt", encoding="utf-8") as data:

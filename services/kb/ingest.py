@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import threading
 import time
@@ -33,6 +34,8 @@ from services.kb.models import Chunk, ChunkDraft
 from services.kb.schema import MAX_DOC_ID, MAX_SOURCE
 from services.kb.sidecar import read_sidecar
 from services.kb.store import DocumentRecord, KnowledgeStore
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 """Bumped when chunk layout changes so every document is re-ingested once."""
@@ -200,8 +203,7 @@ class Ingestor:
             self.store.activate(record)
             self.store.purge_stale(doc_id, version)
             timings["insert"] = time.perf_counter() - started
-            if self.listener is not None:
-                self.listener.document_written(record, chunks, vectors)
+            self._tell("document_written", record, chunks, vectors)
         return IngestResult(
             name=source,
             status="ingested",
@@ -287,9 +289,22 @@ class Ingestor:
     def delete(self, doc_id: str) -> bool:
         with self._doc_lock(doc_id):
             existed = self.store.delete_document(doc_id)
-            if existed and self.listener is not None:
-                self.listener.document_deleted(doc_id)
+            if existed:
+                self._tell("document_deleted", doc_id)
             return existed
+
+    def _tell(self, what: str, *args: Any) -> None:
+        """The local write has succeeded: a listener failure is logged, never the request's."""
+        if self.listener is None:
+            return
+        try:
+            getattr(self.listener, what)(*args)
+        except Exception:
+            log.exception(
+                "%s: the change listener failed; the local write stands "
+                "(publish it later with `dualtrack sync publish-existing`)",
+                what,
+            )
 
     def _version(self, content_hash: str, label: Classification, title: str, meta: Mapping[str, Any]) -> str:
         """Everything that changes stored rows goes into the version, so a new

@@ -215,6 +215,24 @@ class KnowledgeStore:
         for name in (self.collection, self.registry):
             self._call("load_collection", client.load_collection, name)
 
+    def ensure_ledger(self) -> str:
+        """Create the sync ledger collection (``<collection>_sync``) if missing; its name."""
+        name = schema.ledger_name(self.collection)
+        client = self.client
+        if name not in self._call("list_collections", client.list_collections):
+            params = client.prepare_index_params()
+            params.add_index(field_name=schema.MARKER, index_type="FLAT", metric_type="L2")
+            self._call(
+                "create_collection",
+                client.create_collection,
+                name,
+                schema=schema.ledger_schema(),
+                index_params=params,
+                consistency_level="Session",
+            )
+        self._call("load_collection", client.load_collection, name)
+        return name
+
     def _validate_existing(self, client: MilvusClient) -> None:
         desc = self._call("describe_collection", client.describe_collection, self.collection)
         fields = {f["name"]: f for f in desc["fields"]}
@@ -387,6 +405,19 @@ class KnowledgeStore:
             limit=16384,
         )
         return sorted((_chunk(r) for r in rows), key=lambda c: c.chunk_no)
+
+    def vectors_of(self, doc_id: str, version: str) -> np.ndarray:
+        """The stored vectors of one version's chunks, in ``chunk_no`` order."""
+        rows = self._call(
+            "query",
+            self.client.query,
+            self.collection,
+            filter=f"{schema.DOC_ID} == {literal(doc_id)} and {schema.VERSION} == {literal(version)}",
+            output_fields=[schema.CHUNK_NO, schema.VECTOR],
+            limit=16384,
+        )
+        rows = sorted(rows, key=lambda r: int(r[schema.CHUNK_NO]))
+        return np.array([r[schema.VECTOR] for r in rows], dtype=np.float32).reshape(len(rows), self.dimension)
 
     # -- search ------------------------------------------------------------------------------
 

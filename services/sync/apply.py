@@ -61,13 +61,18 @@ class Applier:
         unavailable (retry the whole batch later); an event the store refuses is
         isolated and dead-lettered. ``from_other_sites`` applies the classification
         policy (off for this site's own database changes, CDC)."""
+        failure: Exception
         try:
             return self._apply(events, from_other_sites)
         except KBError as exc:
             if self.store.ping() is not None:
                 raise  # the store is down: the caller retries the batch, nothing is committed
-            if len(events) == 1:
-                return [Outcome("dead_letter", f"the knowledge base refused the write: {exc}")]
+            failure = exc
+        except Exception as exc:  # an event this code cannot handle must not stop the stream
+            log.exception("applying %d event(s) failed", len(events))
+            failure = exc
+        if len(events) == 1:
+            return [Outcome("dead_letter", f"cannot be applied here: {type(failure).__name__}: {failure}")]
         # the store answers, so something in the batch is at fault: isolate it
         log.warning("a batch of %d events failed; applying them one by one", len(events))
         out: list[Outcome] = []

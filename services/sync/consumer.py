@@ -111,6 +111,10 @@ class SyncConsumer:
             except events.InvalidEvent as exc:
                 self.metrics.outcome(m.topic(), "dead_letter")
                 dead.append((m, str(exc), False))
+            except Exception as exc:  # a message that crashes the parser must not crash-loop us
+                log.exception("cannot read %s[%d]@%d", m.topic(), m.partition(), m.offset())
+                self.metrics.outcome(m.topic(), "dead_letter")
+                dead.append((m, f"cannot be read: {type(exc).__name__}: {exc}", False))
         for batch, from_sites in ((updates, True), (changes, False)):
             if not batch:
                 continue
@@ -188,6 +192,36 @@ class SyncConsumer:
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(high - done, 0))
         except KafkaException as exc:
             log.debug("lag not updated: %s", exc)
+
+
+def rewind(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
+    """Move the group's offsets back to the start of its topics (the consumer must be
+    stopped). After a restore, the compacted topic is read again and the restored ledger
+    lets exactly the newer events apply. Returns events to re-read per topic."""
+    sync = settings.sync
+    topics = [sync.topic] + ([sync.cdc.topic] if sync.cdc else [])
+    consumer = Consumer({**consumer_config(sync), "error_cb": _log_error})
+    try:
+        meta = consumer.list_topics(timeout=timeout)
+        start: list[TopicPartition] = []
+        pending: dict[str, int] = {}
+        for topic in topics:
+            if topic not in meta.topics:
+                continue
+            for p in meta.topics[topic].partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+                start.append(TopicPartition(topic, p, low))
+                pending[topic] = pending.get(topic, 0) + high - low
+        if start:
+            try:
+                consumer.commit(offsets=start, asynchronous=False)
+            except KafkaException as exc:
+                raise ConnectionError(
+                    f"cannot rewind group {sync.group_id!r} ({exc}); stop the consumer first"
+                ) from None
+        return pending
+    finally:
+        consumer.close()
 
 
 def _log_error(err: Any) -> None:

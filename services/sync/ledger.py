@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from pymilvus import MilvusClient
-
 from services.kb import schema
 from services.kb.filters import in_list
 from services.kb.store import KnowledgeStore
@@ -43,22 +41,9 @@ class SyncLedger:
 
     def ensure(self) -> None:
         """Create the ledger collection on first use (idempotent)."""
-        if self._ready:
-            return
-        client: MilvusClient = self.store.client
-        if self.name not in self.store.call("list_collections", client.list_collections):
-            params = client.prepare_index_params()
-            params.add_index(field_name=schema.MARKER, index_type="FLAT", metric_type="L2")
-            self.store.call(
-                "create_collection",
-                client.create_collection,
-                self.name,
-                schema=schema.ledger_schema(),
-                index_params=params,
-                consistency_level="Session",
-            )
-        self.store.call("load_collection", client.load_collection, self.name)
-        self._ready = True
+        if not self._ready:
+            self.store.ensure_ledger()
+            self._ready = True
 
     def get(self, doc_ids: Iterable[str]) -> dict[str, LedgerEntry]:
         ids = sorted(set(doc_ids))

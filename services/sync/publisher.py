@@ -83,7 +83,7 @@ class Publisher:
             content_hash=record.content_hash,
             classification=record.classification,
             source=record.source,
-            title=record.title,
+            title=record.title[:1000],
             metadata=record.metadata,
             chunks=[
                 events.EventChunk(
@@ -106,6 +106,21 @@ class Publisher:
             origin=self.sync.origin, doc_id=doc_id, revision=self._next_revision(doc_id)
         )
         self._queue(event)
+
+    def publish_existing(self, on_document: Callable[[DocumentRecord], None] | None = None) -> int:
+        """Queue every document already in the store (a site that starts publishing, or a
+        topic rebuilt): the same policy as live writes applies. Returns documents seen."""
+        store = self._store()
+        seen = 0
+        while docs := store.list_documents(limit=500, offset=seen):
+            for record in docs:
+                chunks = store.chunks_of(record.doc_id, record.version)
+                if len(chunks) == record.chunks:  # else an interrupted write: its next ingest publishes
+                    self.document_written(record, chunks, store.vectors_of(record.doc_id, record.version))
+                if on_document is not None:
+                    on_document(record)
+            seen += len(docs)
+        return seen
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from services.config import Settings
 from services.kb.errors import KBError
 from services.kb.service import KnowledgeBase
 from services.sync.consumer import SyncConsumer
+from services.sync.kafka import client_config
 from services.sync.metrics import ConsumerMetrics
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 def run(settings: Settings, stop: threading.Event | None = None) -> None:
     """Consume until SIGTERM/SIGINT (or ``stop``); raises ``KBError`` if the model cannot load."""
     stop = stop or threading.Event()
+    client_config(settings.sync)  # a missing broker setting fails now, not after the model loads
     kb = KnowledgeBase(settings)
     kb.load_model()
     kb.embedder  # noqa: B018 -- raises the model's load error, if any

@@ -433,8 +433,9 @@ def test_msk(plans: dict[str, Plan], stack: str) -> None:
     assert "auto.create.topics.enable=false" in config
     policy = json.loads(_one(plan, "aws:iam/policy:Policy", "messaging-client").inputs["policy"])
     by_action = {a: s["Resource"] for s in policy["Statement"] for a in s["Action"]}
-    assert by_action["kafka-cluster:ReadData"].endswith(f"/{settings.messaging.topic}")
-    assert ":topic/" in by_action["kafka-cluster:WriteData"]
+    topic = settings.messaging.topic
+    assert [arn.rsplit("/", 1)[1] for arn in by_action["kafka-cluster:ReadData"]] == [topic, f"{topic}.dlq"]
+    assert all(":topic/" in arn for arn in by_action["kafka-cluster:WriteData"])
     # MSK maps idempotent writes to a cluster permission: on the topic it would be refused
     assert ":cluster/" in by_action["kafka-cluster:WriteDataIdempotently"]
 

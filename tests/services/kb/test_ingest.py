@@ -189,3 +189,21 @@ def test_kill_9_mid_ingest_leaves_old_version_searchable(milvus_server, embedder
     assert kb.store.count_chunks("notes.md") == done.chunks
     assert versions_seen(kb) == {done.version}
     kb.close()
+
+
+def test_a_failing_change_listener_never_fails_the_local_write(kb, caplog) -> None:
+    """The publisher runs after the write succeeded: its failure is logged, not returned."""
+
+    class BrokenListener:
+        def document_written(self, *args: object) -> None:
+            raise RuntimeError("broker exploded")
+
+        def document_deleted(self, *args: object) -> None:
+            raise RuntimeError("broker exploded")
+
+    kb.listener = BrokenListener()
+    result = kb.ingestor.ingest_bytes(b"# Parking\n\nVisitors park on level two.", "parking.md")
+    assert result.status == "ingested" and kb.store.get_document(result.doc_id) is not None
+    assert kb.ingestor.delete(result.doc_id) is True
+    assert kb.store.get_document(result.doc_id) is None
+    assert caplog.text.count("publish it later with `dualtrack sync publish-existing`") == 2

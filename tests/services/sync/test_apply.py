@@ -129,3 +129,24 @@ def test_confidential_from_another_site_is_refused_and_not_copied(
     assert state(kb, "merger") == (None, 0)
     # this site's own database (CDC) may hold its confidential rows
     assert applier.apply([secret], from_other_sites=False)[0].status == "applied"
+
+
+def test_a_backup_carries_the_ledger_so_replays_after_a_restore_apply(
+    kb: KnowledgeBase, applier: Applier, tmp_path
+) -> None:
+    from services.kb import backup
+
+    v1 = upsert("runbook", 1, ["Restart the primary."])
+    v2 = upsert("runbook", 2, ["Fail over to the replica."])
+    applier.apply([v1])
+    snap = backup.create(kb.settings.milvus, tmp_path / "backups", keep=3)
+    assert backup.verify(snap)["counts"]["knowledge_base_sync"] == 1
+    applier.apply([v2])
+    backup.restore(kb.settings.milvus, snap, tmp_path / "backups")
+    kb.store.close()
+    assert state(kb, "runbook") == (v1.version, 1)
+    # re-reading the topic after the restore: v1 is known (restored ledger), v2 applies again
+    replay = Applier(kb.settings, kb.store, kb.embedder)
+    assert [o.status for o in replay.apply([v1])] == ["duplicate"]
+    assert [o.status for o in replay.apply([v2])] == ["applied"]
+    assert state(kb, "runbook") == (v2.version, 1)

@@ -14,7 +14,7 @@ import httpx
 from services.config import Settings
 from services.kb.embedder import Embedder
 from services.sync import events
-from services.sync.consumer import REASON_HEADER, SyncConsumer
+from services.sync.consumer import REASON_HEADER, SyncConsumer, rewind
 from tests.services.sync.conftest import (
     counter,
     delete,
@@ -116,6 +116,12 @@ def test_restart_resumes_after_the_last_committed_batch(
         time.sleep(1.0)
         # only the new events: the first 30 were committed before the first consumer stopped
         assert handled(consumer) == 5 and counter(consumer, "applied") == 5
+        assert kb.store.count_chunks() == 30
+    # rewound (as after a restore): everything is read again, and nothing changes
+    assert set(rewind(settings)) == {settings.sync.topic}
+    with running_consumer(settings, embedder) as (consumer, kb):
+        wait_for(lambda: handled(consumer) >= 35, what="35 re-read")
+        assert counter(consumer, "duplicate") == 30 and counter(consumer, "stale") == 5
         assert kb.store.count_chunks() == 30
 
 

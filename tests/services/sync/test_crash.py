@@ -65,13 +65,20 @@ def handled(port: int) -> float:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
     except httpx.HTTPError:
         return 0.0
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("dualtrack_sync_events_total{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("dualtrack_sync_events_total{")
+    )
 
 
 def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
-        return {tp.partition: tp.offset for tp in c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)}
+        return {
+            tp.partition: tp.offset
+            for tp in c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        }
     finally:
         c.close()
 
@@ -99,7 +106,14 @@ def test_kill_9_mid_stream_then_restart_gives_the_exact_state(
     }
     evs = stream()
     assert len(evs) == EVENTS
-    settings = load_settings(sync={"bootstrap_servers": kafka_broker.bootstrap, "topic": topic, "partitions": 3, "replication_factor": 1})
+    settings = load_settings(
+        sync={
+            "bootstrap_servers": kafka_broker.bootstrap,
+            "topic": topic,
+            "partitions": 3,
+            "replication_factor": 1,
+        }
+    )
     from services.sync.kafka import ensure_topics
 
     ensure_topics(settings.sync, {topic: {}})
@@ -108,7 +122,9 @@ def test_kill_9_mid_stream_then_restart_gives_the_exact_state(
 
     def start() -> subprocess.Popen[bytes]:
         log = open(tmp_path / "consumer.log", "ab")  # noqa: SIM115
-        return subprocess.Popen([sys.executable, "-m", "services.sync"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.sync"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
 
     first = start()
     deadline = time.monotonic() + 180
@@ -142,9 +158,16 @@ def test_kill_9_mid_stream_then_restart_gives_the_exact_state(
     expected = expected_state(evs)
     client = MilvusClient(uri=milvus_server.uri)
     try:
-        registry = client.query(schema.registry_name(collection), filter='doc_id != ""', output_fields=["doc_id", "version", "chunks"], limit=16384)
+        registry = client.query(
+            schema.registry_name(collection),
+            filter='doc_id != ""',
+            output_fields=["doc_id", "version", "chunks"],
+            limit=16384,
+        )
         assert {r["doc_id"]: r["version"] for r in registry} == {d: e.version for d, e in expected.items()}
-        rows = client.query(collection, filter='doc_id != ""', output_fields=["id", "doc_id", "version"], limit=16384)
+        rows = client.query(
+            collection, filter='doc_id != ""', output_fields=["id", "doc_id", "version"], limit=16384
+        )
         ids = [r["id"] for r in rows]
         assert len(ids) == len(set(ids)), "a chunk was stored twice"
         want = {chunk_id(d, e.version, c.chunk_no) for d, e in expected.items() for c in e.chunks}

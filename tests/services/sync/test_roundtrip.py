@@ -28,7 +28,9 @@ QUERIES = [
 
 
 @pytest.fixture
-def site_a(sync_settings: Callable[..., Settings], embedder: Embedder) -> Iterator[tuple[KnowledgeBase, Publisher]]:
+def site_a(
+    sync_settings: Callable[..., Settings], embedder: Embedder
+) -> Iterator[tuple[KnowledgeBase, Publisher]]:
     settings = sync_settings("a", publish=True)
     kb = KnowledgeBase(settings, embedder=embedder)
     kb.start()
@@ -41,7 +43,9 @@ def site_a(sync_settings: Callable[..., Settings], embedder: Embedder) -> Iterat
 
 
 def published(publisher: Publisher, kind: str) -> float:
-    return publisher.metrics.registry.get_sample_value("dualtrack_sync_published_total", {"type": kind}) or 0.0
+    return (
+        publisher.metrics.registry.get_sample_value("dualtrack_sync_published_total", {"type": kind}) or 0.0
+    )
 
 
 def test_site_b_answers_like_site_a(
@@ -55,7 +59,9 @@ def test_site_b_answers_like_site_a(
 
     with running_consumer(sync_settings("b"), embedder) as (consumer, kb_b):
         wait_for(lambda: counter(consumer, "applied") >= len(shared), what="site A's documents applied on B")
-        assert {d.doc_id: d.version for d in kb_b.store.list_documents()} == {d.doc_id: d.version for d in shared}
+        assert {d.doc_id: d.version for d in kb_b.store.list_documents()} == {
+            d.doc_id: d.version for d in shared
+        }
         for query in QUERIES:
             a = [(h.chunk.id, round(h.score, 4)) for h in kb_a.search(query, top_k=3)]
             b = [(h.chunk.id, round(h.score, 4)) for h in kb_b.search(query, top_k=3)]
@@ -90,7 +96,9 @@ def test_confidential_never_reaches_the_topic(
     settings = sync_settings("a")
     messages = read_topic(settings.sync.bootstrap_servers, settings.sync.topic)
     bodies = [json.loads(m.value()) for m in messages]
-    assert bodies and all(b["classification"] != "confidential" for b in bodies if b["type"] == "document.upsert")
+    assert bodies and all(
+        b["classification"] != "confidential" for b in bodies if b["type"] == "document.upsert"
+    )
     assert secret_id not in {b["doc_id"] for b in bodies}
     secret_text = secret_path.read_text().split("\n\n")[1].strip()[:40]
     assert secret_text and all(secret_text.encode() not in m.value() for m in messages)
@@ -134,7 +142,9 @@ def test_events_written_while_the_broker_is_down_are_sent_later(
         broker.stop()
 
 
-def test_the_gateway_publishes_when_configured(sync_settings: Callable[..., Settings], embedder: Embedder) -> None:
+def test_the_gateway_publishes_when_configured(
+    sync_settings: Callable[..., Settings], embedder: Embedder
+) -> None:
     from services.gateway.app import create_app
     from tests.support import serve, wait_ready
 
@@ -145,11 +155,13 @@ def test_the_gateway_publishes_when_configured(sync_settings: Callable[..., Sett
     with serve(create_app(settings, kb)) as url:
         wait_ready(url)
         path = SAMPLES / "runbooks" / "database-failover.txt"
-        r = httpx.post(f"{url}/v1/documents", files={"file": (path.name, path.read_bytes())}, headers=auth, timeout=60)
+        r = httpx.post(
+            f"{url}/v1/documents", files={"file": (path.name, path.read_bytes())}, headers=auth, timeout=60
+        )
         assert r.status_code == 201, r.text
         doc_id = r.json()["doc_id"]
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and "dualtrack_sync_published_total{type=\"upsert\"} 1.0" not in (
+        while time.monotonic() < deadline and 'dualtrack_sync_published_total{type="upsert"} 1.0' not in (
             text := httpx.get(f"{url}/metrics", headers=auth, timeout=5).text
         ):
             time.sleep(0.2)
@@ -157,3 +169,39 @@ def test_the_gateway_publishes_when_configured(sync_settings: Callable[..., Sett
         assert "dualtrack_sync_outbox_pending 0.0" in text
     messages = read_topic(settings.sync.bootstrap_servers, settings.sync.topic, expect=1)
     assert json.loads(messages[0].value())["doc_id"] == doc_id
+
+
+def test_publish_existing_sends_what_a_site_already_holds(
+    sync_settings: Callable[..., Settings], embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from dualtrack.cli import app
+
+    settings = sync_settings("a")
+    kb = KnowledgeBase(settings, embedder=embedder)  # ingested before publishing was turned on
+    kb.start()
+    ingest_samples(kb)
+    stored = {d.doc_id: d for d in kb.store.list_documents()}
+    shareable = {d for d, r in stored.items() if r.classification.value != "confidential"}
+    vectors = {d: kb.store.vectors_of(d, stored[d].version) for d in shareable}
+    kb.close()
+    for key, value in {
+        "DUALTRACK_MILVUS__URI": settings.milvus.uri,
+        "DUALTRACK_SYNC__BOOTSTRAP_SERVERS": settings.sync.bootstrap_servers,
+        "DUALTRACK_SYNC__TOPIC": settings.sync.topic,
+        "DUALTRACK_SYNC__OUTBOX_PATH": str(settings.sync.outbox_path),
+    }.items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(app, ["sync", "publish-existing"])
+    assert result.exit_code == 0, result.output
+    assert f"{len(stored)} documents queued; 1 withheld" in result.output
+    messages = read_topic(settings.sync.bootstrap_servers, settings.sync.topic, expect=len(shareable))
+    from services.sync import events
+
+    received = {e.doc_id: e for e in (events.decode(m.value()) for m in messages)}
+    assert set(received) == shareable
+    for doc_id, event in received.items():
+        assert event.version == stored[doc_id].version
+        assert event.vectors() is not None
+        assert (event.vectors() == vectors[doc_id]).all()

