@@ -358,6 +358,19 @@ class SyncSettings(_Section):
     create_topics: bool = Field(True, description="Create missing topics (MSK has auto-creation off).")
     partitions: int = Field(6, ge=1, le=1000)
     replication_factor: int = Field(3, ge=1, le=10)
+    retention_ms: int = Field(
+        -1,
+        ge=-1,
+        description="How long the updates topic keeps events; -1 (forever) lets any site rebuild "
+        "its store by replaying the topic in order.",
+    )
+    max_message_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=64 * 1024,
+        le=100 * 1024 * 1024,
+        description="Largest event (topic max.message.bytes); a larger one is sent without its "
+        "vectors, and refused (logged, counted) if still too large.",
+    )
     batch_size: int = Field(500, ge=1, le=100_000, description="Events applied per Milvus round trip.")
     session_timeout_ms: int = Field(10_000, ge=1000, le=300_000)
     metrics_host: str = "127.0.0.1"

@@ -144,8 +144,14 @@ def provision(
     admin = settings.milvus.model_copy(update={"token": token or None})
     store = KnowledgeStore(admin, dimension)
     store.connect()
+    store.ensure_ledger()  # knowledge sync's ledger: created here, where the admin may create
     store.close()
-    created = {settings.milvus.collection, schema.registry_name(settings.milvus.collection)} - before
+    names = [
+        settings.milvus.collection,
+        schema.registry_name(settings.milvus.collection),
+        schema.ledger_name(settings.milvus.collection),
+    ]
+    created = set(names) - before
     if created:
         report.changed = True
         report.actions.append(f"collections created: {', '.join(sorted(created))}")
@@ -154,7 +160,6 @@ def provision(
             raise KBError(
                 "set DUALTRACK_PROVISION_APP_PASSWORD (milvus_app_password) for the application user"
             )
-        names = [settings.milvus.collection, schema.registry_name(settings.milvus.collection)]
         ensure_app_user(MilvusClient(uri=uri, token=token), app_user, app_password, names, report)
     if report.rbac == "unavailable":
         report.message = (

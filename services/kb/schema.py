@@ -65,8 +65,10 @@ REGISTRY_OUTPUT_FIELDS: Final = (
 REVISION: Final = "revision"
 ORIGIN: Final = "origin"
 DELETED: Final = "deleted"
+WRITING: Final = "writing"  # a version whose chunks are being written (crash recovery)
+WRITING_CHUNKS: Final = "writing_chunks"
 
-LEDGER_OUTPUT_FIELDS: Final = (DOC_ID, REVISION, ORIGIN, VERSION, DELETED)
+LEDGER_OUTPUT_FIELDS: Final = (DOC_ID, REVISION, ORIGIN, VERSION, DELETED, WRITING, WRITING_CHUNKS)
 
 MAX_TEXT_BYTES: Final = 65535
 MAX_DOC_ID: Final = 256
@@ -120,6 +122,8 @@ def ledger_schema() -> CollectionSchema:
     schema.add_field(ORIGIN, DataType.VARCHAR, max_length=128)
     schema.add_field(VERSION, DataType.VARCHAR, max_length=64)
     schema.add_field(DELETED, DataType.BOOL)
+    schema.add_field(WRITING, DataType.VARCHAR, max_length=64)
+    schema.add_field(WRITING_CHUNKS, DataType.INT64)
     schema.add_field(MARKER, DataType.FLOAT_VECTOR, dim=MARKER_DIM)
     return schema
 

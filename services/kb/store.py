@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -172,8 +172,10 @@ class KnowledgeStore:
                 if exc.code != _NOT_LOADED or self._client is None:
                     raise
                 # a restarted Milvus comes back with collections released: load, retry once
-                for name in (self.collection, self.registry):
-                    self._client.load_collection(name, timeout=self.settings.timeout_s)
+                present = self._client.list_collections(timeout=self.settings.timeout_s)
+                for name in (self.collection, self.registry, schema.ledger_name(self.collection)):
+                    if name in present:
+                        self._client.load_collection(name, timeout=self.settings.timeout_s)
                 return fn(*args, **kwargs)
         except MilvusException as exc:
             raise StoreUnavailable(f"Milvus {what} failed at {self.where}: {exc.message}") from None
@@ -285,6 +287,22 @@ class KnowledgeStore:
         )
         return sorted((DocumentRecord.from_row(r) for r in rows), key=lambda d: d.doc_id)
 
+    def iter_documents(self, batch: int = 500) -> Iterator[DocumentRecord]:
+        """Every registry row, in pages (no 16,384-row window as with offset paging)."""
+        iterator = self._call(
+            "query_iterator",
+            self.client.query_iterator,
+            self.registry,
+            batch_size=batch,
+            filter=f'{schema.DOC_ID} != ""',
+            output_fields=list(schema.REGISTRY_OUTPUT_FIELDS),
+        )
+        try:
+            while rows := self._call("query_iterator", lambda **_: iterator.next()):
+                yield from (DocumentRecord.from_row(r) for r in rows)
+        finally:
+            iterator.close()
+
     def active_versions(self, doc_ids: Sequence[str]) -> dict[str, str]:
         if not doc_ids:
             return {}
@@ -362,15 +380,27 @@ class KnowledgeStore:
         self.purge_stale(doc_id, None)
         return existed
 
-    def purge_stale_many(self, keep: dict[str, str], group: int = 100) -> None:
-        """``purge_stale`` for many documents in few round trips (the sync consumer's batches)."""
-        items = sorted(keep.items())
-        for start in range(0, len(items), group):
-            expr = " or ".join(
-                f"({schema.DOC_ID} == {literal(d)} and {schema.VERSION} != {literal(v)})"
-                for d, v in items[start : start + group]
+    def registered(self, doc_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
+        """``doc_id -> (active version, chunk count)`` from the registry, for many documents."""
+        ids = sorted(set(doc_ids))
+        out: dict[str, tuple[str, int]] = {}
+        for start in range(0, len(ids), 1000):
+            rows = self._call(
+                "query",
+                self.client.query,
+                self.registry,
+                filter=in_list(schema.DOC_ID, ids[start : start + 1000]),
+                output_fields=[schema.DOC_ID, schema.VERSION, schema.CHUNKS],
             )
-            self._call("delete", self.client.delete, self.collection, filter=expr)
+            out.update({r[schema.DOC_ID]: (r[schema.VERSION], int(r[schema.CHUNKS])) for r in rows})
+        return out
+
+    def delete_chunks(self, chunk_ids: Sequence[str], batch: int = 1000) -> None:
+        """Delete chunks by primary key: exact, and far cheaper for Milvus than a filter."""
+        for start in range(0, len(chunk_ids), batch):
+            self._call(
+                "delete", self.client.delete, self.collection, ids=list(chunk_ids[start : start + batch])
+            )
 
     def delete_documents(self, doc_ids: Sequence[str], group: int = 1000) -> None:
         """``delete_document`` for many documents: registry rows first, then their chunks."""

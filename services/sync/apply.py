@@ -3,10 +3,15 @@
 The consumer hands over a batch of decoded events in log order. For each
 document only the newest change matters (by ``(revision, origin)``, compared
 with the ledger entry of what this store already has), so a batch becomes one
-write per document: chunks upserted under ids derived from ``doc_id`` +
-``version`` (a repeat writes the same rows), the registry flipped, the other
-versions purged, and the ledger entry written last. A crash anywhere before
-the ledger write leaves the event to be applied again, with the same result.
+write per document: the version being written noted in the ledger, chunks
+upserted under ids derived from ``doc_id`` + ``version`` (a repeat writes the
+same rows), the registry flipped, the previous version's rows deleted by primary
+key, and the ledger entry written last. A crash anywhere before that leaves the
+event to be applied again, with the same result.
+
+An event this store must not hold (a classification above ``sync.max_classification``)
+is dead-lettered *and* acts as a delete at its revision, so an earlier, permitted
+copy of the document does not linger here.
 
 Shipped vectors are used when the sender's model id and dimension equal this
 store's; otherwise the chunk text is re-embedded here, exactly as ingestion
@@ -16,8 +21,9 @@ would embed it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -29,7 +35,7 @@ from services.kb.errors import KBError
 from services.kb.ingest import chunk_id, embedding_text
 from services.kb.models import Chunk
 from services.kb.store import DocumentRecord, KnowledgeStore
-from services.sync.events import DocumentDelete, DocumentUpsert
+from services.sync.events import SYNCED_FROM, DocumentDelete, DocumentUpsert
 from services.sync.ledger import LedgerEntry, SyncLedger
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,10 @@ class Outcome:
 class Applier:
     """Writes batches of events into ``store``; one instance per consumer."""
 
+    retries = 3
+    """Attempts for one event the store refuses while it answers (a collection still
+    loading, a rate limit) before it is dead-lettered."""
+
     def __init__(self, settings: Settings, store: KnowledgeStore, embedder: Embedder) -> None:
         self.settings = settings
         self.store = store
@@ -57,90 +67,118 @@ class Applier:
         self.reembedded_chunks = 0
 
     def apply(self, events: Sequence[Event], *, from_other_sites: bool = True) -> list[Outcome]:
-        """Outcomes parallel to ``events``. Raises ``KBError`` only when the store is
-        unavailable (retry the whole batch later); an event the store refuses is
-        isolated and dead-lettered. ``from_other_sites`` applies the classification
-        policy (off for this site's own database changes, CDC)."""
-        failure: Exception
+        """Outcomes parallel to ``events``. Raises ``KBError`` while the store is unavailable
+        (the caller retries the batch; nothing is committed). An event that still fails
+        with the store answering is isolated from its batch, retried, then dead-lettered.
+        ``from_other_sites`` applies the classification policy (off for this site's own
+        database changes, CDC)."""
         try:
             return self._apply(events, from_other_sites)
-        except KBError as exc:
-            if self.store.ping() is not None:
-                raise  # the store is down: the caller retries the batch, nothing is committed
-            failure = exc
-        except Exception as exc:  # an event this code cannot handle must not stop the stream
-            log.exception("applying %d event(s) failed", len(events))
-            failure = exc
+        except Exception as exc:
+            if isinstance(exc, KBError) and self.store.ping() is not None:
+                raise
+            failure: Exception = exc
         if len(events) == 1:
-            return [Outcome("dead_letter", f"cannot be applied here: {type(failure).__name__}: {failure}")]
-        # the store answers, so something in the batch is at fault: isolate it
-        log.warning("a batch of %d events failed; applying them one by one", len(events))
+            return [self._retry(events[0], from_other_sites, failure)]
+        log.warning("a batch of %d events failed (%s); applying them one by one", len(events), failure)
         out: list[Outcome] = []
         for event in events:
             out.extend(self.apply([event], from_other_sites=from_other_sites))
         return out
 
+    def _retry(self, event: Event, from_other_sites: bool, failure: Exception) -> Outcome:
+        for attempt in range(1, self.retries):
+            time.sleep(0.5 * 2**attempt)
+            try:
+                return self._apply([event], from_other_sites)[0]
+            except Exception as exc:
+                if isinstance(exc, KBError) and self.store.ping() is not None:
+                    raise
+                failure = exc
+        log.error("%s@%d cannot be applied: %s", event.doc_id, event.revision, failure)
+        return Outcome("dead_letter", f"cannot be applied here: {type(failure).__name__}: {failure}")
+
     def _apply(self, events: Sequence[Event], from_other_sites: bool) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(events)
         known = self.ledger.get(e.doc_id for e in events)
-        winners: dict[str, int] = {}  # doc_id -> index of the change to write
+        before = dict(known)
+        winners: dict[str, Event] = {}  # doc_id -> the change to write
+        winner_at: dict[str, int] = {}
         limit = self.settings.sync.max_classification
+        cap = self.settings.ingest.max_chunks_per_document
         for i, event in enumerate(events):
-            if (
-                from_other_sites
-                and isinstance(event, DocumentUpsert)
-                and event.classification.rank > limit.rank
-            ):
-                outcomes[i] = Outcome(
-                    "dead_letter",
-                    f"classification {event.classification.value} is above sync.max_classification "
-                    f"{limit.value}: not stored here",
-                    sensitive=event.classification is Classification.CONFIDENTIAL,
-                )
-                continue
-            if (
-                isinstance(event, DocumentUpsert)
-                and len(event.chunks) > self.settings.ingest.max_chunks_per_document
-            ):
-                outcomes[i] = Outcome(
-                    "dead_letter",
-                    f"{len(event.chunks)} chunks, over ingest.max_chunks_per_document "
-                    f"({self.settings.ingest.max_chunks_per_document})",
-                )
-                continue
+            change: Event = event
+            refused: Outcome | None = None
+            if isinstance(event, DocumentUpsert):
+                if from_other_sites and event.classification.rank > limit.rank:
+                    refused = Outcome(
+                        "dead_letter",
+                        f"classification {event.classification.value} is above sync.max_classification "
+                        f"{limit.value}: not stored here",
+                        sensitive=event.classification is Classification.CONFIDENTIAL,
+                    )
+                    # it must not be held here: any earlier copy goes, at this revision
+                    change = DocumentDelete(
+                        origin=event.origin,
+                        doc_id=event.doc_id,
+                        revision=event.revision,
+                        occurred_at=event.occurred_at,
+                    )
+                elif len(event.chunks) > cap:
+                    outcomes[i] = Outcome(
+                        "dead_letter",
+                        f"{len(event.chunks)} chunks, over ingest.max_chunks_per_document ({cap})",
+                    )
+                    continue
             current = known.get(event.doc_id)
             if current is not None:
-                if event.order < current.order:
-                    outcomes[i] = Outcome(
+                if change.order < current.order:
+                    outcomes[i] = refused or Outcome(
                         "stale", f"older than revision {current.revision} from {current.origin}"
                     )
                     continue
-                if event.order == current.order and _same(event, current):
-                    outcomes[i] = Outcome("duplicate")
+                if change.order == current.order and _same(change, current):
+                    outcomes[i] = refused or Outcome("duplicate")
                     continue
             # newest so far (an equal order with other content: the later message wins)
-            previous = winners.get(event.doc_id)
-            if previous is not None:
+            previous = winner_at.get(event.doc_id)
+            if previous is not None and outcomes[previous] is None:
                 outcomes[previous] = Outcome("applied", "superseded within the batch")
-            winners[event.doc_id] = i
-            known[event.doc_id] = _entry(event)
-        self._write([events[i] for i in winners.values()])
-        for i in winners.values():
-            outcomes[i] = Outcome("applied")
+            winners[event.doc_id] = change
+            winner_at[event.doc_id] = i
+            known[event.doc_id] = _entry(change)
+            if refused is not None:
+                outcomes[i] = refused
+        self._write(list(winners.values()), before)
+        for i in winner_at.values():
+            if outcomes[i] is None:
+                outcomes[i] = Outcome("applied")
         return [o for o in outcomes if o is not None]
 
-    def _write(self, events: Sequence[Event]) -> None:
-        upserts = [e for e in events if isinstance(e, DocumentUpsert)]
-        deletes = [e.doc_id for e in events if isinstance(e, DocumentDelete)]
+    def _write(self, changes: Sequence[Event], before: dict[str, LedgerEntry]) -> None:
+        upserts = [e for e in changes if isinstance(e, DocumentUpsert)]
+        deletes = [e.doc_id for e in changes if isinstance(e, DocumentDelete)]
         if upserts:
+            registered = self.store.registered([e.doc_id for e in upserts])
+            # 1. say what is being written, so a crash leaves its rows findable
+            self.ledger.put(
+                [
+                    replace(
+                        before.get(e.doc_id) or _blank(e.doc_id),
+                        writing=e.version,
+                        writing_chunks=len(e.chunks),
+                    )
+                    for e in upserts
+                ]
+            )
             chunks = [c for e in upserts for c in _chunks(e)]
             vectors = self._vectors(upserts, chunks)
             self.store.write_chunks(chunks, vectors, batch=self.settings.ingest.insert_batch)
             self.store.activate(*(_record(e) for e in upserts))
-            self.store.purge_stale_many({e.doc_id: e.version for e in upserts})
+            self.store.delete_chunks(_superseded(upserts, registered, before))
         if deletes:
             self.store.delete_documents(deletes)
-        self.ledger.put([_entry(e) for e in events])
+        self.ledger.put([_entry(e) for e in changes])
 
     def _vectors(self, upserts: Sequence[DocumentUpsert], chunks: Sequence[Chunk]) -> np.ndarray:
         parts: list[np.ndarray | None] = []
@@ -176,6 +214,28 @@ def _same(event: Event, entry: LedgerEntry) -> bool:
     if isinstance(event, DocumentDelete):
         return entry.deleted
     return not entry.deleted and entry.version == event.version
+
+
+def _blank(doc_id: str) -> LedgerEntry:
+    """A ledger entry for a document nothing has been applied to (older than any event)."""
+    return LedgerEntry(doc_id=doc_id, revision=-1, origin="", version="", deleted=False)
+
+
+def _superseded(
+    upserts: Sequence[DocumentUpsert], registered: dict[str, tuple[str, int]], before: dict[str, LedgerEntry]
+) -> list[str]:
+    """Primary keys of the rows the new versions replace: the previously active version's
+    (registry) and a version a crashed run was writing (ledger)."""
+    ids: set[str] = set()
+    for e in upserts:
+        old = [registered.get(e.doc_id, ("", 0))]
+        entry = before.get(e.doc_id)
+        if entry is not None and entry.writing:
+            old.append((entry.writing, entry.writing_chunks))
+        for version, count in old:
+            if version and version != e.version:
+                ids.update(chunk_id(e.doc_id, version, n) for n in range(count))
+    return sorted(ids)
 
 
 def _entry(event: Event) -> LedgerEntry:
@@ -215,5 +275,5 @@ def _record(event: DocumentUpsert) -> DocumentRecord:
         title=event.title,
         chunks=len(event.chunks),
         ingested_at=event.occurred_at,
-        metadata={**event.metadata, "synced_from": event.origin},
+        metadata={**event.metadata, SYNCED_FROM: event.origin},
     )

@@ -5,8 +5,11 @@ primary key, the text is the content column (parsed as txt/md/html), the title
 and classification optionally come from columns. ``op`` ``c`` (insert), ``u``
 (update) and ``r`` (snapshot read) become ``document.upsert`` events built with
 the same parser and chunker as ingestion (embedded on apply); ``d`` becomes
-``document.delete``. The revision is the source commit time (``source.ts_ms``),
-so a replayed snapshot never overwrites a newer update. Kafka tombstones (the
+``document.delete``; ``t`` (truncate) is refused. The revision is the source time
+(``source.ts_ms``: the commit time of a change, the read time of a snapshot row),
+so a snapshot taken earlier never overwrites a later update. Postgres tables need
+``REPLICA IDENTITY FULL`` (otherwise an update that leaves a large text column
+unchanged carries a placeholder instead of the text, which is refused). Kafka tombstones (the
 null value Debezium sends after a delete, for compaction) carry nothing to do.
 
 Both Debezium JSON layouts are accepted: with the converter's schema wrapper
@@ -24,6 +27,9 @@ from services.kb.ingest import Ingestor, IngestResult, validate_doc_id
 from services.sync.events import DocumentDelete, DocumentUpsert, EventChunk, InvalidEvent
 
 _OPS = {"c": "insert", "u": "update", "r": "snapshot", "d": "delete"}
+UNAVAILABLE = "__debezium_unavailable_value"
+"""What Debezium sends for an unchanged TOASTed column when the table's REPLICA IDENTITY is not
+FULL: never to be taken for the document's text."""
 
 
 def translate(
@@ -35,6 +41,8 @@ def translate(
         return None
     envelope = _payload(_json(value, "value"))
     op = envelope.get("op")
+    if op == "t":
+        raise InvalidEvent("Debezium op 't' (TRUNCATE) is not applied: delete the documents explicitly")
     if op not in _OPS:
         raise InvalidEvent(f"Debezium op {op!r} is not one of c, u, r, d")
     source = envelope.get("source")
@@ -60,6 +68,11 @@ def translate(
     content = row.get(cdc.content_column)
     if not isinstance(content, str):
         raise InvalidEvent(f"column {cdc.content_column!r} is missing or not text")
+    if content == UNAVAILABLE or row.get(cdc.title_column or "") == UNAVAILABLE:
+        raise InvalidEvent(
+            f"column {cdc.content_column!r} is not in the change (Debezium sent its unavailable-value "
+            "placeholder): set REPLICA IDENTITY FULL on the source table"
+        )
     title = row.get(cdc.title_column) if cdc.title_column else None
     label = None
     if cdc.classification_column and row.get(cdc.classification_column) is not None:

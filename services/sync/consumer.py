@@ -6,9 +6,11 @@ Delivery is at-least-once and the effect exactly-once:
   dead-letter records) are done, so a crash re-delivers, never skips;
 * applying is idempotent and newest-wins (``services.sync.apply``), so a
   re-delivered, duplicated or out-of-order event changes nothing it should not;
-* a message that cannot be applied (not JSON, unknown schema version, wrong
-  vector dimension, a refused classification) goes to the dead-letter topic with
-  the reason in its headers, and the consumer moves on;
+* a message that cannot be applied (not JSON, unknown schema version, vectors
+  that disagree with their declared dimension, a refused classification) goes to
+  the dead-letter topic with the reason in its headers, and the consumer moves on
+  (confidential content and a site's own database rows are recorded without their
+  payload);
 * while the knowledge base is unavailable the batch is retried with back-off and
   nothing is committed;
 * SIGTERM finishes the batch in hand, commits it, and leaves the group.
@@ -25,12 +27,13 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from services.config import Settings
+from services.kb.classification import Classification
 from services.kb.errors import KBError
 from services.kb.ingest import Ingestor
 from services.kb.service import KnowledgeBase
 from services.sync import cdc, events
 from services.sync.apply import Applier, Outcome
-from services.sync.kafka import consumer_config, ensure_topics, producer_config, updates_topic_config
+from services.sync.kafka import consumer_config, ensure_topics, producer_config, serve_token, topic_configs
 from services.sync.metrics import ConsumerMetrics
 
 log = logging.getLogger(__name__)
@@ -57,13 +60,7 @@ class SyncConsumer:
     def prepare_topics(self) -> None:
         """Create our topics if missing (the Debezium topic belongs to Debezium)."""
         if self.sync.create_topics:
-            created = ensure_topics(
-                self.sync,
-                {
-                    self.sync.topic: updates_topic_config(self.sync.replication_factor),
-                    self.sync.dlq_topic: {},
-                },
-            )
+            created = ensure_topics(self.sync, topic_configs(self.sync))
             for name in created:
                 log.info("created topic %s", name)
 
@@ -81,7 +78,7 @@ class SyncConsumer:
                     started = time.perf_counter()
                     if self.handle(consumer, dlq, messages, stop):
                         self.metrics.batch_seconds.observe(time.perf_counter() - started)
-                if time.monotonic() - self._last_lag > 5 or not messages:
+                if time.monotonic() - self._last_lag > 5:
                     self.update_lag(consumer)
         finally:
             consumer.close()  # leaves the group at once: partitions move without waiting for a timeout
@@ -110,26 +107,32 @@ class SyncConsumer:
                     updates.append((m, events.decode(m.value())))
             except events.InvalidEvent as exc:
                 self.metrics.outcome(m.topic(), "dead_letter")
-                dead.append((m, str(exc), False))
+                dead.append((m, str(exc), self._private(m)))
             except Exception as exc:  # a message that crashes the parser must not crash-loop us
                 log.exception("cannot read %s[%d]@%d", m.topic(), m.partition(), m.offset())
                 self.metrics.outcome(m.topic(), "dead_letter")
-                dead.append((m, f"cannot be read: {type(exc).__name__}: {exc}", False))
+                dead.append((m, f"cannot be read: {type(exc).__name__}: {exc}", self._private(m)))
         for batch, from_sites in ((updates, True), (changes, False)):
             if not batch:
                 continue
             outcomes = self._apply([e for _, e in batch], from_sites, stop)
             if outcomes is None:
                 return False
-            for (m, _), outcome in zip(batch, outcomes, strict=True):
+            for (m, event), outcome in zip(batch, outcomes, strict=True):
                 self.metrics.outcome(m.topic(), outcome.status)
                 if outcome.status == "dead_letter":
-                    dead.append((m, outcome.reason or "unprocessable", outcome.sensitive))
+                    private = outcome.sensitive or not from_sites or _confidential(event)
+                    dead.append((m, outcome.reason or "unprocessable", private))
         self.metrics.reembedded.inc(self.applier.reembedded_chunks)
         self.applier.reembedded_chunks = 0
         self._dead_letter(dlq, dead)
         self._commit(consumer, offsets)
         return True
+
+    def _private(self, m: Message) -> bool:
+        """Dead letters of a site's own database rows (CDC) keep the reason, not the row:
+        its classification is unknown until it is parsed."""
+        return self.sync.cdc is not None and m.topic() == self.sync.cdc.topic
 
     def _apply(self, batch: list[Any], from_sites: bool, stop: threading.Event) -> list[Outcome] | None:
         delay = 0.5
@@ -163,7 +166,14 @@ class SyncConsumer:
             ]
             # a refused confidential event is recorded, never copied
             value = None if sensitive else m.value()
-            dlq.produce(self.sync.dlq_topic, key=m.key(), value=value, headers=headers, on_delivery=report)
+            if value is not None and len(value) > self.sync.max_message_bytes:
+                value = None  # the reason and the coordinates still point at the original
+            try:
+                dlq.produce(
+                    self.sync.dlq_topic, key=m.key(), value=value, headers=headers, on_delivery=report
+                )
+            except KafkaException as exc:
+                failures.append(str(exc))
         dlq.flush(60)
         if failures or len(dlq):
             raise RuntimeError(f"the dead-letter topic did not take {len(dead)} record(s): {failures[:1]}")
@@ -196,13 +206,17 @@ class SyncConsumer:
 
 def rewind(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
     """Move the group's offsets back to the start of its topics (the consumer must be
-    stopped). After a restore, the compacted topic is read again and the restored ledger
+    stopped). After a restore, the topic is read again and the restored ledger
     lets exactly the newer events apply. Returns events to re-read per topic."""
     sync = settings.sync
     topics = [sync.topic] + ([sync.cdc.topic] if sync.cdc else [])
     consumer = Consumer({**consumer_config(sync), "error_cb": _log_error})
     try:
-        meta = consumer.list_topics(timeout=timeout)
+        serve_token(consumer, sync)
+        try:
+            meta = consumer.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            raise ConnectionError(f"Kafka at {sync.bootstrap_servers} is unreachable: {exc}") from None
         start: list[TopicPartition] = []
         pending: dict[str, int] = {}
         for topic in topics:
@@ -222,6 +236,10 @@ def rewind(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
         return pending
     finally:
         consumer.close()
+
+
+def _confidential(event: Any) -> bool:
+    return getattr(event, "classification", None) is Classification.CONFIDENTIAL
 
 
 def _log_error(err: Any) -> None:

@@ -48,6 +48,9 @@ SCHEMA_VERSION: Final = 1
 UPSERT: Final = "document.upsert"
 DELETE: Final = "document.delete"
 MAX_CHUNKS: Final = 100_000
+SYNCED_FROM: Final = "synced_from"
+"""Registry metadata key naming the origin of a document a consumer applied (such documents
+are the origin's to publish, never re-published from here)."""
 
 
 class InvalidEvent(ValueError):

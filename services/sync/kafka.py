@@ -3,8 +3,7 @@
 MSK (production) is reached over TLS with IAM (``AWS_MSK_IAM``: a SigV4 token
 from the host's standard AWS credential chain, sent as SASL/OAUTHBEARER) or
 SCRAM; local brokers over PLAINTEXT. MSK has automatic topic creation off, so
-the consumer creates the topics it needs (compacted updates topic: the newest
-event per document is kept forever, so a new site can replay the whole state).
+the consumer creates the topics it needs (``topic_configs``).
 """
 
 from __future__ import annotations
@@ -62,6 +61,13 @@ def _msk_iam_token(region: str) -> Any:
     return refresh
 
 
+def serve_token(client: Any, sync: SyncSettings) -> None:
+    """librdkafka asks for an OAUTHBEARER token through ``poll``: serve it before the first
+    request of a client that is not polled otherwise (admin, rewind)."""
+    if sync.sasl_mechanism == "AWS_MSK_IAM":
+        client.poll(1.0)
+
+
 def producer_config(sync: SyncSettings) -> dict[str, Any]:
     """Idempotent, acks=all: a retried send is never duplicated nor reordered."""
     return {
@@ -71,6 +77,7 @@ def producer_config(sync: SyncSettings) -> dict[str, Any]:
         "linger.ms": 20,
         "compression.type": "zstd",
         "message.timeout.ms": 60_000,
+        "message.max.bytes": sync.max_message_bytes + 64 * 1024,  # room for the batch framing
     }
 
 
@@ -93,7 +100,7 @@ def ensure_topics(sync: SyncSettings, topics: dict[str, dict[str, str]], timeout
     """Create the missing ``topics`` (name -> topic config); returns those created.
     The replication factor is capped at the broker count (a one-broker dev cluster)."""
     admin = AdminClient(client_config(sync))
-    admin.poll(0)  # lets an OAUTHBEARER token be fetched
+    serve_token(admin, sync)
     try:
         meta = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
@@ -124,9 +131,17 @@ def ensure_topics(sync: SyncSettings, topics: dict[str, dict[str, str]], timeout
     return created
 
 
-def updates_topic_config(replicas: int) -> dict[str, str]:
-    """Compacted: the newest event per document stays, older ones are cleaned up."""
-    conf = {"cleanup.policy": "compact"}
-    if replicas >= 3:
-        conf["min.insync.replicas"] = "2"
-    return conf
+def topic_configs(sync: SyncSettings) -> dict[str, dict[str, str]]:
+    """The sync topics and their settings.
+
+    The updates topic uses ``delete`` retention (forever by default), not compaction:
+    compaction keeps the *last* event per key, which after concurrent edits at two sites
+    can be an older revision, so a site replaying a compacted topic could settle on the
+    wrong version. The dead-letter topic keeps its records for 90 days."""
+    common = {"max.message.bytes": str(sync.max_message_bytes)}
+    if sync.replication_factor >= 3:
+        common["min.insync.replicas"] = "2"
+    return {
+        sync.topic: {**common, "cleanup.policy": "delete", "retention.ms": str(sync.retention_ms)},
+        sync.dlq_topic: {**common, "cleanup.policy": "delete", "retention.ms": str(90 * 24 * 3600 * 1000)},
+    }

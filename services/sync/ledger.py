@@ -25,6 +25,10 @@ class LedgerEntry:
     origin: str
     version: str
     deleted: bool
+    writing: str = ""
+    """A version whose chunks were being written when this entry was saved (else empty): if
+    the process died there, its rows are known exactly and removed on the next write."""
+    writing_chunks: int = 0
 
     @property
     def order(self) -> tuple[int, str]:
@@ -66,6 +70,8 @@ class SyncLedger:
                     origin=r[schema.ORIGIN],
                     version=r[schema.VERSION],
                     deleted=bool(r[schema.DELETED]),
+                    writing=r[schema.WRITING],
+                    writing_chunks=int(r[schema.WRITING_CHUNKS]),
                 )
         return out
 
@@ -80,6 +86,8 @@ class SyncLedger:
                 schema.ORIGIN: e.origin[:128],
                 schema.VERSION: e.version,
                 schema.DELETED: e.deleted,
+                schema.WRITING: e.writing,
+                schema.WRITING_CHUNKS: e.writing_chunks,
                 schema.MARKER: [0.0] * schema.MARKER_DIM,
             }
             for e in entries

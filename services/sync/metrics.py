@@ -70,6 +70,16 @@ class PublisherMetrics:
             "Events written locally and not yet acknowledged by the broker",
             registry=r,
         )
+        self.oversize = Counter(
+            "dualtrack_sync_oversize_total",
+            "Local writes not published: too large as an event even without vectors",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "dualtrack_sync_rejected_total",
+            "Events the broker refused for good (set aside in the outbox's rejected table)",
+            registry=r,
+        )
         self.send_errors = Counter(
             "dualtrack_sync_send_errors_total",
             "Failed deliveries (kept in the outbox and retried)",

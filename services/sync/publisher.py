@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from prometheus_client import CollectorRegistry
 
 from services.config import Settings
@@ -108,18 +108,28 @@ class Publisher:
         self._queue(event)
 
     def publish_existing(self, on_document: Callable[[DocumentRecord], None] | None = None) -> int:
-        """Queue every document already in the store (a site that starts publishing, or a
-        topic rebuilt): the same policy as live writes applies. Returns documents seen."""
+        """Queue every document this site holds as its own (a site that starts publishing, or
+        a topic rebuilt): the same policy as live writes applies. Documents received from
+        other sites are theirs to publish and are skipped. Returns documents seen."""
         store = self._store()
         seen = 0
-        while docs := store.list_documents(limit=500, offset=seen):
-            for record in docs:
-                chunks = store.chunks_of(record.doc_id, record.version)
-                if len(chunks) == record.chunks:  # else an interrupted write: its next ingest publishes
-                    self.document_written(record, chunks, store.vectors_of(record.doc_id, record.version))
-                if on_document is not None:
-                    on_document(record)
-            seen += len(docs)
+        for record in store.iter_documents():
+            seen += 1
+            if on_document is not None:
+                on_document(record)
+            if record.metadata.get(events.SYNCED_FROM):
+                continue
+            chunks = store.chunks_of(record.doc_id, record.version)
+            if len(chunks) != record.chunks:
+                log.warning(
+                    "%s: %d of %d chunks readable, not published", record.doc_id, len(chunks), record.chunks
+                )
+                continue
+            vectors = store.vectors_of(record.doc_id, record.version)
+            current = store.get_document(record.doc_id)
+            if current is None or current.version != record.version:
+                continue  # changed meanwhile: the gateway publishes the new version itself
+            self.document_written(record, chunks, vectors)
         return seen
 
     # -- internals ----------------------------------------------------------------------------
@@ -142,6 +152,28 @@ class Publisher:
             return max(now, entry.revision + 1) if entry else now
 
     def _queue(self, event: events.DocumentUpsert | events.DocumentDelete) -> None:
+        value = events.encode(event)
+        limit = self.sync.max_message_bytes
+        if len(value) > limit and isinstance(event, events.DocumentUpsert) and event.embedding is not None:
+            # receivers re-embed the text; better than not sending the document at all
+            event = event.model_copy(
+                update={
+                    "embedding": None,
+                    "chunks": [c.model_copy(update={"vector": None}) for c in event.chunks],
+                }
+            )
+            value = events.encode(event)
+        if len(value) > limit:
+            self.metrics.oversize.inc()
+            log.error(
+                "%s is %d bytes as an event, over sync.max_message_bytes (%d): not published",
+                event.doc_id,
+                len(value),
+                limit,
+            )
+            return
+        # the outbox first: once the event is safely queued, the ledger may say it was sent
+        self.outbox.add(events.key(event), value)
         self.ledger.put(
             [
                 LedgerEntry(
@@ -153,7 +185,6 @@ class Publisher:
                 )
             ]
         )
-        self.outbox.add(events.key(event), events.encode(event))
         self.metrics.pending.inc()
         self._wake.set()
 
@@ -192,6 +223,8 @@ class Publisher:
                 if err is None:
                     acked.append(seq)
                     self.metrics.published.labels(_type(msg.value())).inc()
+                elif err.code() in _NEVER:
+                    self._reject(seq, msg.key(), str(err))
                 else:
                     self.metrics.send_errors.inc()
                     log.warning("publishing %s failed: %s (kept in the outbox)", msg.key(), err)
@@ -199,7 +232,10 @@ class Publisher:
             return report
 
         for seq, key, value in batch:
-            self._produce(key, value, delivered(seq))
+            try:
+                self._produce(key, value, delivered(seq))
+            except KafkaException as exc:  # refused before sending (e.g. too large): never retried
+                self._reject(seq, key, str(exc))
         deadline = time.monotonic() + timeout
         while len(self._producer) and time.monotonic() < deadline:
             self._producer.flush(min(1.0, max(deadline - time.monotonic(), 0.0)))
@@ -211,6 +247,11 @@ class Publisher:
         self.outbox.remove(acked)
         self.metrics.pending.set(self.outbox.count())
         return len(acked)
+
+    def _reject(self, seq: int, key: bytes | None, reason: str) -> None:
+        self.outbox.reject(seq, reason)
+        self.metrics.rejected.inc()
+        log.error("the broker will not take %s (%s): set aside in the outbox's rejected table", key, reason)
 
     def _produce(
         self, key: bytes, value: bytes, callback: Callable[[KafkaError | None, Message], None]
@@ -239,6 +280,11 @@ class Publisher:
         self._producer.purge()  # what is left stays in the outbox for the next start
         self._producer.flush(0)
         self.outbox.close()
+
+
+_NEVER = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD}
+"""Delivery errors a retry cannot fix; anything else (authorization, an outage) stays
+queued and is sent again once the operator or the network has fixed it."""
 
 
 def _type(value: bytes | None) -> str:

@@ -82,6 +82,7 @@ def test_provision_creates_collections_once_and_reports_lite_has_no_rbac(
     monkeypatch.setenv("DUALTRACK_MILVUS__URI", str(tmp_path / "kb.db"))
     first = provision.provision(app_user="kb_app", dimension=384)
     assert first.changed and "knowledge_base" in " ".join(first.actions)
+    assert "knowledge_base_sync" in " ".join(first.actions)  # the sync ledger, made by the admin
     assert first.rbac == "unavailable" and "firewall" in first.message
     second = provision.provision(app_user="kb_app", dimension=384)
     assert not second.changed and second.actions == []

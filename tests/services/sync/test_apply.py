@@ -150,3 +150,52 @@ def test_a_backup_carries_the_ledger_so_replays_after_a_restore_apply(
     assert [o.status for o in replay.apply([v1])] == ["duplicate"]
     assert [o.status for o in replay.apply([v2])] == ["applied"]
     assert state(kb, "runbook") == (v2.version, 1)
+
+
+def test_a_refused_classification_removes_the_earlier_copy(make_settings, embedder) -> None:
+    settings = make_settings(sync={"max_classification": "public"})
+    kb = KnowledgeBase(settings, embedder=embedder)
+    kb.start()
+    try:
+        applier = Applier(settings, kb.store, kb.embedder)
+        public = upsert("faq", 1, ["Opening hours are nine to five."], classification="public")
+        assert applier.apply([public])[0].status == "applied"
+        internal = upsert("faq", 2, ["Opening hours and the staff entrance code."], classification="internal")
+        outcome = applier.apply([internal])[0]
+        assert outcome.status == "dead_letter" and "above sync.max_classification public" in (
+            outcome.reason or ""
+        )
+        assert not outcome.sensitive  # internal: the dead letter may carry it
+        assert state(kb, "faq") == (None, 0)  # the public copy does not linger
+        assert applier.apply([public])[0].status == "stale"
+    finally:
+        kb.close()
+
+
+def test_a_released_ledger_after_a_milvus_restart_is_loaded_again(
+    kb: KnowledgeBase, applier: Applier
+) -> None:
+    applier.apply([upsert("one", 1, ["first."])])
+    kb.store.client.release_collection("knowledge_base_sync")  # as a restarted Milvus leaves it
+    assert applier.apply([upsert("two", 1, ["second."])])[0].status == "applied"
+    assert state(kb, "two")[1] == 1
+
+
+def test_a_half_written_version_overtaken_after_a_crash_leaves_no_rows(
+    kb: KnowledgeBase, applier: Applier
+) -> None:
+    """Simulate the crash: the ledger says v2 was being written and its rows are there,
+    but neither the registry flip nor the final ledger entry happened; then v3 arrives."""
+    from dataclasses import replace
+
+    from services.sync.apply import _chunks
+
+    v1, v2, v3 = (upsert("doc", r, [f"rev {r} a.", f"rev {r} b.", f"rev {r} c."][: 4 - r]) for r in (1, 2, 3))
+    applier.apply([v1])
+    entry = applier.ledger.get(["doc"])["doc"]
+    applier.ledger.put([replace(entry, writing=v2.version, writing_chunks=len(v2.chunks))])
+    rows = _chunks(v2)
+    kb.store.write_chunks(rows, unit_vectors(len(rows), kb.store.dimension, seed=5))
+    assert kb.store.count_chunks("doc") == len(v1.chunks) + len(v2.chunks)
+    assert applier.apply([v3])[0].status == "applied"
+    assert state(kb, "doc") == (v3.version, 1)  # v1's and the orphaned v2's rows are gone

@@ -10,11 +10,13 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+from confluent_kafka.admin import AdminClient, ConfigResource
 
 from services.config import Settings
 from services.kb.embedder import Embedder
 from services.sync import events
 from services.sync.consumer import REASON_HEADER, SyncConsumer, rewind
+from services.sync.kafka import ensure_topics, topic_configs
 from tests.services.sync.conftest import (
     counter,
     delete,
@@ -73,6 +75,7 @@ def test_hostile_stream_ends_in_the_right_state(
     stream.append((b"empty", None))
     add(upsert("secret", 1, ["Falcon terms."], classification="confidential"))
     add(upsert("after-the-bad-ones", 1, ["The consumer kept going."]))
+    ensure_topics(settings.sync, topic_configs(settings.sync))  # as the consumer does on start
     produce(settings, stream)
 
     with running_consumer(settings, embedder) as (consumer, kb):
@@ -92,6 +95,10 @@ def test_hostile_stream_ends_in_the_right_state(
 
     dlq = read_topic(settings.sync.bootstrap_servers, settings.sync.dlq_topic, expect=5)
     by_key = {m.key(): m for m in dlq}
+    admin = AdminClient({"bootstrap.servers": settings.sync.bootstrap_servers})
+    (described,) = admin.describe_configs([ConfigResource("topic", settings.sync.topic)]).values()
+    config = {name: entry.value for name, entry in described.result().items()}
+    assert config["cleanup.policy"] == "delete" and config["retention.ms"] == "-1"  # never compacted
     assert set(by_key) == {b"junk", b"future", b"wrongdim", b"empty", b"secret"}
     assert "not JSON" in reason(by_key[b"junk"]) and by_key[b"junk"].value() == b"{not json"
     assert "schema_version 2 is not supported" in reason(by_key[b"future"])
@@ -198,6 +205,8 @@ def test_debezium_changes_become_documents(
             (key(1), debezium("r", None, row1, 1_000)),  # a replayed snapshot: older than the update
             (key(3), debezium("d", row3, None, 4_000)),
             (key(3), None),  # Debezium's tombstone for compaction
+            (key(1), debezium("u", row1b, {**row1b, "body": "__debezium_unavailable_value"}, 3_500)),
+            (key(1), debezium("t", None, None, 3_600)),
             (
                 key(9),
                 json.dumps(
@@ -222,7 +231,7 @@ def test_debezium_changes_become_documents(
             )
 
         wait_for(
-            lambda: sum(count(o) for o in ("applied", "stale", "duplicate", "dead_letter")) >= 7,
+            lambda: sum(count(o) for o in ("applied", "stale", "duplicate", "dead_letter")) >= 9,
             what="cdc handled",
         )
         vpn = kb.store.get_document("cdc-1")
@@ -231,8 +240,12 @@ def test_debezium_changes_become_documents(
         payroll = kb.store.get_document("cdc-2")
         assert payroll is not None and payroll.classification.value == "confidential"  # the site's own data
         assert kb.store.get_document("cdc-3") is None and kb.store.count_chunks("cdc-3") == 0
-        assert count("stale") == 1 and count("dead_letter") == 1
+        assert count("stale") == 1 and count("dead_letter") == 3
         hits = kb.search("Where do I get the VPN client?", top_k=1)
         assert hits[0].chunk.doc_id == "cdc-1"
-    dlq = read_topic(settings.sync.bootstrap_servers, settings.sync.dlq_topic, expect=1)
-    assert "sync.cdc.table is 'public.articles'" in reason(dlq[0])
+    dlq = read_topic(settings.sync.bootstrap_servers, settings.sync.dlq_topic, expect=3)
+    reasons = sorted(reason(m) for m in dlq)
+    assert any("REPLICA IDENTITY FULL" in r for r in reasons), reasons
+    assert any("TRUNCATE" in r for r in reasons), reasons
+    assert any("sync.cdc.table is 'public.articles'" in r for r in reasons), reasons
+    assert all(m.value() is None for m in dlq), "a site's own rows are dead-lettered without their content"

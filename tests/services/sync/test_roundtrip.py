@@ -205,3 +205,34 @@ def test_publish_existing_sends_what_a_site_already_holds(
         assert event.version == stored[doc_id].version
         assert event.vectors() is not None
         assert (event.vectors() == vectors[doc_id]).all()
+
+
+def test_an_event_too_large_goes_without_vectors_or_not_at_all(
+    sync_settings: Callable[..., Settings], embedder: Embedder
+) -> None:
+    from services.sync import events
+
+    settings = sync_settings("a", publish=True, max_message_bytes=64 * 1024)
+    kb = KnowledgeBase(settings, embedder=embedder)
+    kb.start()
+    publisher = Publisher(settings, lambda: kb.store, lambda: kb.embedder.model_id)
+    kb.listener = publisher
+    try:
+        # ~45 KB of text fits in 64 KiB; its ~12 vectors (2 KB each in base64) do not
+        words = " ".join(f"clause{i} of the building access rules applies to visitors." for i in range(700))
+        mid = kb.ingestor.ingest_bytes(words.encode(), "rules.txt", metadata={"n": 1})
+        assert mid.status == "ingested" and mid.chunks > 8
+        (row,) = publisher.outbox.pending()
+        event = events.decode(row[2])
+        assert event.embedding is None and all(c.vector is None for c in event.chunks)  # text only
+        assert len(row[2]) <= 64 * 1024
+        huge = " ".join(
+            f"paragraph{i} describes the fire exits on every floor in detail." for i in range(12000)
+        )
+        big = kb.ingestor.ingest_bytes(huge.encode(), "fire.txt")
+        assert big.status == "ingested"  # the local write stands
+        assert publisher.outbox.count() == 1  # but the event was not queued
+        assert publisher.metrics.registry.get_sample_value("dualtrack_sync_oversize_total") == 1
+    finally:
+        publisher.close(timeout=5)
+        kb.close()
