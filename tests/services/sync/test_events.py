@@ -105,3 +105,20 @@ def test_client_settings_for_msk_and_scram(monkeypatch: pytest.MonkeyPatch) -> N
     assert producer["enable.idempotence"] is True and producer["acks"] == "all"
     consumer = consumer_config(scram)
     assert consumer["enable.auto.commit"] is False and consumer["isolation.level"] == "read_committed"
+
+
+def test_cli_refuses_to_run_without_brokers_and_checks_the_schema_file(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from dualtrack.cli import app
+
+    run = CliRunner().invoke(app, ["sync", "run"])
+    assert run.exit_code == 2 and "sync.bootstrap_servers is empty" in " ".join(run.output.split())
+    stale = tmp_path / "schema.json"
+    stale.write_text("{}")
+    check = CliRunner().invoke(app, ["sync", "schema", "--check", str(stale)])
+    assert check.exit_code == 1 and "is not the current event schema" in " ".join(check.output.split())
+    current = CliRunner().invoke(
+        app, ["sync", "schema", "--check", str(ROOT / "docs" / "sync-event.schema.json")]
+    )
+    assert current.exit_code == 0, current.output
