@@ -675,7 +675,7 @@ def sync_run() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         runner.run(_settings())
-    except (KBError, ConnectionError) as exc:
+    except (ConfigError, KBError, ConnectionError) as exc:
         raise _fail(str(exc)) from None
 
 
