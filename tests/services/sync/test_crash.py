@@ -156,7 +156,8 @@ def test_kill_9_mid_stream_then_restart_gives_the_exact_state(
             second.kill()
 
     expected = expected_state(evs)
-    client = MilvusClient(uri=milvus_server.uri)
+    # a connection of its own: pymilvus shares one per address and this process has idled on it
+    client = MilvusClient(uri=milvus_server.uri, dedicated=True)
     try:
         registry = client.query(
             schema.registry_name(collection),
