@@ -96,8 +96,8 @@ class TritonPythonModel:
                 continue
             sender = request.get_response_sender()
             if failing:
+                self._log(entry)  # before the final response: a client that got it finds the record
                 sender.send(self._error(), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                self._log(entry)
                 continue
             chunks = [generated[i : i + 1] for i in range(len(generated))] if streaming else [generated]
             for chunk in chunks:
@@ -107,8 +107,8 @@ class TritonPythonModel:
                 self._pace(len(chunk))
                 sender.send(self._response(chunk))
                 entry["tokens_sent"] += len(chunk)
+            self._log(entry)  # before the final flag: a client that saw the end finds the record
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            self._log(entry)
         return None if self.decoupled else responses
 
     @staticmethod

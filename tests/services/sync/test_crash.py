@@ -12,10 +12,12 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from confluent_kafka import Consumer, TopicPartition
 from pymilvus import MilvusClient
 
@@ -81,6 +83,16 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[i
         }
     finally:
         c.close()
+
+
+@pytest.fixture
+def milvus_server(tmp_path: Path) -> Iterator[MilvusServer]:
+    """A Milvus Lite server of this test's own: the session's is shared with many idle
+    connections of this process, and this test loads it hard."""
+    (tmp_path / "milvus").mkdir()
+    server = MilvusServer(tmp_path / "milvus" / "data").start()
+    yield server
+    server.stop()
 
 
 def test_kill_9_mid_stream_then_restart_gives_the_exact_state(
@@ -156,8 +168,7 @@ def test_kill_9_mid_stream_then_restart_gives_the_exact_state(
             second.kill()
 
     expected = expected_state(evs)
-    # a connection of its own: pymilvus shares one per address and this process has idled on it
-    client = MilvusClient(uri=milvus_server.uri, dedicated=True)
+    client = MilvusClient(uri=milvus_server.uri, dedicated=True, timeout=60)
     try:
         registry = client.query(
             schema.registry_name(collection),
