@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLES := docs/samples
 CHECKOV_VENV := .venv-checkov
+AWS_VENV := .venv-aws
 CRD_SCHEMAS := tests/infra/crd_schemas
 POLICY_VENV := infra/policy/venv
 ANSIBLE_RELEASE := 12.3.0
@@ -40,6 +41,12 @@ $(CHECKOV_VENV)/.installed: requirements-checkov.txt
 	$(CHECKOV_VENV)/bin/pip install -q -r requirements-checkov.txt
 	touch $@
 
+# The pod replay tests: moto's S3 server and the AWS CLI, apart from the Pulumi SDK's pins.
+$(AWS_VENV)/.installed: requirements-aws.txt
+	$(PYTHON) -m venv $(AWS_VENV)
+	$(AWS_VENV)/bin/pip install -q -r requirements-aws.txt
+	touch $@
+
 # Test-only CRD schema validators (npm); node/npm come from the machine, or Debian if missing.
 $(CRD_SCHEMAS)/node_modules/.installed: $(CRD_SCHEMAS)/package-lock.json
 	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
@@ -70,7 +77,7 @@ onprem-host-tools:
 	  (apt-get update -qq && apt-get install -y -qq podman runc debootstrap)
 
 install: $(VENV)/.runtime ansible/collections/.installed
-install-dev: $(VENV)/.dev $(CHECKOV_VENV)/.installed $(CRD_SCHEMAS)/node_modules/.installed $(POLICY_VENV)/.installed \
+install-dev: $(VENV)/.dev $(CHECKOV_VENV)/.installed $(AWS_VENV)/.installed $(CRD_SCHEMAS)/node_modules/.installed $(POLICY_VENV)/.installed \
 	ansible/collections/.installed onprem-host-tools
 
 up: install

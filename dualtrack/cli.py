@@ -448,8 +448,12 @@ def model_repo_render(
     role: Annotated[
         str, typer.Option(help="cloud (ensemble) or onprem (local_fallback + embedding)")
     ] = "cloud",
-    runtime_root: Annotated[str, typer.Option(help="Where Triton will see the repository")] = "/models",
+    runtime_root: Annotated[
+        str,
+        typer.Option(help="Where the version's layout will be when Triton runs: <root>/repository, <root>/tokenizer..."),
+    ] = "/models",
     tokenizer_dir: Annotated[str | None, typer.Option(help="Override the profile's tokenizer dir")] = None,
+    engine_dir: Annotated[str | None, typer.Option(help="Override <root>/engines")] = None,
 ) -> None:
     """Fill the templates for a profile; then `model-repo check` runs on the result."""
     from dualtrack.model_repo import ModelRepoError, RenderOptions, check, render
@@ -464,6 +468,7 @@ def model_repo_render(
                 role=role,
                 runtime_root=runtime_root,  # type: ignore[arg-type]
                 tokenizer_dir=tokenizer_dir,
+                engine_dir=engine_dir,
             ),
         )
         problems = check(target)

@@ -9,7 +9,9 @@ repository: every ``config.pbtxt`` parses with Triton's own ``ModelConfig``
 protobuf, no ``${...}`` is left, ensemble steps are wired consistently (every
 mapped tensor exists in the step's model with a matching dtype and shape), and
 batch/instance/streaming settings agree with the profile the repository was
-rendered from (``dualtrack-profile.json``).
+rendered from (``dualtrack-profile.json``), and the repository holds models only: a
+tokenizer or checkpoint directory inside it would make Triton exit at start-up
+(:mod:`infra.model_layout` puts them beside it).
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from infra import model_layout
 from infra.catalog import ModelProfile, model_profiles
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "model_repo"
 ENGINE_MODELS = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble")
 PROFILE_FILE = "dualtrack-profile.json"
+VERSION_MARKER = ".dualtrack-version"
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 Role = Literal["cloud", "onprem"]
 ENTRY_MODEL = {"cloud": "ensemble", "onprem": "local_fallback"}
@@ -44,10 +48,13 @@ class ModelRepoError(ValueError):
 @dataclass(frozen=True)
 class RenderOptions:
     role: Role = "cloud"
-    runtime_root: str = "/models"
-    """Where the repository lives when Triton runs (the pod syncs it to /models)."""
+    runtime_root: str = model_layout.POD_ROOT
+    """Where one version's layout lives when Triton runs: the repository is ``<root>/repository``,
+    the tokenizer, engines and checkpoint sit beside it (the cloud pod sees it at /models)."""
     tokenizer_dir: str | None = None
     checkpoint_dir: str | None = None
+    engine_dir: str | None = None
+    """Where the TensorRT-LLM engines are, when not ``<root>/engines``."""
     embedding_model: str = "packaged:all-MiniLM-L6-v2"
     embedding_dim: int = 384
 
@@ -80,12 +87,11 @@ def _variables(profile: ModelProfile, opts: RenderOptions, tp: int) -> dict[str,
     name = "tensorrt_llm" if profile.path == "pytorch" and opts.role == "cloud" else entry_model(opts.role)
     return {
         "ensemble_name": name,
-        "model_dir": f"{root}/{name}",
         "model_id": profile.model_id,
-        "checkpoint_dir": opts.checkpoint_dir or f"{root}/checkpoint",
+        "checkpoint_dir": opts.checkpoint_dir or f"{root}/{model_layout.CHECKPOINT}",
         "triton_max_batch_size": str(profile.max_batch_size),
         "decoupled_mode": "true" if profile.decoupled else "false",
-        "engine_dir": f"{root}/tensorrt_llm/1",
+        "engine_dir": opts.engine_dir or f"{root}/{model_layout.ENGINES}",
         "tokenizer_dir": tokenizer,
         "batching_strategy": profile.batching_strategy,
         "max_queue_delay_microseconds": str(profile.max_queue_delay_microseconds),
@@ -97,6 +103,7 @@ def _variables(profile: ModelProfile, opts: RenderOptions, tp: int) -> dict[str,
         "max_input_len": str(profile.max_input_len),
         "max_output_len": str(profile.max_output_len),
         "max_seq_len": str(profile.max_input_len + profile.max_output_len),
+        "max_num_tokens": str(profile.max_num_tokens),
         "tensor_parallel_size": str(tp),
         "pipeline_parallel_size": str(profile.pipeline_parallel),
         "expert_parallel_size": str(profile.expert_parallel),
@@ -122,7 +129,14 @@ def _copy_filled(src: Path, dst: Path, values: dict[str, str]) -> None:
             target.write_text(_fill(path.read_text(encoding="utf-8"), values, path), encoding="utf-8")
         else:
             shutil.copy2(path, target)
-    (dst / "1").mkdir(parents=True, exist_ok=True)
+    version = dst / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    if not any(version.iterdir()):
+        (version / VERSION_MARKER).write_text(
+            "Version 1 of this model. S3 keeps no empty directories: this file keeps the version\n"
+            "through an upload, or Triton would find no version to load.\n",
+            encoding="utf-8",
+        )
 
 
 def render(
@@ -133,6 +147,9 @@ def render(
     tensor_parallel: int | None = None,
 ) -> Path:
     """Write the repository for ``profile_name`` into ``out`` (created; must be empty or absent).
+
+    ``out`` becomes ``<root>/repository`` of the layout: upload it there, the tokenizer to
+    ``<root>/tokenizer`` (see :mod:`infra.model_layout`).
 
     On premises ``profile_name`` may be ``None``: a CPU-only site serves just the
     ``embedding`` model and answers with the cloud or the extractive fallback.
@@ -286,22 +303,36 @@ def _coherence_problems(repo: Path, models: dict[str, Any], record: dict[str, An
             if got != count:
                 problems.append(f"{model}: {got} instances, profile says {count}")
     else:
-        llm = yaml.safe_load((repo / record["entry_model"] / "1" / "model.yaml").read_text(encoding="utf-8"))
-        triton = llm.get("triton_config") or {}
+        name = record["entry_model"]
+        if not (repo / name / "1" / "model.py").is_file():
+            problems.append(f"{name}: no 1/model.py (the LLM-API Python model)")
+        llm = yaml.safe_load((repo / name / "1" / "model.yaml").read_text(encoding="utf-8")) or {}
         expected = {
             "tensor_parallel_size": record["tensor_parallel"],
             "moe_expert_parallel_size": profile.expert_parallel,
             "pipeline_parallel_size": profile.pipeline_parallel,
+            "max_batch_size": profile.max_batch_size,
+            "max_input_len": profile.max_input_len,
         }
         for key, value in expected.items():
             if llm.get(key) != value:
                 problems.append(f"model.yaml: {key} is {llm.get(key)!r}, profile needs {value}")
         if (llm.get("kv_cache_config") or {}).get("dtype") != profile.kv_cache_dtype:
             problems.append("model.yaml: kv_cache_config.dtype differs from the profile")
-        if triton.get("decoupled") is not profile.decoupled:
-            problems.append("model.yaml: triton_config.decoupled differs from the profile")
-        if triton.get("max_batch_size") != profile.max_batch_size:
-            problems.append("model.yaml: triton_config.max_batch_size differs from the profile")
+        tokens = llm.get("max_num_tokens")
+        if (
+            isinstance(tokens, int)
+            and tokens < profile.max_input_len
+            and llm.get("enable_chunked_prefill") is not True
+        ):
+            problems.append(
+                f"model.yaml: max_num_tokens {tokens} < max_input_len {profile.max_input_len} needs "
+                "enable_chunked_prefill: true, or long prompts are refused"
+            )
+        if entry.max_batch_size != 0:
+            problems.append(f"{name}: max_batch_size must be 0 (the LLM API batches in flight itself)")
+        if entry.model_transaction_policy.decoupled != profile.decoupled:
+            problems.append(f"{name}: decoupled {entry.model_transaction_policy.decoupled} != profile")
     return problems
 
 
@@ -329,6 +360,19 @@ def check(repo: Path) -> list[str]:
         models[directory] = config
     if not models:
         problems.append(f"{repo}: no */config.pbtxt found")
+    for path in sorted(p for p in repo.iterdir() if p.is_dir()):
+        versions = [v for v in path.iterdir() if v.is_dir() and v.name.isdigit()]
+        if (path / "config.pbtxt").is_file() and not any(any(v.iterdir()) for v in versions):
+            problems.append(
+                f"{path.name}: no version directory with a file in it (1/): Triton would load no "
+                "version, and S3 keeps no empty directories"
+            )
+        if not (path / "config.pbtxt").is_file():
+            problems.append(
+                f"{path.name}/: not a model (no config.pbtxt): Triton would try to load it and exit; "
+                f"a tokenizer, checkpoint or engines belong beside the repository "
+                f"({', '.join(model_layout.ARTIFACT_DIRS)}), not inside it"
+            )
     for name, config in models.items():
         if config.platform == "ensemble":
             problems += _ensemble_problems(name, config, models, broken)

@@ -94,7 +94,12 @@ class ModelProfile(BaseModel):
     decoupled: bool
     startup_timeout_s: int = Field(ge=60)
     # Triton/TRT-LLM serving knobs (model_repo templates); defaults suit every profile so far.
-    tokenizer_dir: str = Field("tokenizer", description="inside the model repository (or absolute)")
+    tokenizer_dir: str = Field(
+        "tokenizer", description="beside the model repository in the version's layout (or absolute)"
+    )
+    max_num_tokens: int = Field(
+        8192, ge=1, description="tokens one executor iteration schedules; longer prompts prefill in chunks"
+    )
     batching_strategy: Literal["inflight_fused_batching", "v1"] = "inflight_fused_batching"
     max_queue_delay_microseconds: int = Field(1000, ge=0)
     logits_datatype: Literal["TYPE_FP32", "TYPE_FP16", "TYPE_BF16"] = "TYPE_FP32"
@@ -121,6 +126,10 @@ class ModelProfile(BaseModel):
 
     def tensor_parallel_on(self, gpu: GpuType) -> int:
         return self.tensor_parallel_by_gpu.get(gpu, self.tensor_parallel)
+
+    def artifact_gib(self) -> float:
+        """Bytes one served version moves (checkpoint or engines): parameters x bytes, in GiB."""
+        return self.parameters_b * 1e9 * BYTES_PER_PARAMETER[self.precision] / 2**30
 
     def weights_gib(self) -> float:
         """Approximate GPU memory the weights take (1e9 params x bytes, as GiB-ish GB)."""

@@ -63,7 +63,7 @@ class _Located(ValueError):
 
 def _key(name: str) -> str:
     """Python field name -> Pulumi config key (camelCase; ``GiB`` spelt as units are)."""
-    return to_camel(name).replace("Gib", "GiB")
+    return to_camel(name).replace("Gib", "GiB").replace("MibPerS", "MiBps")
 
 
 class _Section(BaseModel):
@@ -226,6 +226,12 @@ class Serving(_Section):
         0.5, gt=0, le=10, description="HPA target: queue time per unit of compute time."
     )
     shm_gib: int = Field(64, ge=1, le=2048)
+    model_sync_mib_per_s: int = Field(
+        250,
+        ge=10,
+        le=20000,
+        description="Stated S3 -> node cache throughput of the sync step; sizes every wait on it.",
+    )
     canary: Canary | None = None
     sync_image: str = "public.ecr.aws/aws-cli/aws-cli:2.31.6"
 

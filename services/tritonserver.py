@@ -105,6 +105,8 @@ class TritonServer:
     extra_backends: dict[str, Path] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     log_verbose: int = 0
+    flags: dict[str, str] = field(default_factory=dict)
+    """More tritonserver flags (``{"exit-timeout-secs": "90"}``); repository, backends and ports stay ours."""
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -117,20 +119,23 @@ class TritonServer:
         return self.workdir / f"tritonserver-{self.http_port}.log"
 
     def command(self, backend_dir: Path) -> list[str]:
-        return [
-            str(binary()),
-            f"--model-repository={self.model_repository}",
-            f"--backend-directory={backend_dir}",
-            f"--http-address={self.host}",
-            f"--grpc-address={self.host}",
-            f"--metrics-address={self.host}",
-            f"--http-port={self.http_port}",
-            f"--grpc-port={self.grpc_port}",
-            f"--metrics-port={self.metrics_port}",
-            "--allow-gpu-metrics=false",
-            "--exit-timeout-secs=5",
-            f"--log-verbose={self.log_verbose}",
-        ]
+        """The binary and its flags: this object's repository, ports and address, then ``flags``."""
+        defaults = {
+            "model-repository": str(self.model_repository),
+            "backend-directory": str(backend_dir),
+            "http-address": self.host,
+            "grpc-address": self.host,
+            "metrics-address": self.host,
+            "http-port": str(self.http_port),
+            "grpc-port": str(self.grpc_port),
+            "metrics-port": str(self.metrics_port),
+            "allow-gpu-metrics": "false",
+            "exit-timeout-secs": "5",
+            "log-verbose": str(self.log_verbose),
+        }
+        fixed = {"model-repository", "backend-directory", "http-port", "grpc-port", "metrics-port"}
+        overrides = {k: v for k, v in self.flags.items() if k not in fixed}
+        return [str(binary())] + [f"--{k}={v}" for k, v in {**defaults, **overrides}.items()]
 
     def environment(self) -> dict[str, str]:
         bin_dir = str(Path(sys.executable).parent)

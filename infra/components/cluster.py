@@ -10,11 +10,14 @@ pods that ask for GPUs land there.
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pulumi
 import pulumi_aws as aws
 
+from infra import model_layout
+from infra.components.k8s import APP_UID
 from infra.config import StackSettings
 
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NO_SCHEDULE"}
@@ -170,7 +173,7 @@ class Cluster(pulumi.ComponentResource):
             gpu=False,
         )
         gpu = settings.gpu_nodes
-        gpu_template = self._launch_template("gpu", gpu.root_volume_gib)
+        gpu_template = self._launch_template("gpu", gpu.root_volume_gib, gpu_node_user_data())
         # kubernetes.io/ label prefixes are reserved (EKS refuses them): the kubelet sets the
         # instance-type label itself; nvidia.com/gpu.present satisfies the device plugin's affinity.
         gpu_labels = {POOL_LABEL: "gpu", "nvidia.com/gpu.present": "true"}
@@ -254,10 +257,15 @@ class Cluster(pulumi.ComponentResource):
         )
         self.register_outputs({"name": cluster.name})
 
-    def _launch_template(self, pool: str, disk_gib: int) -> aws.eks.NodeGroupLaunchTemplateArgs:
+    def _launch_template(
+        self, pool: str, disk_gib: int, user_data: str | None = None
+    ) -> aws.eks.NodeGroupLaunchTemplateArgs:
         template = aws.ec2.LaunchTemplate(
             f"{self._name}-{pool}",
-            description=f"{pool} nodes: IMDSv2 only, encrypted gp3 root volume",
+            description=f"{pool} nodes: IMDSv2 only, encrypted gp3 root volume"
+            + (", instance-store NVMe as one RAID0 volume" if user_data else ""),
+            # EKS merges its own NodeConfig into this MIME document (AL2023 nodeadm).
+            user_data=base64.b64encode(user_data.encode()).decode() if user_data else None,
             metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
                 http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=1
             ),
@@ -317,6 +325,44 @@ class Cluster(pulumi.ComponentResource):
                 f"{self._name}-irsa-{name}-{i}", role=role.name, policy_arn=arn, opts=child
             )
         return role
+
+
+MIME_BOUNDARY = "==DUALTRACK=="
+
+
+def gpu_node_user_data() -> str:
+    """AL2023 user data for GPU nodes: the instance-store NVMe as one volume, the model cache on it.
+
+    nodeadm's ``localStorage: RAID0`` assembles every instance-store NVMe disk (p5en: 8 x 3.84 TB)
+    into one array mounted at ``/mnt/k8s-disks/0`` and moves kubelet's and containerd's state
+    onto it, so images and emptyDirs use it too. The script part then gives the model cache its
+    owner (the pods' UID, which cannot chown) and writes the marker the sync step requires, after
+    checking that the directory really sits on the array and not on the root volume.
+    """
+    cache, marker = model_layout.NODE_CACHE, f"{model_layout.NODE_CACHE}/{model_layout.NODE_CACHE_READY}"
+    node_config = (
+        "apiVersion: node.eks.aws/v1alpha1\n"
+        "kind: NodeConfig\n"
+        "spec:\n"
+        "  instance:\n"
+        "    localStorage:\n"
+        "      strategy: RAID0\n"
+    )
+    script = (
+        "#!/bin/bash\n"
+        "set -euo pipefail\n"
+        f"mountpoint -q {cache.rsplit('/', 1)[0]} || "
+        "{ echo 'instance-store RAID0 is not mounted' >&2; exit 1; }\n"
+        f"install -d -o {APP_UID} -g {APP_UID} -m 0750 {cache}\n"
+        f"install -o {APP_UID} -g {APP_UID} -m 0640 /dev/null {marker}\n"
+    )
+    return (
+        "MIME-Version: 1.0\n"
+        f'Content-Type: multipart/mixed; boundary="{MIME_BOUNDARY}"\n\n'
+        f"--{MIME_BOUNDARY}\nContent-Type: application/node.eks.aws\n\n{node_config}\n"
+        f'--{MIME_BOUNDARY}\nContent-Type: text/x-shellscript; charset="us-ascii"\n\n{script}\n'
+        f"--{MIME_BOUNDARY}--\n"
+    )
 
 
 def _log_retention(days: int) -> int:

@@ -1,12 +1,15 @@
 """Triton serving DeepSeek on TensorRT-LLM: model store, Deployments, Service, HPA, PDB.
 
-The model repository (configs, tokenizer, weights or engines) lives in a private,
-versioned, KMS-encrypted S3 bucket under ``<profile>/<version>/``. An init
-container syncs it onto the node with an IRSA role that can read only that
-bucket; Triton then starts with GPUs = tensor x pipeline parallel size. The
-startup probe allows the profile's whole first load (about an hour for 671B);
-readiness is Triton's ``/v2/health/ready``. Scaling follows queue time relative
-to compute time (a Prometheus-adapter metric), not CPU, which says nothing
+Each served version lives in a private, versioned, KMS-encrypted S3 bucket under
+``<profile>/<version>/`` in the layout of :mod:`infra.model_layout` (the Triton
+repository, with the tokenizer and the engines or checkpoint beside it). An init
+container syncs that prefix into the node's model cache on the instance-store NVMe
+(incremental: a restarted pod downloads nothing new) with an IRSA role that can read
+only this bucket; Triton mounts the cache read-only and starts with GPUs = tensor x
+pipeline parallel size. Every wait is sized from the bytes moved and
+``serving.modelSyncMiBps``, plus the profile's first load (about an hour for 671B).
+Readiness is Triton's ``/v2/health/ready``. Scaling follows requests waiting inside
+the TensorRT-LLM executor (a Prometheus-adapter metric), not CPU, which says nothing
 about a GPU server's saturation.
 """
 
@@ -19,6 +22,7 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
+from infra import model_layout as layout
 from infra.catalog import GPU_INSTANCES, ModelProfile, model_profiles
 from infra.components import k8s as kube
 from infra.components.cluster import POOL_LABEL, Cluster
@@ -29,10 +33,8 @@ APP = "triton"
 PORTS = {"http": 8000, "grpc": 8001, "http-metrics": 8002}
 QUEUE_RATIO_METRIC = "triton_queue_compute_ratio"
 """Per-pod metric served by prometheus-adapter from the recording rule in observability.py."""
-MODELS_DIR = "/models"
-SYNC_ALLOWANCE_S = 1800
-"""Time for the init container to copy a model repository (671B FP8: ~700 GB) from S3."""
 ENGINE_BUILD_ALLOWANCE_S = 4 * 3600
+"""Compiling engines (convert_checkpoint + trtllm-build), on top of the transfers around it."""
 PROBE_PERIOD_S = 10
 
 
@@ -124,8 +126,13 @@ class Serving(pulumi.ComponentResource):
         )
         self._service_account(f"{name}-sa", APP, reader, in_ns)
 
-        build_job = None
-        if cfg.model.path == "engine":
+        # The primary's replica count belongs to the HPA (None = leave spec.replicas unset).
+        versions = [(cfg.model_version, None, cfg.model)]
+        if cfg.canary:
+            versions.append(
+                (cfg.canary.version, cfg.canary.replicas, model_profiles()[cfg.canary.profile or cfg.profile])
+            )
+        if any(profile.path == "engine" for _, _, profile in versions):
             builder = cluster.service_account_role(
                 "engine-builder",
                 cfg.namespace,
@@ -135,18 +142,12 @@ class Serving(pulumi.ComponentResource):
                 ),
             )
             self._service_account(f"{name}-builder-sa", "engine-builder", builder, in_ns)
-            build_job = self._engine_build_job(name, cfg.model, cfg.model_version, in_ns)
-
-        # The primary's replica count belongs to the HPA (None = leave spec.replicas unset).
-        versions = [(cfg.model_version, None, cfg.model)]
-        if cfg.canary:
-            versions.append(
-                (cfg.canary.version, cfg.canary.replicas, model_profiles()[cfg.canary.profile or cfg.profile])
-            )
         deployments = []
         for version, replicas, profile in versions:
-            # Triton must not start before its engines exist (the init container syncs once).
-            waits_for = [ns, build_job] if build_job is not None and profile == cfg.model else [ns]
+            waits_for: list[pulumi.Resource] = [ns]
+            if profile.path == "engine":
+                # Every engine-path version serves its own engines: Triton starts once they exist.
+                waits_for.append(self._engine_build_job(name, profile, version, in_ns))
             deployments.append(self._deployment(f"{name}-{version}", version, replicas, profile, waits_for))
 
         k8s.core.v1.Service(
@@ -292,7 +293,10 @@ class Serving(pulumi.ComponentResource):
         tp = cfg.tensor_parallel or profile.tensor_parallel_on(gpu)
         gpus = tp * profile.pipeline_parallel
         pod_labels = {"app": APP, "version": version, "model": profile.served_name}
-        source = pulumi.Output.concat("s3://", self.bucket, f"/{profile.name}/{version}/")
+        prefix = layout.version_prefix(profile.name, version)
+        script = self.bucket.apply(
+            lambda bucket: layout.sync_script(f"s3://{bucket}/{prefix}", profile.name, version)
+        )
         # UID 10001 has no home and / is read-only: caches (JIT, tokenizers) go to /tmp.
         env = [{"name": "HOME", "value": "/tmp"}]
         if profile.path == "engine" and gpus > 1:
@@ -326,13 +330,13 @@ class Serving(pulumi.ComponentResource):
                             {
                                 "name": "model-sync",
                                 "image": cfg.sync_image,
-                                "command": ["aws", "s3", "sync", "--no-progress", "--only-show-errors"],
-                                "args": [source, MODELS_DIR],
-                                "resources": kube.resources("1", "2Gi", cpu_limit="4", memory_limit="4Gi"),
+                                "command": ["sh", "-c", script],
+                                # parallel range GETs of big safetensors files want CPU and buffers
+                                "resources": kube.resources("2", "4Gi", cpu_limit="8", memory_limit="8Gi"),
                                 "securityContext": kube.security_context(),
                                 "env": [{"name": "HOME", "value": "/tmp"}],
                                 "volumeMounts": [
-                                    {"name": "models", "mountPath": MODELS_DIR},
+                                    {"name": "model-cache", "mountPath": layout.SYNC_ROOT},
                                     {"name": "tmp", "mountPath": "/tmp"},
                                 ],
                             }
@@ -343,7 +347,7 @@ class Serving(pulumi.ComponentResource):
                                 "image": self._image,
                                 "command": ["tritonserver"],
                                 "args": [
-                                    f"--model-repository={MODELS_DIR}",
+                                    f"--model-repository={layout.repository_path()}",
                                     f"--http-port={PORTS['http']}",
                                     f"--grpc-port={PORTS['grpc']}",
                                     f"--metrics-port={PORTS['http-metrics']}",
@@ -371,16 +375,23 @@ class Serving(pulumi.ComponentResource):
                                     "failureThreshold": 4,
                                 },
                                 "volumeMounts": [
-                                    {"name": "models", "mountPath": MODELS_DIR, "readOnly": True},
+                                    {
+                                        "name": "model-cache",
+                                        "mountPath": layout.POD_ROOT,
+                                        "subPath": prefix.rstrip("/"),
+                                        "readOnly": True,
+                                    },
                                     {"name": "dshm", "mountPath": "/dev/shm"},
                                     {"name": "tmp", "mountPath": "/tmp"},
                                 ],
                             }
                         ],
                         "volumes": [
+                            # The node's NVMe cache (prepared at boot, see cluster.py): survives pod
+                            # restarts and is shared by the pods of a node, one directory per version.
                             {
-                                "name": "models",
-                                "emptyDir": {"sizeLimit": f"{math.ceil(profile.weights_gib() * 1.5)}Gi"},
+                                "name": "model-cache",
+                                "hostPath": {"path": layout.NODE_CACHE, "type": "Directory"},
                             },
                             {
                                 "name": "dshm",
@@ -395,22 +406,27 @@ class Serving(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(
                 parent=self,
                 depends_on=depends_on,
-                custom_timeouts=_timeouts(SYNC_ALLOWANCE_S + profile.startup_timeout_s),
+                custom_timeouts=_timeouts(self._sync_s(profile) + profile.startup_timeout_s),
             ),
         )
+
+    def _sync_s(self, profile: ModelProfile) -> int:
+        """The longest first sync of one version (engines or checkpoint) at the stated throughput."""
+        return layout.transfer_seconds(profile.artifact_gib(), self._settings.serving.model_sync_mib_per_s)
 
     def _engine_build_job(
         self, name: str, profile: ModelProfile, version: str, opts: pulumi.ResourceOptions
     ) -> k8s.batch.v1.Job:
-        """Checkpoint from S3 -> engines on the GPU -> back to S3, as three ordered steps."""
+        """Checkpoint from S3 -> engines on the GPU -> ``<profile>/<version>/engines/``, in order."""
         cfg = self._settings.serving
-        tp = self._settings.tensor_parallel
+        gpu = GPU_INSTANCES[self._settings.gpu_nodes.instance_type].gpu
+        tp = cfg.tensor_parallel or profile.tensor_parallel_on(gpu)
         gpus = tp * profile.pipeline_parallel
         script = engine_build_script(
             profile, tp, checkpoint_dir="/work/checkpoint", work_dir="/work/trtllm", engine_dir="/work/engine"
         )
         script_map = k8s.core.v1.ConfigMap(
-            f"{name}-engine-build",
+            f"{name}-engine-build-{version}",
             metadata={
                 "name": f"engine-build-{version}",
                 "namespace": cfg.namespace,
@@ -423,7 +439,7 @@ class Serving(pulumi.ComponentResource):
         aws_env = [{"name": "HOME", "value": "/tmp"}]
         mounts = [{"name": "work", "mountPath": "/work"}, {"name": "tmp", "mountPath": "/tmp"}]
         return k8s.batch.v1.Job(
-            f"{name}-engine-build",
+            f"{name}-engine-build-{version}",
             metadata={
                 "name": f"engine-build-{profile.name}-{version}".replace(".", "-")[:63],
                 "namespace": cfg.namespace,
@@ -451,7 +467,9 @@ class Serving(pulumi.ComponentResource):
                                 "image": cfg.sync_image,
                                 "command": ["aws", "s3", "sync", "--no-progress", "--only-show-errors"],
                                 "args": [
-                                    pulumi.Output.concat(prefix, f"checkpoints/{profile.model_id}/"),
+                                    pulumi.Output.concat(
+                                        prefix, layout.build_checkpoint_prefix(profile.model_id)
+                                    ),
                                     "/work/checkpoint",
                                 ],
                                 "env": aws_env,
@@ -478,7 +496,12 @@ class Serving(pulumi.ComponentResource):
                                 "command": ["aws", "s3", "sync", "--no-progress", "--only-show-errors"],
                                 "args": [
                                     "/work/engine",
-                                    pulumi.Output.concat(prefix, f"{profile.name}/{version}/tensorrt_llm/1/"),
+                                    pulumi.Output.concat(
+                                        prefix,
+                                        layout.version_prefix(profile.name, version),
+                                        layout.ENGINES,
+                                        "/",
+                                    ),
                                 ],
                                 "env": aws_env,
                                 "resources": kube.resources("1", "2Gi", cpu_limit="4", memory_limit="4Gi"),
@@ -498,7 +521,10 @@ class Serving(pulumi.ComponentResource):
                 },
             },
             opts=pulumi.ResourceOptions(
-                parent=self, depends_on=[script_map], custom_timeouts=_timeouts(ENGINE_BUILD_ALLOWANCE_S)
+                parent=self,
+                depends_on=[script_map],
+                # checkpoint down, compile, engines up
+                custom_timeouts=_timeouts(2 * self._sync_s(profile) + ENGINE_BUILD_ALLOWANCE_S),
             ),
         )
 

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from dualtrack.plan import STACKS, Plan, PlannedResource
+from dualtrack.plan import STACKS, Plan, PlannedResource, run_program
 from infra import contract
 from infra.components.cluster import kubeconfig_for
 from infra.components.network import subnet_plan
@@ -209,11 +209,18 @@ def test_triton_deployment(plans: dict[str, Plan], stack: str, gpus: int, startu
     assert {"name": "HOME", "value": "/tmp"} in triton["env"]  # read-only root, UID without a home
     assert "replicas" not in deployment["spec"]  # the HPA owns the primary's replica count
     sync = pod["initContainers"][0]
-    assert sync["command"][:3] == ["aws", "s3", "sync"]
+    assert sync["command"][:2] == ["sh", "-c"]
+    prefix = f"{settings.serving.profile}/{settings.serving.model_version}"
     assert (
-        sync["args"][0]
-        == f"s3://dualtrack-{stack}-models-plan/{settings.serving.profile}/{settings.serving.model_version}/"
+        f"aws s3 sync --no-progress --only-show-errors --delete s3://dualtrack-{stack}-models-plan/{prefix}/ "
+        in (sync["command"][2])
     )
+    # one version's layout from the node's NVMe cache, read-only; the repository holds models only
+    cache = next(v for v in pod["volumes"] if v["name"] == "model-cache")
+    assert cache["hostPath"] == {"path": "/mnt/k8s-disks/0/dualtrack-models", "type": "Directory"}
+    mount = next(m for m in triton["volumeMounts"] if m["name"] == "model-cache")
+    assert mount == {"name": "model-cache", "mountPath": "/models", "subPath": prefix, "readOnly": True}
+    assert "--model-repository=/models/repository" in triton["args"]
     assert pod["serviceAccountName"] == "triton"
 
 
@@ -282,12 +289,36 @@ def test_pulumi_waits_as_long_as_a_first_load_takes(plans: dict[str, Plan], stac
         plans[stack], "kubernetes:apps/v1:Deployment", f"serving-{settings.serving.model_version}"
     )
     minutes = int(deployment.timeouts["create"].removesuffix("m"))
-    assert minutes * 60 >= settings.serving.model.startup_timeout_s + 1800
+    profile = settings.serving.model
+    # the first sync of every byte at the stated throughput (with its margin), then the first load
+    sync_s = profile.artifact_gib() * 1024 / settings.serving.model_sync_mib_per_s
+    assert minutes * 60 >= sync_s * 1.5 + profile.startup_timeout_s
     assert deployment.timeouts["update"] == deployment.timeouts["create"]
-    jobs = [r for r in plans[stack].of_type("kubernetes:batch/v1:Job") if r.name == "serving-engine-build"]
+    version = settings.serving.model_version
+    jobs = [
+        r
+        for r in plans[stack].of_type("kubernetes:batch/v1:Job")
+        if r.name == f"serving-engine-build-{version}"
+    ]
     if jobs:  # Triton starts only once its engines exist
         assert jobs[0].urn in deployment.depends_on
-        assert int(jobs[0].timeouts["create"].removesuffix("m")) >= 120
+        assert int(jobs[0].timeouts["create"].removesuffix("m")) * 60 >= 2 * sync_s * 1.5 + 4 * 3600
+
+
+def test_waits_follow_the_stated_throughput(stack_config) -> None:
+
+    config = stack_config("prod")
+    slow = run_program("prod", config)
+    config["dualtrack:serving"]["modelSyncMiBps"] = 1000
+    fast = run_program("prod", config)
+
+    def wait(plan: Plan) -> int:
+        return int(
+            _one(plan, "kubernetes:apps/v1:Deployment", "serving-v1").timeouts["create"].removesuffix("m")
+        )
+
+    # 671B FP8 = 625 GiB: 64 min at 250 MiB/s with the margin, 16 min at 1,000 MiB/s; plus the first load
+    assert wait(slow) == 64 + 60 and wait(fast) == 16 + 60
 
 
 def test_engine_build_job_only_for_engine_profiles(plans: dict[str, Plan]) -> None:
@@ -299,7 +330,14 @@ def test_engine_build_job_only_for_engine_profiles(plans: dict[str, Plan]) -> No
         ]
         for stack, plan in plans.items()
     }
-    assert len(jobs["dev"]) == 1 and len(jobs["staging"]) == 1 and jobs["prod"] == []  # prod: PyTorch path
+    # every engine-path version that serves gets its own engines (staging: primary and canary)
+    assert len(jobs["dev"]) == 1 and len(jobs["staging"]) == 2 and jobs["prod"] == []  # prod: PyTorch path
+    canary = _k8s(plans["staging"], "Deployment", "triton-v2")
+    build_v2 = _one(plans["staging"], "kubernetes:batch/v1:Job", "serving-engine-build-v2")
+    deployment_v2 = next(r for r in plans["staging"].resources if r.name == "serving-v2")
+    assert build_v2.urn in deployment_v2.depends_on and canary["metadata"]["name"] == "triton-v2"
+    upload = jobs["staging"][1]["spec"]["template"]["spec"]["containers"][0]
+    assert upload["args"][1].endswith("/deepseek-r1-distill-qwen-32b/v2/engines/")
     job = jobs["staging"][0]["spec"]["template"]["spec"]
     assert job["priorityClassName"] == "batch"
     assert [c["name"] for c in job["initContainers"]] == ["fetch-checkpoint", "build"]
@@ -441,7 +479,6 @@ def test_msk(plans: dict[str, Plan], stack: str) -> None:
 
 
 def test_ecr_and_optional_image_build(plans: dict[str, Plan], stack_config) -> None:
-    from dualtrack.plan import run_program
 
     repo = _one(plans["dev"], "aws:ecr/repository:Repository").inputs
     assert (
@@ -549,8 +586,6 @@ def test_entry_point_reports_bad_config_without_traceback(
 
 
 def test_internal_ingress_and_pipeline_access(stack_config) -> None:
-    from dualtrack.plan import run_program
-
     config = stack_config("prod")
     config["dualtrack:mesh"]["ingressScheme"] = "internal"
     config["dualtrack:cluster"]["adminRoleArns"] = ["arn:aws:iam::123456789012:role/deploy"]

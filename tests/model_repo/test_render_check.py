@@ -33,7 +33,7 @@ def test_every_profile_renders_and_checks(tmp_path: Path, profile: str, role: st
         trt = parse_config(repo / "tensorrt_llm" / "config.pbtxt")
         assert trt.backend == "tensorrtllm" and trt.max_batch_size == p.max_batch_size
         assert trt.model_transaction_policy.decoupled is p.decoupled
-        assert trt.parameters["gpt_model_path"].string_value == "/models/tensorrt_llm/1"
+        assert trt.parameters["gpt_model_path"].string_value == "/models/engines"  # beside the repository
         assert trt.parameters["kv_cache_free_gpu_mem_fraction"].string_value == str(
             p.kv_cache_free_gpu_mem_fraction
         )
@@ -48,6 +48,12 @@ def test_every_profile_renders_and_checks(tmp_path: Path, profile: str, role: st
             and llm["moe_expert_parallel_size"] == p.expert_parallel
         )
         assert llm["kv_cache_config"]["dtype"] == p.kv_cache_dtype and llm["backend"] == "pytorch"
+        assert llm["model"] == "/models/checkpoint" and llm["tokenizer"] == "/models/tokenizer"
+        assert llm["max_input_len"] == p.max_input_len and llm["enable_chunked_prefill"] is True
+        assert (repo / entry / "1" / "model.py").is_file()
+        config = parse_config(repo / entry / "config.pbtxt")
+        assert config.max_batch_size == 0 and config.model_transaction_policy.decoupled is p.decoupled
+        assert not config.parameters  # nothing unused
     assert record["entry_model"] == entry and entry in models
     assert ("embedding" in models) is (role == "onprem")
     assert not any("${" in f.read_text() for f in repo.rglob("*") if f.suffix in (".pbtxt", ".yaml"))
@@ -134,6 +140,44 @@ def test_llmapi_parallelism_must_match(tmp_path: Path) -> None:
     repo = render("deepseek-r1-671b-fp8", tmp_path / "repo")
     _edit(repo / "tensorrt_llm" / "1" / "model.yaml", "tensor_parallel_size: 8", "tensor_parallel_size: 4")
     assert check(repo) == ["model.yaml: tensor_parallel_size is 4, profile needs 8"]
+
+
+def test_llmapi_long_prompts_need_chunked_prefill(tmp_path: Path) -> None:
+    repo = render("deepseek-r1-671b-fp8", tmp_path / "repo")
+    _edit(
+        repo / "tensorrt_llm" / "1" / "model.yaml",
+        "enable_chunked_prefill: true",
+        "enable_chunked_prefill: false",
+    )
+    assert check(repo) == [
+        "model.yaml: max_num_tokens 8192 < max_input_len 32768 needs enable_chunked_prefill: true, "
+        "or long prompts are refused"
+    ]
+    _edit(repo / "tensorrt_llm" / "config.pbtxt", "max_batch_size: 0", "max_batch_size: 64")
+    assert "tensorrt_llm: max_batch_size must be 0 (the LLM API batches in flight itself)" in check(repo)
+
+
+@pytest.mark.parametrize("stray", ["tokenizer", "checkpoint", "engines", "notes"])
+def test_non_model_directory_is_refused(repo: Path, stray: str) -> None:
+    """Triton loads every directory of the repository as a model and exits on the first that is not."""
+    (repo / stray).mkdir()
+    (repo / stray / "tokenizer.json").write_text("{}")
+    (problem,) = check(repo)
+    assert problem.startswith(f"{stray}/: not a model (no config.pbtxt): Triton would try to load it")
+    result = runner.invoke(app, ["model-repo", "check", str(repo)])
+    assert result.exit_code == 1 and f"{stray}/: not a model" in result.output
+
+
+def test_every_model_keeps_a_version_through_an_upload(repo: Path) -> None:
+    """S3 stores files, not directories: an empty 1/ would vanish on the way to the pod."""
+    for model in ("ensemble", "tensorrt_llm"):
+        assert any((repo / model / "1").iterdir())
+    shutil.rmtree(repo / "ensemble" / "1")
+    (repo / "ensemble" / "1").mkdir()
+    assert check(repo) == [
+        "ensemble: no version directory with a file in it (1/): Triton would load no version, and S3 "
+        "keeps no empty directories"
+    ]
 
 
 def test_render_refuses_bad_requests(tmp_path: Path) -> None:

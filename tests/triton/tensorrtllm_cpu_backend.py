@@ -15,6 +15,11 @@ Test hooks, all through the environment of the tritonserver process:
 - ``DUALTRACK_TEST_TOKEN_DELAY_S``: seconds per generated token (a slow model); a file
   named ``delay`` next to the record file overrides it while it exists;
 - a file named ``fail`` next to the record file: every request gets an error.
+
+Like the real backend it refuses to load without engines: ``gpt_model_path`` must be a
+directory holding the engine's ``config.json``. It exports the request gauges the real
+backend does (``nv_trt_llm_request_metrics{request_type=...}``), waiting = received and not
+yet generating, so the autoscaling rule can be checked against a served model.
 """
 
 from __future__ import annotations
@@ -38,7 +43,21 @@ def _optional(request, name, default):
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.model_name = args["model_name"]
-        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
+        config = json.loads(args["model_config"])
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        engines = Path(config["parameters"]["gpt_model_path"]["string_value"])
+        if not (engines / "config.json").is_file():
+            raise pb_utils.TritonModelException(f"no TensorRT-LLM engine (config.json) in {engines}")
+        # the family must outlive its metrics: keep it on the model
+        self.family = family = pb_utils.MetricFamily(
+            name="nv_trt_llm_request_metrics",
+            description="TRT LLM request metrics",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        labels = {"model": self.model_name, "version": args["model_version"]}
+        self.gauges = {
+            k: family.Metric(labels={**labels, "request_type": k}) for k in ("waiting", "active", "max")
+        }
         record = os.environ.get("DUALTRACK_TEST_RECORD")
         self.record = Path(record) if record else None
         self.delay = float(os.environ.get("DUALTRACK_TEST_TOKEN_DELAY_S", "0"))
@@ -65,7 +84,10 @@ class TritonPythonModel:
 
     def execute(self, requests: list):
         responses = []
-        for request in requests:
+        self.gauges["waiting"].set(float(len(requests)))
+        for waiting, request in enumerate(requests):
+            self.gauges["waiting"].set(float(len(requests) - waiting - 1))
+            self.gauges["active"].set(1.0)
             ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
             length = int(
                 pb_utils.get_input_tensor_by_name(request, "input_lengths").as_numpy().reshape(-1)[0]
@@ -109,6 +131,7 @@ class TritonPythonModel:
                 entry["tokens_sent"] += len(chunk)
             self._log(entry)  # before the final flag: a client that saw the end finds the record
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self.gauges["active"].set(0.0)
         return None if self.decoupled else responses
 
     @staticmethod

@@ -1,0 +1,213 @@
+"""Triton Python model: DeepSeek through TensorRT-LLM's LLM API (PyTorch backend).
+
+One model, text in and text out. ``initialize`` builds ``tensorrt_llm.LLM`` from the
+arguments in ``model.yaml`` beside this file (tensor/expert/pipeline parallel sizes, KV
+cache, ``max_num_tokens``, chunked prefill, ...); that loads the checkpoint onto the GPUs,
+which for 671B takes a long time, so Triton reports ready only once the engine runs. Every
+request becomes one ``generate_async`` on an event loop this model owns: the executor
+batches requests in flight, Triton only hands them over (``max_batch_size: 0``).
+
+Decoupled (streaming profiles): one response per new piece of text, each carrying the whole
+text so far (the LLM-API contract), the last one flagged final. A client that goes away
+cancels: the model polls ``is_cancelled`` and aborts the generation, which frees its KV
+cache. Stop strings end a generation early. Every problem -- an empty prompt, a prompt over
+``max_input_len`` tokens, a bad parameter, an engine error -- reaches the client as a Triton
+error that names it, never as a hang.
+
+Metrics: the request gauges TensorRT-LLM's C++ backend exports
+(``nv_trt_llm_request_metrics{request_type="waiting"|"active"|"max"}``), so one recording
+rule scales both serving paths on requests waiting inside the executor -- which Triton's own
+queue metrics never see for a decoupled model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+import yaml
+
+CANCEL_POLL_S = 0.1
+LLM_CONFIG = "model.yaml"
+
+
+def _values(request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy().reshape(-1)
+
+
+def _scalar(request: Any, name: str, cast: type, default: Any = None) -> Any:
+    values = _values(request, name)
+    if values is None:
+        return default
+    if values.size != 1:
+        raise ValueError(f"{name} must hold one value, got {values.size}")
+    return cast(values[0].item() if hasattr(values[0], "item") else values[0])
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        path = Path(args["model_repository"]) / args["model_version"] / LLM_CONFIG
+        try:
+            llm_args = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise pb_utils.TritonModelException(f"{path}: cannot read the LLM API settings: {exc}") from exc
+        if not isinstance(llm_args, dict) or "model" not in llm_args:
+            raise pb_utils.TritonModelException(f"{path}: expected a mapping with at least 'model'")
+        self.max_input_len = int(llm_args["max_input_len"])
+        self.max_output_len = int(llm_args["max_seq_len"]) - self.max_input_len
+
+        from tensorrt_llm import LLM, SamplingParams  # the image's TensorRT-LLM: import on load only
+
+        self._sampling_params = SamplingParams
+        self.llm = LLM(**llm_args)
+        self.tokenizer = self.llm.tokenizer
+
+        # Triton drops a family's metrics with it: the family lives as long as the model
+        self._family = family = pb_utils.MetricFamily(
+            name="nv_trt_llm_request_metrics",
+            description="TRT LLM request metrics",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        self._gauges = {
+            kind: family.Metric(labels={**labels, "request_type": kind})
+            for kind in ("waiting", "active", "max")
+        }
+        self._gauges["max"].set(float(llm_args.get("max_batch_size", 0)))
+        self._counts = {"waiting": 0, "active": 0}
+        self._lock = threading.Lock()
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="llmapi-loop", daemon=True)
+        self._thread.start()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _count(self, kind: str, delta: int) -> None:
+        with self._lock:
+            self._counts[kind] += delta
+            self._gauges[kind].set(float(self._counts[kind]))
+
+    def _parse(self, request: Any) -> tuple[list[int], Any, bool]:
+        """Prompt ids, sampling parameters and the streaming flag, or ValueError naming the input."""
+        prompts = _values(request, "text_input")
+        if prompts is None or prompts.size != 1:
+            raise ValueError("text_input must hold exactly one prompt")
+        prompt = _text(prompts[0])
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        ids = list(self.tokenizer.encode(prompt))
+        if len(ids) > self.max_input_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; this model accepts at most {self.max_input_len}"
+            )
+        wanted = _scalar(request, "sampling_param_max_tokens", int, self.max_output_len)
+        if wanted < 1:
+            raise ValueError("sampling_param_max_tokens must be >= 1")
+        params: dict[str, Any] = {"max_tokens": min(wanted, self.max_output_len)}
+        for name, key, cast in (
+            ("sampling_param_temperature", "temperature", float),
+            ("sampling_param_top_k", "top_k", int),
+            ("sampling_param_top_p", "top_p", float),
+        ):
+            value = _scalar(request, name, cast)
+            if value is not None:
+                params[key] = value
+        stop = _values(request, "sampling_param_stop")
+        if stop is not None:
+            params["stop"] = [_text(s) for s in stop if _text(s)]
+        streaming = _scalar(request, "streaming", bool, False)
+        if streaming and not self.decoupled:
+            raise ValueError("streaming needs the decoupled (streaming) configuration of this model")
+        return ids, self._sampling_params(**params), streaming
+
+    @staticmethod
+    def _response(result: Any) -> Any:
+        output = result.outputs[0]
+        tensors = [pb_utils.Tensor("text_output", np.array([output.text.encode("utf-8")], dtype=np.object_))]
+        if result.finished and output.finish_reason:
+            tensors.append(
+                pb_utils.Tensor(
+                    "finish_reason", np.array([str(output.finish_reason).encode()], dtype=np.object_)
+                )
+            )
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    @staticmethod
+    def _error(message: str, code: Any = None) -> Any:
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        return pb_utils.InferenceResponse(error=error)
+
+    async def _watch(self, request: Any, generation: Any) -> bool:
+        """Abort ``generation`` once the client cancels; True when that happened."""
+        while True:
+            if request.is_cancelled():
+                generation.abort()
+                return True
+            await asyncio.sleep(CANCEL_POLL_S)
+
+    async def _generate(self, request: Any, sender: Any | None) -> Any:
+        """Run one request; streams through ``sender`` when given, returns the final response."""
+        self._count("waiting", 1)
+        waiting = True
+        watcher: asyncio.Future | None = None
+        try:
+            ids, params, streaming = self._parse(request)
+            generation = self.llm.generate_async(ids, sampling_params=params, streaming=streaming)
+            watcher = asyncio.ensure_future(self._watch(request, generation))
+            last = None
+            async for result in generation:
+                if waiting:
+                    self._count("waiting", -1)
+                    self._count("active", 1)
+                    waiting = False
+                last = result
+                if sender is not None and streaming and not result.finished and not watcher.done():
+                    sender.send(self._response(result))
+            if watcher.done() and watcher.result():
+                return self._error("the request was cancelled", pb_utils.TritonError.CANCELLED)
+            if last is None:
+                return self._error("the engine ended the request without output")
+            return self._response(last)
+        except ValueError as exc:
+            return self._error(str(exc))
+        except Exception as exc:  # an engine failure: the client gets it, the model keeps serving
+            pb_utils.Logger.log_error(f"generation failed: {exc!r}")
+            return self._error(f"generation failed: {exc}")
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self._count("waiting" if waiting else "active", -1)
+
+    async def _serve(self, request: Any) -> None:
+        sender = request.get_response_sender()
+        response = await self._generate(request, sender)
+        try:
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as exc:  # the client is gone: nothing left to tell it
+            pb_utils.Logger.log_warn(f"final response not delivered: {exc!r}")
+
+    def execute(self, requests: list) -> list | None:
+        if self.decoupled:
+            for request in requests:
+                asyncio.run_coroutine_threadsafe(self._serve(request), self.loop)
+            return None
+        futures = [asyncio.run_coroutine_threadsafe(self._generate(r, None), self.loop) for r in requests]
+        return [f.result() for f in futures]
+
+    def finalize(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.llm.shutdown()
