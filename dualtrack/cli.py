@@ -450,7 +450,9 @@ def model_repo_render(
     ] = "cloud",
     runtime_root: Annotated[
         str,
-        typer.Option(help="Where the version's layout will be when Triton runs: <root>/repository, <root>/tokenizer..."),
+        typer.Option(
+            help="Where the version's layout is when Triton runs (<root>/repository, <root>/tokenizer)"
+        ),
     ] = "/models",
     tokenizer_dir: Annotated[str | None, typer.Option(help="Override the profile's tokenizer dir")] = None,
     engine_dir: Annotated[str | None, typer.Option(help="Override <root>/engines")] = None,

@@ -28,14 +28,19 @@ class GpuInstance(BaseModel):
 
     gpu: GpuType
     gpus: int
-    gpu_memory_gib: int
+    gpu_memory_gb: int
+    """Per GPU, as the vendor states it: decimal gigabytes (H200: 141 GB = 131 GiB)."""
     vcpus: int
     memory_gib: int
+
+    @property
+    def gpu_memory_gib(self) -> float:
+        return self.gpu_memory_gb * 1e9 / 2**30
 
 
 def _family(gpu: GpuType, mem: int, sizes: dict[str, tuple[int, int, int]]) -> dict[str, GpuInstance]:
     return {
-        name: GpuInstance(gpu=gpu, gpus=g, gpu_memory_gib=mem, vcpus=c, memory_gib=m)
+        name: GpuInstance(gpu=gpu, gpus=g, gpu_memory_gb=mem, vcpus=c, memory_gib=m)
         for name, (g, c, m) in sizes.items()
     }
 
@@ -55,11 +60,11 @@ GPU_INSTANCES: dict[str, GpuInstance] = {
     **_family("A10G", 24, {f"g5.{s}": v for s, v in _G_SIZES.items()}),
     **_family("L4", 24, {f"g6.{s}": v for s, v in _G_SIZES.items()}),
     **_family("L40S", 48, {f"g6e.{s}": (g, c, m * 2) for s, (g, c, m) in _G_SIZES.items()}),
-    "p4d.24xlarge": GpuInstance(gpu="A100", gpus=8, gpu_memory_gib=40, vcpus=96, memory_gib=1152),
-    "p4de.24xlarge": GpuInstance(gpu="A100", gpus=8, gpu_memory_gib=80, vcpus=96, memory_gib=1152),
-    "p5.48xlarge": GpuInstance(gpu="H100", gpus=8, gpu_memory_gib=80, vcpus=192, memory_gib=2048),
-    "p5e.48xlarge": GpuInstance(gpu="H200", gpus=8, gpu_memory_gib=141, vcpus=192, memory_gib=2048),
-    "p5en.48xlarge": GpuInstance(gpu="H200", gpus=8, gpu_memory_gib=141, vcpus=192, memory_gib=2048),
+    "p4d.24xlarge": GpuInstance(gpu="A100", gpus=8, gpu_memory_gb=40, vcpus=96, memory_gib=1152),
+    "p4de.24xlarge": GpuInstance(gpu="A100", gpus=8, gpu_memory_gb=80, vcpus=96, memory_gib=1152),
+    "p5.48xlarge": GpuInstance(gpu="H100", gpus=8, gpu_memory_gb=80, vcpus=192, memory_gib=2048),
+    "p5e.48xlarge": GpuInstance(gpu="H200", gpus=8, gpu_memory_gb=141, vcpus=192, memory_gib=2048),
+    "p5en.48xlarge": GpuInstance(gpu="H200", gpus=8, gpu_memory_gb=141, vcpus=192, memory_gib=2048),
 }
 """GPU node types the stack knows (shared/DESIGN.md). Anything else is refused by name."""
 
@@ -132,8 +137,8 @@ class ModelProfile(BaseModel):
         return self.parameters_b * 1e9 * BYTES_PER_PARAMETER[self.precision] / 2**30
 
     def weights_gib(self) -> float:
-        """Approximate GPU memory the weights take (1e9 params x bytes, as GiB-ish GB)."""
-        return self.parameters_b * BYTES_PER_PARAMETER[self.precision] * WEIGHT_OVERHEAD
+        """GPU memory the weights take with runtime buffers, in GiB (KV cache comes from the rest)."""
+        return self.artifact_gib() * WEIGHT_OVERHEAD
 
 
 @cache

@@ -41,6 +41,8 @@ SECRET_KEYS: dict[str, str] = {
 
 KUBERNETES_VERSIONS = ("1.32", "1.33", "1.34")
 """EKS versions this program is validated against (schemas checked offline per version)."""
+ISTIO_KUBERNETES = {"1.26": ("1.29", "1.32"), "1.27": ("1.29", "1.33"), "1.28": ("1.30", "1.34")}
+"""Kubernetes versions each Istio minor release supports (Istio's support matrix)."""
 
 _TAG = re.compile(r"^\d{2}\.\d{2}(\.\d+)?$")
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
@@ -222,8 +224,11 @@ class Serving(_Section):
     replicas: int = Field(1, ge=1)
     max_replicas: int = Field(2, ge=1)
     tensor_parallel: int | None = Field(None, ge=1, description="Override of the profile's tp size.")
-    queue_compute_ratio_target: float = Field(
-        0.5, gt=0, le=10, description="HPA target: queue time per unit of compute time."
+    waiting_requests_target: float = Field(
+        2,
+        gt=0,
+        le=1000,
+        description="HPA target: requests waiting inside the TensorRT-LLM executor per replica.",
     )
     shm_gib: int = Field(64, ge=1, le=2048)
     model_sync_mib_per_s: int = Field(
@@ -279,12 +284,50 @@ def _pinned_ref(v: str) -> str:
     return v
 
 
+PRIVATE_JWK_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+"""JWK members that carry private or symmetric key material (RFC 7518): never in a stack file."""
+
+
 class Jwt(_Section):
-    """The on-prem gateway signs requests to the cloud; Istio checks them at the ingress."""
+    """The on-prem gateway signs requests to the cloud; Istio checks them at the ingress.
+
+    Istio needs the issuer's public keys: ``jwks`` inline (the JSON of the key set, public keys
+    only -- what a private issuer on premises needs, since Istio cannot reach it) or ``jwksUri``
+    where Istio can fetch them. Exactly one of the two.
+    """
 
     issuer: str = Field(pattern=r"^https://")
-    jwks_uri: str = Field(pattern=r"^https://")
+    jwks_uri: str | None = Field(None, pattern=r"^https://")
+    jwks: str | None = Field(None, description='Public JWK set as JSON: {"keys": [...]}')
     audiences: list[str] = Field(default_factory=lambda: ["dualtrack-cloud"], min_length=1)
+
+    @field_validator("jwks")
+    @classmethod
+    def _public_key_set(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            keys = json.loads(v).get("keys")
+        except (json.JSONDecodeError, AttributeError):
+            raise ValueError('not a JWK set: expected JSON like {"keys": [{"kty": "RSA", ...}]}') from None
+        if (
+            not isinstance(keys, list)
+            or not keys
+            or not all(isinstance(k, dict) and "kty" in k for k in keys)
+        ):
+            raise ValueError('a JWK set needs "keys": a non-empty list of keys, each with "kty"')
+        secret = sorted({m for k in keys for m in PRIVATE_JWK_MEMBERS if m in k})
+        if secret:
+            raise ValueError(
+                f"holds private or symmetric key material ({', '.join(secret)}): give the public keys only"
+            )
+        return json.dumps({"keys": keys}, sort_keys=True, separators=(",", ":"))
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Jwt:
+        if (self.jwks is None) == (self.jwks_uri is None):
+            raise ValueError("set exactly one of jwks (inline public keys) and jwksUri")
+        return self
 
 
 class Mesh(_Section):
@@ -489,9 +532,27 @@ class StackSettings(_Section):
                     "gpuNodes.instanceType",
                     self.gpu_nodes.instance_type,
                     f"{key} {profile_name!r} needs about {profile.weights_gib():.0f} GiB of GPU memory for "
-                    f"its weights; {gpus} x {node.gpu} ({node.gpu_memory_gib} GiB) offer {capacity:.0f}; "
+                    f"its weights; {gpus} x {node.gpu} ({node.gpu_memory_gb} GB = "
+                    f"{node.gpu_memory_gib:.0f} GiB) offer {capacity:.0f}; "
                     f"allowed instance types: {', '.join(fitting)}",
                 )
+        istio = ".".join(self.mesh.istio_version.split(".")[:2])
+        supported = ISTIO_KUBERNETES.get(istio)
+        if supported is None:
+            raise _Located(
+                "mesh.istioVersion",
+                self.mesh.istio_version,
+                f"Istio {istio} is not one this program knows; allowed minor releases: "
+                f"{', '.join(sorted(ISTIO_KUBERNETES))}",
+            )
+        if not _version(supported[0]) <= _version(self.cluster.version) <= _version(supported[1]):
+            raise _Located(
+                "cluster.version",
+                self.cluster.version,
+                f"Istio {self.mesh.istio_version} supports Kubernetes {supported[0]} to {supported[1]}; "
+                f"lower cluster.version or raise mesh.istioVersion "
+                f"({', '.join(f'{i}: {lo}-{hi}' for i, (lo, hi) in sorted(ISTIO_KUBERNETES.items()))})",
+            )
         if self.messaging.brokers_per_az * len(self.network.availability_zones) < 2:
             raise _Located("messaging.brokersPerAz", self.messaging.brokers_per_az, "MSK needs >= 2 brokers")
         return self
@@ -501,6 +562,10 @@ class StackSettings(_Section):
         if self.serving.canary and self.serving.canary.profile:
             used.append((f"{NAMESPACE}:serving.canary.profile", self.serving.canary.profile))
         return used
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
 
 
 def _pulumi_key(loc: tuple[Any, ...]) -> str:

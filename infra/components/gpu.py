@@ -1,4 +1,7 @@
-"""GPU platform: device plugin, DCGM exporter, scheduling priorities, node autoscaling.
+"""GPU platform: device plugin, scheduling priorities, node autoscaling.
+
+(The DCGM exporter, whose chart creates a ServiceMonitor, lives with the monitoring stack
+that installs that CRD: see observability.py.)
 
 ``inference-critical`` sits above ``batch`` (the seed's PriorityClasses) so an
 engine build or a batch job is preempted before a serving replica. The cluster
@@ -53,29 +56,28 @@ class GpuPlatform(pulumi.ComponentResource):
             namespace="kube-system",
             values={
                 "nodeSelector": GPU_NODE_SELECTOR,
-                # The chart's default affinity wants node-feature-discovery labels, which
-                # this cluster does not run: the node selector above is the placement.
-                "affinity": {},
+                # The chart's default affinity names node-feature-discovery labels, which this
+                # cluster does not run. Helm merges maps (an empty one changes nothing) but
+                # replaces lists: these terms replace the default's, so the pool label decides.
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [
+                                {
+                                    "matchExpressions": [
+                                        {"key": k, "operator": "In", "values": [v]}
+                                        for k, v in GPU_NODE_SELECTOR.items()
+                                    ]
+                                }
+                            ]
+                        }
+                    }
+                },
                 "tolerations": [kube.GPU_TOLERATION],
                 "priorityClassName": "system-node-critical",
             },
             opts=child,
         )
-        kube.release(
-            f"{name}-dcgm-exporter",
-            name="dcgm-exporter",
-            chart="dcgm-exporter",
-            version=charts.dcgm_exporter,
-            namespace="kube-system",
-            values={
-                "nodeSelector": GPU_NODE_SELECTOR,
-                "tolerations": [kube.GPU_TOLERATION],
-                "serviceMonitor": {"enabled": True, "additionalLabels": {"release": "kube-prometheus-stack"}},
-                "resources": kube.resources("100m", "256Mi", cpu_limit="500m", memory_limit="512Mi"),
-            },
-            opts=child,
-        )
-
         autoscaler_role = cluster.service_account_role(
             "cluster-autoscaler",
             "kube-system",
@@ -108,7 +110,9 @@ class GpuPlatform(pulumi.ComponentResource):
                     "balance-similar-node-groups": "false",
                     "skip-nodes-with-system-pods": "false",
                 },
-                "expanderPriorities": json.dumps({str(k): v for k, v in priorities.items()}, sort_keys=True),
+                # The autoscaler reads this as YAML with integer keys (map[int][]string): a JSON
+                # object would quote them ("50") and the priority expander would refuse the config.
+                "expanderPriorities": expander_priorities(priorities),
                 "nodeSelector": {POOL_LABEL: "system"},
                 "priorityClassName": "system-cluster-critical",
                 "resources": kube.resources("100m", "300Mi", cpu_limit="500m", memory_limit="600Mi"),
@@ -116,6 +120,14 @@ class GpuPlatform(pulumi.ComponentResource):
             opts=child,
         )
         self.register_outputs({"capacityLabel": CAPACITY_LABEL})
+
+
+def expander_priorities(priorities: dict[int, list[str]]) -> str:
+    """The priority expander's ConfigMap value: YAML, integer priorities as plain integer keys."""
+    return "".join(
+        f"{priority}:\n" + "".join(f"  - {json.dumps(pattern)}\n" for pattern in patterns)
+        for priority, patterns in sorted(priorities.items(), reverse=True)
+    )
 
 
 def _autoscaler_policy(cluster_name: str) -> str:

@@ -2,11 +2,14 @@
 
 With ``dualtrack:images.build`` the program also builds the image (Triton TRT-LLM
 base + the repository's model-repo files, ``infra/images/serving.Dockerfile``) and
-pushes it; Serving then runs that image instead of the NGC one.
+pushes it; Serving then runs that image instead of the NGC one. The tag is
+``<images.tag>-<digest of what goes into the image>``: the repository's tags are
+immutable, so a changed build gets a new tag and an unchanged one the same.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,6 +22,21 @@ from infra.config import StackSettings
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "infra" / "images" / "serving.Dockerfile"
 KEEP_IMAGES = 20
+IMAGE_INPUTS = ("infra/images/serving.Dockerfile", "model_repo", "infra/catalog.py", "infra/engine_build.py")
+"""What the Dockerfile copies (and the Dockerfile itself): the content the tag digests."""
+
+
+def content_tag(base_tag: str, base_image: str, root: Path = ROOT) -> str:
+    """``<base_tag>-<12 hex>``: a digest of the base image reference and every file the build copies."""
+    digest = hashlib.sha256(base_image.encode())
+    for entry in IMAGE_INPUTS:
+        path = root / entry
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if "__pycache__" in file.parts:
+                continue
+            digest.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes() + b"\0")
+    return f"{base_tag}-{digest.hexdigest()[:12]}"
 
 
 class Images(pulumi.ComponentResource):
@@ -68,7 +86,9 @@ class Images(pulumi.ComponentResource):
             token = aws.ecr.get_authorization_token_output(registry_id=repo.registry_id)
             image = docker.Image(
                 f"{name}-serving-image",
-                image_name=pulumi.Output.concat(repo.repository_url, ":", cfg.tag),
+                image_name=pulumi.Output.concat(
+                    repo.repository_url, ":", content_tag(cfg.tag, settings.serving.image)
+                ),
                 build=docker.DockerBuildArgs(
                     context=str(ROOT),
                     dockerfile=str(DOCKERFILE),

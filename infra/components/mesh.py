@@ -95,7 +95,11 @@ class Mesh(pulumi.ComponentResource):
             },
             opts=pulumi.ResourceOptions(parent=self, depends_on=[istiod, ingress_ns]),
         )
-        crd_opts = pulumi.ResourceOptions(parent=self, depends_on=[istiod])
+        # Istio's CRDs come with the base chart (istiod waits for it); the serving
+        # and ingress namespaces must exist before objects are created in them.
+        crd_opts = pulumi.ResourceOptions(
+            parent=self, depends_on=[istiod, ingress_ns, serving.namespace_resource]
+        )
         ns = serving.namespace
 
         kube.custom_resource(
@@ -152,8 +156,10 @@ class Mesh(pulumi.ComponentResource):
                     "loadBalancer": {"simple": "LEAST_REQUEST"},
                     "connectionPool": {
                         "tcp": {"maxConnections": batch * 4, "connectTimeout": "10s"},
-                        # Queue at most two batches per replica in the mesh; beyond that fail fast (503)
-                        # so the on-prem router's breaker can fall back instead of waiting.
+                        # Limits of each client-side Envoy (every ingress gateway pod keeps its own
+                        # counts), not of a Triton replica: G gateway pods admit G x these. About
+                        # two batches each; beyond that fail fast (503) so the on-prem router's
+                        # breaker falls back instead of waiting.
                         "http": {
                             "http2MaxRequests": batch * 2,
                             "http1MaxPendingRequests": batch * 2,
@@ -197,9 +203,11 @@ class Mesh(pulumi.ComponentResource):
             crd_opts,
         )
 
+        # Inline keys where the issuer is private (Istio cannot fetch from the premises).
+        key_source = {"jwks": cfg.jwt.jwks} if cfg.jwt.jwks else {"jwksUri": cfg.jwt.jwks_uri}
         jwt_rule = {
             "issuer": cfg.jwt.issuer,
-            "jwksUri": cfg.jwt.jwks_uri,
+            **key_source,
             "audiences": cfg.jwt.audiences,
             "forwardOriginalToken": True,
         }

@@ -1,7 +1,8 @@
 """Prometheus, Grafana and the Triton/GPU signals the HPA and the on-call rely on.
 
-The recording rules define the queue:compute ratio once; prometheus-adapter
-serves it to the HPA as a per-pod metric and the alerts use the same series.
+The recording rules define the scaling signal once -- requests waiting inside the
+TensorRT-LLM executor -- prometheus-adapter serves it to the HPA as a per-pod metric,
+and the dashboards and alerts use the same series.
 Dashboards are JSON files in ``infra/dashboards/`` (edit them in Grafana,
 export, commit), loaded by Grafana's sidecar from labelled ConfigMaps.
 """
@@ -16,7 +17,8 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from infra.components import k8s as kube
-from infra.components.serving import APP, QUEUE_RATIO_METRIC, Serving
+from infra.components.gpu import GPU_NODE_SELECTOR
+from infra.components.serving import APP, WAITING_METRIC, Serving
 from infra.config import StackSettings
 
 NAMESPACE = "monitoring"
@@ -27,6 +29,8 @@ STORAGE_CLASS = "gp3-encrypted"
 BY_POD = "namespace, pod, model"
 GPU_MEMORY_USED = "DCGM_FI_DEV_FB_USED / (DCGM_FI_DEV_FB_USED + DCGM_FI_DEV_FB_FREE)"
 
+WAITING_SERIES = 'nv_trt_llm_request_metrics{request_type="waiting"}'
+"""What the served models export: the scaling rule's only input."""
 RECORDING_RULES = {
     "triton:queue_duration_us:rate5m": f"sum by ({BY_POD}) (rate(nv_inference_queue_duration_us[5m]))",
     "triton:compute_infer_duration_us:rate5m": (
@@ -38,7 +42,13 @@ RECORDING_RULES = {
     ),
     "triton:requests:rate5m": f"sum by ({BY_POD}) (rate(nv_inference_request_success[5m]))",
     "triton:failures:rate5m": f"sum by ({BY_POD}) (rate(nv_inference_request_failure[5m]))",
-    # The autoscaling signal (shared/DESIGN.md): time waiting per unit of time computing.
+    # The autoscaling signal: requests waiting inside the TensorRT-LLM executor (both serving
+    # paths export this gauge: the C++ backend, and the LLM-API model of model_repo/llmapi).
+    "triton:requests_waiting": f"sum by (namespace, pod) ({WAITING_SERIES})",
+    "triton:kv_cache_utilization": (
+        'max by (namespace, pod) (nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction"})'
+    ),
+    # For non-decoupled models Triton's own queue still tells: time waiting per unit computing.
     "triton:queue_compute_ratio": (
         "sum by (namespace, pod) (rate(nv_inference_queue_duration_us[5m]))"
         " / clamp_min(sum by (namespace, pod) (rate(nv_inference_compute_infer_duration_us[5m])), 1)"
@@ -201,14 +211,14 @@ class Observability(pulumi.ComponentResource):
                     "default": False,
                     "custom": [
                         {
-                            "seriesQuery": 'triton:queue_compute_ratio{namespace!="",pod!=""}',
+                            "seriesQuery": 'triton:requests_waiting{namespace!="",pod!=""}',
                             "resources": {
                                 "overrides": {
                                     "namespace": {"resource": "namespace"},
                                     "pod": {"resource": "pod"},
                                 }
                             },
-                            "name": {"matches": "^triton:queue_compute_ratio$", "as": QUEUE_RATIO_METRIC},
+                            "name": {"matches": "^triton:requests_waiting$", "as": WAITING_METRIC},
                             "metricsQuery": "max(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)",
                         }
                     ],
@@ -216,7 +226,24 @@ class Observability(pulumi.ComponentResource):
             },
             opts=pulumi.ResourceOptions(parent=self, depends_on=[stack]),
         )
-        crd_opts = pulumi.ResourceOptions(parent=self, depends_on=[stack])
+        self.prometheus_operator = stack
+        """The release that installs the prometheus-operator CRDs: charts that create a
+        ServiceMonitor/PodMonitor/PrometheusRule are installed after it."""
+        kube.release(
+            f"{name}-dcgm-exporter",
+            name="dcgm-exporter",
+            chart="dcgm-exporter",
+            version=settings.charts.dcgm_exporter,
+            namespace="kube-system",
+            values={
+                "nodeSelector": GPU_NODE_SELECTOR,
+                "tolerations": [kube.GPU_TOLERATION],
+                "serviceMonitor": {"enabled": True, "additionalLabels": {"release": RELEASE}},
+                "resources": kube.resources("100m", "256Mi", cpu_limit="500m", memory_limit="512Mi"),
+            },
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[stack]),
+        )
+        crd_opts = pulumi.ResourceOptions(parent=self, depends_on=[stack, serving.namespace_resource])
         kube.custom_resource(
             f"{name}-triton-servicemonitor",
             "monitoring.coreos.com/v1",

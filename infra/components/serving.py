@@ -31,8 +31,11 @@ from infra.engine_build import engine_build_script
 
 APP = "triton"
 PORTS = {"http": 8000, "grpc": 8001, "http-metrics": 8002}
-QUEUE_RATIO_METRIC = "triton_queue_compute_ratio"
-"""Per-pod metric served by prometheus-adapter from the recording rule in observability.py."""
+WAITING_METRIC = "triton_requests_waiting"
+"""Per-pod metric the HPA scales on, served by prometheus-adapter from the recording rule
+``triton:requests_waiting`` (observability.py): requests accepted but waiting inside the
+TensorRT-LLM executor. Triton's own queue metrics stay flat for a decoupled model, whose
+requests leave Triton's queue at once."""
 ENGINE_BUILD_ALLOWANCE_S = 4 * 3600
 """Compiling engines (convert_checkpoint + trtllm-build), on top of the transfers around it."""
 PROBE_PERIOD_S = 10
@@ -42,6 +45,7 @@ class Serving(pulumi.ComponentResource):
     """Everything that runs the model; ``service_host`` is the in-mesh address."""
 
     namespace: str
+    namespace_resource: k8s.core.v1.Namespace
     bucket: pulumi.Output[str]
     service_host: str
 
@@ -63,6 +67,7 @@ class Serving(pulumi.ComponentResource):
         self._image = image or cfg.image
 
         ns = kube.namespace(cfg.namespace, f"{name}-ns", istio=True, opts=child)
+        self.namespace_resource = ns
         in_ns = pulumi.ResourceOptions(parent=self, depends_on=[ns])
 
         key = aws.kms.Key(
@@ -209,10 +214,10 @@ class Serving(pulumi.ComponentResource):
                     {
                         "type": "Pods",
                         "pods": {
-                            "metric": {"name": QUEUE_RATIO_METRIC},
+                            "metric": {"name": WAITING_METRIC},
                             "target": {
                                 "type": "AverageValue",
-                                "averageValue": str(cfg.queue_compute_ratio_target),
+                                "averageValue": str(cfg.waiting_requests_target),
                             },
                         },
                     }

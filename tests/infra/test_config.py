@@ -192,3 +192,52 @@ def test_streaming_profiles_detokenize_in_order() -> None:
         ModelProfile(**{**row, "postprocessing_instances": 2, "decoupled": False}).postprocessing_instances
         == 2
     )
+
+
+PUBLIC_JWK = {"kty": "EC", "crv": "P-256", "kid": "gw-1", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+              "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}  # fmt: skip
+
+
+def test_jwt_keys_inline_or_by_uri(stack_config) -> None:
+    """A private issuer on premises: Istio cannot fetch its JWKS, so the public keys go inline."""
+    import json
+
+    config = stack_config("dev")
+    config["dualtrack:mesh"]["jwt"] = {
+        "issuer": "https://gateway.onprem.example.com",
+        "jwks": json.dumps({"keys": [PUBLIC_JWK]}),
+    }
+    plan = run_program("dev", config)
+    (rule,) = next(
+        o
+        for o in plan.kubernetes_objects()
+        if o["kind"] == "RequestAuthentication" and o["metadata"]["namespace"] == "istio-ingress"
+    )["spec"]["jwtRules"]
+    assert json.loads(rule["jwks"]) == {"keys": [PUBLIC_JWK]} and "jwksUri" not in rule
+    with_private = {**PUBLIC_JWK, "d": "jpsQnnGQmL-YBIffH1136cspYG6-0iY7X1fCE9-E9LI"}
+    config["dualtrack:mesh"]["jwt"]["jwks"] = json.dumps({"keys": [with_private]})
+    message = _error(config)
+    assert "dualtrack:mesh.jwt.jwks" in message and "private or symmetric key material (d)" in message
+    assert "jpsQnn" not in message  # the secret is not repeated in the error
+    config["dualtrack:mesh"]["jwt"]["jwks"] = "not json"
+    assert "not a JWK set" in _error(config)
+    config["dualtrack:mesh"]["jwt"]["jwksUri"] = "https://gateway.onprem.example.com/jwks.json"
+    config["dualtrack:mesh"]["jwt"]["jwks"] = json.dumps({"keys": [PUBLIC_JWK]})
+    assert "set exactly one of jwks (inline public keys) and jwksUri" in _error(config)
+
+
+def test_kubernetes_version_must_suit_istio(stack_config) -> None:
+    config = stack_config("dev")
+    config["dualtrack:cluster"]["version"] = "1.34"
+    message = _error(config)
+    assert "dualtrack:cluster.version: '1.34'" in message
+    assert "Istio 1.27.3 supports Kubernetes 1.29 to 1.33" in message
+    config["dualtrack:mesh"]["istioVersion"] = "1.28.1"
+    load_settings(runtime_config(config)[0])  # a newer Istio admits 1.34
+    config["dualtrack:mesh"]["istioVersion"] = "1.19.0"
+    assert "dualtrack:mesh.istioVersion: '1.19.0'" in _error(config)
+
+
+def test_gpu_memory_is_counted_in_the_vendors_gigabytes() -> None:
+    h200 = GPU_INSTANCES["p5en.48xlarge"]
+    assert h200.gpu_memory_gb == 141 and round(h200.gpu_memory_gib, 1) == 131.3

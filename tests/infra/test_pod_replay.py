@@ -31,6 +31,7 @@ from transformers import AutoTokenizer
 
 from dualtrack.plan import Plan
 from infra import model_layout as layout
+from infra.components.observability import RECORDING_RULES, WAITING_SERIES
 from infra.config import load_settings
 from services.tritonserver import TritonServer
 from tests.infra.replay import AWS_BIN, Pod, image_python
@@ -241,6 +242,15 @@ def _series(text: str) -> list[tuple[str, dict[str, str], float]]:
     return samples
 
 
+def _assert_scaling_input(metrics: str) -> None:
+    """The series the HPA's recording rule reads is one this served model really exports."""
+    assert WAITING_SERIES in RECORDING_RULES["triton:requests_waiting"]
+    name, _, matcher = WAITING_SERIES.partition("{")
+    label, _, value = matcher.rstrip("}").partition("=")
+    exported = {(n, s.get(label)) for n, s, _ in _series(metrics)}
+    assert (name, value.strip('"')) in exported, metrics[-2000:]
+
+
 def _events(response: httpx.Response) -> list[dict]:
     return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
 
@@ -286,10 +296,8 @@ def test_engine_path_pod_serves_from_the_bucket(
                 texts = [e["text_output"] for e in _events(r) if e["text_output"]]
             # token by token (each streamed response detokenized alone): the prompt's tail, echoed
             assert len(texts) >= 3 and "".join(texts) == _tail(tokenizer, PROMPT, 6).replace(" ", "")
-            series = _series(httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text)
-            assert ("nv_trt_llm_request_metrics", "waiting") in {
-                (n, s.get("request_type")) for n, s, _ in series
-            }
+            metrics = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+            _assert_scaling_input(metrics)
         finally:
             server.stop()
 
@@ -388,7 +396,9 @@ def test_llmapi_pod_honours_stop_strings_and_cancellation(prod: tuple) -> None:
 
 def test_llmapi_pod_exports_the_scaling_signal(prod: tuple) -> None:
     server, _, _ = prod
-    series = _series(httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text)
+    text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+    _assert_scaling_input(text)
+    series = _series(text)
     gauges = {s["request_type"]: value for name, s, value in series if name == "nv_trt_llm_request_metrics"}
     assert set(gauges) == {"waiting", "active", "max"} and gauges["max"] == 64  # the executor's batch
     assert gauges["waiting"] == 0 and gauges["active"] == 0  # nothing in flight between tests

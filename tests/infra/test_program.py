@@ -7,6 +7,7 @@ import re
 from collections import Counter
 
 import pytest
+import yaml
 
 from dualtrack.plan import STACKS, Plan, PlannedResource, run_program
 from infra import contract
@@ -143,8 +144,10 @@ def test_gpu_node_groups(plans: dict[str, Plan], stack: str, groups: int, capaci
         assert fallback.inputs["scalingConfig"]["minSize"] == 0
         autoscaler = _one(plan, "kubernetes:helm.sh/v3:Release", "gpu-cluster-autoscaler").inputs
         assert autoscaler["values"]["extraArgs"]["expander"] == "priority"
-        priorities = json.loads(autoscaler["values"]["expanderPriorities"])
-        assert priorities["50"] == [".*-gpu-spot-.*"] and priorities["10"] == [".*-gpu-fallback-.*"]
+        # read as the autoscaler does (YAML 1.1, map[int][]string): integer keys, not "50"
+        priorities = yaml.safe_load(autoscaler["values"]["expanderPriorities"])
+        assert priorities == {50: [".*-gpu-spot-.*"], 10: [".*-gpu-fallback-.*"], 1: [".*"]}
+        assert all(type(k) is int for k in priorities)
 
 
 def test_kubeconfig_uses_short_lived_tokens() -> None:
@@ -166,8 +169,80 @@ def test_gpu_platform(plans: dict[str, Plan]) -> None:
         assert releases[chart]["values"]["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert releases[chart]["values"]["nodeSelector"] == {"dualtrack.io/pool": "gpu"}
     assert releases["dcgm-exporter"]["values"]["serviceMonitor"]["enabled"] is True
-    assert releases["nvidia-device-plugin"]["values"]["affinity"] == {}  # no node-feature-discovery here
+    # Helm merges maps into the chart's default affinity (an empty map changes nothing) and replaces
+    # lists: the node selector terms must be a list of their own, naming the GPU pool
+    affinity = releases["nvidia-device-plugin"]["values"]["affinity"]["nodeAffinity"]
+    assert affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] == [
+        {"matchExpressions": [{"key": "dualtrack.io/pool", "operator": "In", "values": ["gpu"]}]}
+    ]
     assert all(r["version"][0].isdigit() for r in releases.values())  # every chart pinned
+
+
+CRD_OWNERS = {
+    "monitoring.coreos.com": "kube-prometheus-stack",
+    "networking.istio.io": "base",
+    "security.istio.io": "base",
+    "elasticsearch.k8s.elastic.co": "eck-operator",
+    "kibana.k8s.elastic.co": "eck-operator",
+}
+"""API group of a custom resource -> the chart that installs its CRDs."""
+MONITORING_OBJECTS = ("serviceMonitor", "podMonitor", "prometheusRule")
+
+
+def _enables_monitoring_objects(values: object) -> bool:
+    """A chart value such as ``serviceMonitor: {enabled: true}`` anywhere in the values."""
+    if isinstance(values, dict):
+        return any(
+            (k in MONITORING_OBJECTS and isinstance(v, dict) and v.get("enabled") is True)
+            or _enables_monitoring_objects(v)
+            for k, v in values.items()
+        )
+    if isinstance(values, list):
+        return any(_enables_monitoring_objects(v) for v in values)
+    return False
+
+
+def _closure(plan: Plan, resource: PlannedResource) -> set[str]:
+    by_urn = {r.urn: r for r in plan.resources}
+    seen: set[str] = set()
+    todo = list(resource.depends_on)
+    while todo:
+        urn = todo.pop()
+        if urn not in seen:
+            seen.add(urn)
+            todo.extend(by_urn[urn].depends_on if urn in by_urn else ())
+    return seen
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_crd_object_waits_for_the_chart_with_its_crd(plans: dict[str, Plan], stack: str) -> None:
+    """A first `up` creates nothing whose kind is not installed yet, nor anything in a namespace
+    that does not exist yet (both fail the create, and an atomic release rolls back)."""
+    plan = plans[stack]
+    releases = {r.inputs["chart"]: r for r in plan.of_type("kubernetes:helm.sh/v3:Release")}
+    namespaces = {r.inputs["metadata"]["name"]: r for r in plan.of_type("kubernetes:core/v1:Namespace")}
+    checked = 0
+    for resource in plan.resources:
+        needs: list[PlannedResource] = []
+        namespace = None
+        if resource.type == "kubernetes:helm.sh/v3:Release":
+            namespace = resource.inputs["namespace"]
+            if _enables_monitoring_objects(resource.inputs["values"]) and resource.inputs["chart"] != (
+                "kube-prometheus-stack"
+            ):
+                needs.append(releases["kube-prometheus-stack"])
+        elif resource.is_kubernetes_object and "/" in resource.inputs["apiVersion"]:
+            group = resource.inputs["apiVersion"].split("/")[0]
+            if group in CRD_OWNERS:
+                needs.append(releases[CRD_OWNERS[group]])
+            namespace = resource.inputs["metadata"].get("namespace")
+        if namespace in namespaces:
+            needs.append(namespaces[namespace])
+        closure = _closure(plan, resource)
+        for need in needs:
+            assert need.urn in closure, f"{resource.name} ({resource.type}) is not ordered after {need.name}"
+            checked += 1
+    assert checked > 20  # the rule really ran over the program's CRD objects and releases
 
 
 # -- serving -------------------------------------------------------------------------------------
@@ -273,7 +348,8 @@ def test_service_hpa_pdb(plans: dict[str, Plan], stack: str) -> None:
     assert service["spec"]["type"] == "ClusterIP"
     hpa = _k8s(plan, "HorizontalPodAutoscaler", f"triton-{settings.serving.model_version}")
     metric = hpa["spec"]["metrics"][0]
-    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "triton_queue_compute_ratio"
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "triton_requests_waiting"
+    assert metric["pods"]["target"]["averageValue"] == str(settings.serving.waiting_requests_target)
     assert all(m["type"] != "Resource" for m in hpa["spec"]["metrics"])  # never CPU
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (
         settings.serving.replicas,
@@ -415,6 +491,11 @@ def test_monitoring(plans: dict[str, Plan]) -> None:
     plan = plans["prod"]
     rules = _k8s(plan, "PrometheusRule", "triton")["spec"]["groups"]
     recorded = {r["record"]: r["expr"] for r in rules[0]["rules"]}
+    # the HPA's signal: requests waiting inside the executor (Triton's queue stays empty for decoupled
+    # models); the served models export its input (tests/infra/test_pod_replay.py)
+    assert recorded["triton:requests_waiting"] == (
+        'sum by (namespace, pod) (nv_trt_llm_request_metrics{request_type="waiting"})'
+    )
     assert "nv_inference_queue_duration_us" in recorded["triton:queue_compute_ratio"]
     assert "nv_inference_compute_infer_duration_us" in recorded["triton:queue_compute_ratio"]
     alerts = {r["alert"] for r in rules[1]["rules"]}
@@ -422,7 +503,9 @@ def test_monitoring(plans: dict[str, Plan]) -> None:
     monitor = _k8s(plan, "ServiceMonitor", "triton")["spec"]
     assert monitor["endpoints"][0]["port"] == "http-metrics"
     adapter = _one(plan, "kubernetes:helm.sh/v3:Release", "observability-prometheus-adapter").inputs
-    assert adapter["values"]["rules"]["custom"][0]["name"]["as"] == "triton_queue_compute_ratio"
+    rule = adapter["values"]["rules"]["custom"][0]
+    assert rule["name"] == {"matches": "^triton:requests_waiting$", "as": "triton_requests_waiting"}
+    assert rule["seriesQuery"].startswith("triton:requests_waiting{")
     dashboards = [
         o
         for o in plan.kubernetes_objects()
@@ -489,11 +572,31 @@ def test_ecr_and_optional_image_build(plans: dict[str, Plan], stack_config) -> N
     config["dualtrack:images"] = {"build": True, "tag": "1.2.3"}
     built = run_program("dev", config)
     image = _one(built, "docker:index/image:Image").inputs
-    assert image["imageName"].endswith("/dev/dualtrack-serving:1.2.3")
+    assert re.search(r"/dev/dualtrack-serving:1\.2\.3-[0-9a-f]{12}$", image["imageName"])
     assert image["build"]["args"]["TRITON_IMAGE"].endswith("-trtllm-python-py3")
     assert image["registry"]["password"] == "[secret]"
     triton = _k8s(built, "Deployment", "triton-v1")["spec"]["template"]["spec"]["containers"][0]
     assert "@sha256:" in triton["image"] and "dualtrack-serving" in triton["image"]
+
+
+def test_image_tag_follows_the_content(tmp_path) -> None:
+    """Immutable tags: a second build of changed content must not reuse the first one's tag."""
+    import shutil
+
+    from infra.components.images import IMAGE_INPUTS, ROOT, content_tag
+
+    for entry in IMAGE_INPUTS:
+        source = ROOT / entry
+        target = tmp_path / entry
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+    base = "nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3"
+    first = content_tag("0.1.0", base, tmp_path)
+    assert first == content_tag("0.1.0", base, ROOT) and first.startswith("0.1.0-")
+    (tmp_path / "model_repo" / "profiles.yaml").write_text("profiles: {}\n")
+    changed = content_tag("0.1.0", base, tmp_path)
+    assert changed != first
+    assert content_tag("0.1.0", base.replace("25.10", "25.11"), tmp_path) != changed
 
 
 # -- outputs and shape ---------------------------------------------------------------------------------
