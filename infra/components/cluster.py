@@ -17,6 +17,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra import model_layout
+from infra.components.access import PREVIEW_GROUP
 from infra.components.k8s import APP_UID
 from infra.config import StackSettings
 
@@ -227,9 +228,11 @@ class Cluster(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[system_group]),
             )
 
-        for role, policy in (
-            *((arn, "AmazonEKSClusterAdminPolicy") for arn in cfg.admin_role_arns),
-            *((arn, "AmazonEKSViewPolicy") for arn in cfg.viewer_role_arns),
+        for role, policy, groups in (
+            *((arn, "AmazonEKSClusterAdminPolicy", None) for arn in cfg.admin_role_arns),
+            # read without Secrets from EKS; the rest of what a preview needs is RBAC for this
+            # group, guarded to dry runs (access.py)
+            *((arn, "AmazonEKSViewPolicy", [PREVIEW_GROUP]) for arn in cfg.viewer_role_arns),
         ):
             # API authentication mode: only access entries grant Kubernetes access. The creator
             # is admin; pipelines (deploy, preview) get their own entries from config.
@@ -239,6 +242,7 @@ class Cluster(pulumi.ComponentResource):
                 cluster_name=cluster.name,
                 principal_arn=role,
                 type="STANDARD",
+                kubernetes_groups=groups,
                 opts=child,
             )
             aws.eks.AccessPolicyAssociation(

@@ -628,6 +628,7 @@ def test_every_resource_belongs_to_a_component(plans: dict[str, Plan], stack: st
         "logging",
         "messaging",
         "images",
+        "access",
     }
     orphans = [
         r.name

@@ -1,0 +1,85 @@
+"""The pipelines' rights in the cluster: the preview identity reads and dry-runs, nothing more."""
+
+from __future__ import annotations
+
+import celpy
+import pytest
+
+from dualtrack.plan import STACKS, Plan
+from infra.components.access import DRY_RUN_ONLY, IS_PREVIEW, PREVIEW_GROUP
+
+
+def _k8s(plan: Plan, kind: str, name: str) -> dict:
+    (found,) = [o for o in plan.kubernetes_objects() if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+def _cel(expression: str, request: dict) -> bool:
+    """Evaluate a policy expression the way the API server's CEL does, on one admission request."""
+    env = celpy.Environment()
+    return bool(env.program(env.compile(expression)).evaluate({"request": celpy.json_to_cel(request)}))
+
+
+@pytest.mark.parametrize(
+    "groups, dry_run, admitted",
+    [
+        ([PREVIEW_GROUP, "system:authenticated"], True, True),  # pulumi preview's server-side dry run
+        ([PREVIEW_GROUP, "system:authenticated"], False, False),  # a real write by the preview role
+        (["system:masters"], False, True),  # the deploy role is not matched at all
+    ],
+)
+def test_the_guard_admits_only_dry_runs_of_the_preview_identity(
+    plans: dict[str, Plan], groups: list[str], dry_run: bool, admitted: bool
+) -> None:
+    policy = _k8s(plans["prod"], "ValidatingAdmissionPolicy", "dualtrack-preview-dry-run-only")["spec"]
+    binding = _k8s(plans["prod"], "ValidatingAdmissionPolicyBinding", "dualtrack-preview-dry-run-only")[
+        "spec"
+    ]
+    assert binding == {"policyName": "dualtrack-preview-dry-run-only", "validationActions": ["Deny"]}
+    assert policy["failurePolicy"] == "Fail"  # a broken policy refuses rather than admits
+    ((condition,), (validation,)) = policy["matchConditions"], policy["validations"]
+    assert (condition["expression"], validation["expression"]) == (IS_PREVIEW, DRY_RUN_ONLY)
+    request = {"dryRun": dry_run, "userInfo": {"username": "ci", "groups": groups}}
+    matched = _cel(condition["expression"], request)
+    assert (not matched or _cel(validation["expression"], request)) is admitted
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_preview_rights_are_exactly_what_a_preview_needs(plans: dict[str, Plan], stack: str) -> None:
+    plan = plans[stack]
+    role = _k8s(plan, "ClusterRole", "dualtrack-preview-dry-run")
+    writes = next(r for r in role["rules"] if "create" in r["verbs"])
+    # it can never lift its own guard: no writes to admission policies
+    assert "admissionregistration.k8s.io" not in writes["apiGroups"] and "*" not in writes["apiGroups"]
+    written = {o["apiVersion"].rpartition("/")[0] for o in plan.kubernetes_objects()}
+    written -= {"admissionregistration.k8s.io"}
+    assert written <= set(writes["apiGroups"])  # every group the program writes can be dry-run
+    # Secrets: only where Helm keeps release records or the program keeps Secrets
+    releases = {r.inputs["namespace"] for r in plan.of_type("kubernetes:helm.sh/v3:Release")}
+    secrets = {o["metadata"]["namespace"] for o in plan.kubernetes_objects() if o["kind"] == "Secret"}
+    bindings = {
+        o["metadata"]["namespace"]
+        for o in plan.kubernetes_objects()
+        if o["kind"] == "RoleBinding" and o["metadata"]["name"] == "dualtrack-preview-secrets"
+    }
+    assert bindings == releases | secrets
+    for binding in ("ClusterRoleBinding",):
+        subjects = _k8s(plan, binding, "dualtrack-preview-dry-run")["subjects"]
+        assert subjects == [{"kind": "Group", "name": PREVIEW_GROUP, "apiGroup": "rbac.authorization.k8s.io"}]
+    # the preview role's access entry maps it to that group, with EKS's read-only view policy
+    (entry,) = [
+        e for e in plan.of_type("aws:eks/accessEntry:AccessEntry") if "preview" in e.inputs["principalArn"]
+    ]
+    assert entry.inputs["kubernetesGroups"] == [PREVIEW_GROUP]
+    (association,) = [
+        a
+        for a in plan.of_type("aws:eks/accessPolicyAssociation:AccessPolicyAssociation")
+        if "preview" in a.inputs["principalArn"]
+    ]
+    assert association.inputs["policyArn"].endswith("/AmazonEKSViewPolicy")
+    # the write rights exist only once the guard is bound
+    guarded = next(
+        r for r in plan.resources if r.name == "access-preview-dry-run" and r.type.endswith("ClusterRole")
+    )
+    bound = next(r for r in plan.resources if r.type.endswith("ValidatingAdmissionPolicyBinding"))
+    assert bound.urn in guarded.depends_on
