@@ -25,6 +25,7 @@ from rich.text import Text
 
 from dualtrack.client import GatewayClient, GatewayError
 from dualtrack.local import LocalStack, LocalStackError, describe, state_dir
+from infra.model_layout import POD_ROOT
 from services.config import ConfigError, Settings, load_settings
 from services.kb.classification import Classification, labels_from_rules, most_restrictive
 from services.kb.loaders import CONTENT_TYPES, suffix_of
@@ -453,7 +454,7 @@ def model_repo_render(
         typer.Option(
             help="Where the version's layout is when Triton runs (<root>/repository, <root>/tokenizer)"
         ),
-    ] = "/models",
+    ] = POD_ROOT,
     tokenizer_dir: Annotated[str | None, typer.Option(help="Override the profile's tokenizer dir")] = None,
     engine_dir: Annotated[str | None, typer.Option(help="Override <root>/engines")] = None,
 ) -> None:

@@ -69,6 +69,8 @@ class PlannedResource:
     inputs: dict[str, Any]
     depends_on: tuple[str, ...] = ()
     timeouts: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    """Earlier names of the resource (``name`` of each alias spec): a rename that keeps state."""
 
     @property
     def is_kubernetes_object(self) -> bool:
@@ -220,6 +222,7 @@ class RecordingMonitor(MockMonitor):
                 custom=custom,
                 inputs=_plain(_mask(rpc.deserialize_properties(props))),
                 depends_on=tuple(getattr(request, "dependencies", ()) or ()),
+                aliases=tuple(a.spec.name for a in getattr(request, "aliases", ()) or () if a.spec.name),
                 timeouts={
                     k: v for k in ("create", "update", "delete") if timeouts and (v := getattr(timeouts, k))
                 },

@@ -38,6 +38,9 @@ NODE_CACHE = "/mnt/k8s-disks/0/dualtrack-models"
 """The cache on the GPU node: on the instance-store NVMe that nodeadm assembles as RAID0."""
 NODE_CACHE_READY = ".dualtrack-cache"
 """Written by the node's boot script once the cache sits on the NVMe volume with our owner."""
+NODE_CACHE_LABEL = ("dualtrack.io/model-cache", "nvme")
+"""Set by the kubelet of nodes booted with the cache (the launch template): pods that mount it
+require it, so none lands on a node of an older template while node groups roll."""
 
 
 def version_prefix(profile: str, version: str) -> str:
@@ -59,17 +62,24 @@ def transfer_seconds(gib: float, mib_per_s: float, *, margin: float = 1.5) -> in
     return math.ceil(gib * 1024 / mib_per_s * margin)
 
 
+LOCK_STALE_S = 60
+"""A sync lock whose heartbeat is older than this belongs to a pod that died: taken over."""
+
+
 def sync_script(source: str, profile: str, version: str, *, concurrency: int = 32) -> str:
     """The init container's shell script: copy one version into the node cache, incrementally.
 
     ``aws s3 sync`` compares sizes and timestamps, so a pod restarted on the same node (or a
     second pod of the version) downloads nothing new; ``--delete`` drops files the bucket no
     longer has. Downloads land in temporary files renamed into place, so a sync that dies
-    half-way leaves no partial file behind, and the next start resumes. The cache must be the
-    node's NVMe volume: a cache on the root disk would fill it, so the script refuses one
-    without the boot script's marker.
+    half-way leaves no partial file behind, and the next start resumes. Pods of a node share
+    the cache: one sync per version at a time (a lock directory beside it, kept fresh by a
+    heartbeat, taken over once stale), since two ``--delete`` syncs remove each other's
+    temporary files. The cache must be the node's NVMe volume -- a cache on the root disk
+    would fill it -- so the script refuses one without the boot script's marker.
     """
     target = f"{SYNC_ROOT}/{version_prefix(profile, version)}"
+    lock = shlex.quote(target.rstrip("/") + ".lock")
     marker = f"{SYNC_ROOT}/{NODE_CACHE_READY}"
     return (
         "\n".join(
@@ -80,6 +90,19 @@ def sync_script(source: str, profile: str, version: str, *, concurrency: int = 3
                 "the GPU launch template sets it up on the instance-store NVMe' >&2",
                 "  exit 1",
                 "fi",
+                f"mkdir -p {shlex.quote(SYNC_ROOT + '/' + profile)}",
+                f"until mkdir {lock} 2>/dev/null; do",
+                f"  age=$(( $(date +%s) - $(stat -c %Y {lock} 2>/dev/null || date +%s) ))",
+                f'  if [ "$age" -gt {LOCK_STALE_S} ]; then',
+                '    echo "taking over a sync lock left $age s ago" >&2',
+                f"    rm -rf {lock}",
+                "  else",
+                "    sleep 2",
+                "  fi",
+                "done",
+                f"( while sleep 10; do touch {lock}; done ) >/dev/null 2>&1 &",
+                "heartbeat=$!",
+                f"trap 'kill $heartbeat 2>/dev/null; rm -rf {lock}' EXIT",
                 f"aws configure set default.s3.max_concurrent_requests {concurrency}",
                 f"mkdir -p {shlex.quote(target)}",
                 "aws s3 sync --no-progress --only-show-errors --delete "

@@ -5,14 +5,14 @@ manages and the Helm release records (Secrets in each release's namespace), and 
 server for a server-side dry run of every change (the provider applies server-side). The
 preview role (``cluster.viewerRoleArns``) gets exactly that:
 
-- cluster-wide read without Secrets (EKS's ``AmazonEKSViewPolicy``, set on its access entry),
-  plus read of what that policy leaves out and the program manages: custom resources, RBAC,
-  admission policies, CRDs;
-- read of Secrets in the namespaces that hold Helm releases or program-managed Secrets;
-- create/update/patch/delete on the API groups the program writes -- which RBAC cannot limit
-  to dry runs, so a ValidatingAdmissionPolicy refuses every write of that identity that is
-  not one. The admission objects themselves are outside its rights (a policy does not guard
-  its own kind), so the identity can never lift its guard.
+- cluster-wide read without Secrets (EKS's ``AmazonEKSViewPolicy``, set on its access entry);
+- read and create/update/patch/delete of exactly the kinds the program declares, named one by
+  one (no wildcard, no subresource) -- RBAC cannot limit writes to dry runs, so a
+  ValidatingAdmissionPolicy refuses every write of that identity that is not one;
+- read and dry-run of Secrets in the namespaces holding Helm release records or managed
+  Secrets, except Istio's (its CA key and the ingress TLS keys live there);
+- read only of the admission policy objects: a policy does not guard its own kind, so the
+  identity can never lift its guard.
 """
 
 from __future__ import annotations
@@ -24,37 +24,31 @@ from infra.components import k8s as kube
 
 PREVIEW_GROUP = "dualtrack:preview"
 """The Kubernetes group the preview role's EKS access entry maps to (cluster.py)."""
-WRITTEN_API_GROUPS = (
-    "",
-    "apps",
-    "batch",
-    "policy",
-    "autoscaling",
-    "networking.k8s.io",
-    "scheduling.k8s.io",
-    "storage.k8s.io",
-    "rbac.authorization.k8s.io",
-    "apiextensions.k8s.io",
-    "monitoring.coreos.com",
-    "networking.istio.io",
-    "security.istio.io",
-    "elasticsearch.k8s.elastic.co",
-    "kibana.k8s.elastic.co",
-)
-"""Every API group whose objects the program or its charts create (dry-run rights only)."""
+DECLARED = {
+    "": ("namespaces", "configmaps", "services", "serviceaccounts"),
+    "apps": ("deployments",),
+    "batch": ("jobs",),
+    "policy": ("poddisruptionbudgets",),
+    "autoscaling": ("horizontalpodautoscalers",),
+    "networking.k8s.io": ("networkpolicies",),
+    "scheduling.k8s.io": ("priorityclasses",),
+    "storage.k8s.io": ("storageclasses",),
+    "rbac.authorization.k8s.io": ("clusterroles", "clusterrolebindings", "rolebindings"),
+    "monitoring.coreos.com": ("servicemonitors", "prometheusrules"),
+    "networking.istio.io": ("gateways", "virtualservices", "destinationrules"),
+    "security.istio.io": ("authorizationpolicies", "requestauthentications", "peerauthentications"),
+    "elasticsearch.k8s.elastic.co": ("elasticsearches",),
+    "kibana.k8s.elastic.co": ("kibanas",),
+}
+"""Every kind the program declares (Secrets apart), by API group: read and dry-run these.
+Named one by one: a wildcard would also match subresources such as serviceaccounts/token,
+which mints a real token even in a dry run."""
+GUARD_KINDS = ("validatingadmissionpolicies", "validatingadmissionpolicybindings")
+"""Read only: a policy does not guard its own kind, so these stay out of the write rights."""
+KEY_MATERIAL_NAMESPACES = ("istio-system", "istio-ingress")
+"""Istio's CA key and the ingress TLS keys live here: no Secret read for the preview identity."""
 WRITE_VERBS = ["create", "update", "patch", "delete"]
 READ_VERBS = ["get", "list", "watch"]
-READ_BEYOND_VIEW = (
-    "rbac.authorization.k8s.io",
-    "admissionregistration.k8s.io",
-    "apiextensions.k8s.io",
-    "monitoring.coreos.com",
-    "networking.istio.io",
-    "security.istio.io",
-    "elasticsearch.k8s.elastic.co",
-    "kibana.k8s.elastic.co",
-)
-"""Groups the program manages that Kubernetes' ``view`` role does not read."""
 DRY_RUN_ONLY = "request.dryRun == true"
 IS_PREVIEW = f"'{PREVIEW_GROUP}' in request.userInfo.groups"
 
@@ -112,8 +106,21 @@ class PipelineAccess(pulumi.ComponentResource):
             f"{name}-preview-dry-run",
             metadata={"name": "dualtrack-preview-dry-run", "labels": kube.MANAGED_BY},
             rules=[
-                {"apiGroups": list(READ_BEYOND_VIEW), "resources": ["*"], "verbs": READ_VERBS},
-                {"apiGroups": list(WRITTEN_API_GROUPS), "resources": ["*"], "verbs": WRITE_VERBS},
+                *(
+                    {"apiGroups": [group], "resources": list(kinds), "verbs": READ_VERBS + WRITE_VERBS}
+                    for group, kinds in DECLARED.items()
+                ),
+                # dry-running a role or a binding is checked for escalation against RBAC alone
+                {
+                    "apiGroups": ["rbac.authorization.k8s.io"],
+                    "resources": ["clusterroles"],
+                    "verbs": ["escalate", "bind"],
+                },
+                {
+                    "apiGroups": ["admissionregistration.k8s.io"],
+                    "resources": list(GUARD_KINDS),
+                    "verbs": READ_VERBS,
+                },
             ],
             opts=guarded,
         )
@@ -131,10 +138,11 @@ class PipelineAccess(pulumi.ComponentResource):
         secrets = k8s.rbac.v1.ClusterRole(
             f"{name}-preview-secrets",
             metadata={"name": "dualtrack-preview-secrets", "labels": kube.MANAGED_BY},
-            rules=[{"apiGroups": [""], "resources": ["secrets"], "verbs": READ_VERBS}],
+            rules=[{"apiGroups": [""], "resources": ["secrets"], "verbs": READ_VERBS + WRITE_VERBS}],
             opts=child,
         )
-        for namespace, created in {"kube-system": None, **secret_namespaces}.items():
+        readable = {"kube-system": None, **secret_namespaces}
+        for namespace, created in ((n, c) for n, c in readable.items() if n not in KEY_MATERIAL_NAMESPACES):
             k8s.rbac.v1.RoleBinding(
                 f"{name}-preview-secrets-{namespace}",
                 metadata={

@@ -341,9 +341,11 @@ def gpu_node_user_data() -> str:
     into one array mounted at ``/mnt/k8s-disks/0`` and moves kubelet's and containerd's state
     onto it, so images and emptyDirs use it too. The script part then gives the model cache its
     owner (the pods' UID, which cannot chown) and writes the marker the sync step requires, after
-    checking that the directory really sits on the array and not on the root volume.
+    checking that the directory really sits on the array and not on the root volume. The
+    kubelet labels such nodes (:data:`infra.model_layout.NODE_CACHE_LABEL`).
     """
     cache, marker = model_layout.NODE_CACHE, f"{model_layout.NODE_CACHE}/{model_layout.NODE_CACHE_READY}"
+    label, value = model_layout.NODE_CACHE_LABEL
     node_config = (
         "apiVersion: node.eks.aws/v1alpha1\n"
         "kind: NodeConfig\n"
@@ -351,6 +353,9 @@ def gpu_node_user_data() -> str:
         "  instance:\n"
         "    localStorage:\n"
         "      strategy: RAID0\n"
+        "  kubelet:\n"
+        "    flags:\n"
+        f"      - --node-labels={label}={value}\n"
     )
     script = (
         "#!/bin/bash\n"

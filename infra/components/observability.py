@@ -242,7 +242,17 @@ class Observability(pulumi.ComponentResource):
                 "serviceMonitor": {"enabled": True, "additionalLabels": {"release": RELEASE}},
                 "resources": kube.resources("100m", "256Mi", cpu_limit="500m", memory_limit="512Mi"),
             },
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[stack]),
+            # the release it is under GpuPlatform("gpu"), where stacks created it first
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                depends_on=[stack],
+                aliases=[
+                    pulumi.Alias(
+                        name="gpu-dcgm-exporter",
+                        parent=pulumi.create_urn("gpu", "dualtrack:cloud:GpuPlatform"),
+                    )
+                ],
+            ),
         )
         crd_opts = pulumi.ResourceOptions(parent=self, depends_on=[stack, serving.namespace_resource])
         kube.custom_resource(

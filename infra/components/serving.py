@@ -264,6 +264,12 @@ class Serving(pulumi.ComponentResource):
                             {
                                 "matchExpressions": [
                                     {"key": POOL_LABEL, "operator": "In", "values": ["gpu"]},
+                                    # booted with the NVMe model cache (not a node of an older template)
+                                    {
+                                        "key": layout.NODE_CACHE_LABEL[0],
+                                        "operator": "In",
+                                        "values": [layout.NODE_CACHE_LABEL[1]],
+                                    },
                                     {
                                         "key": "node.kubernetes.io/instance-type",
                                         "operator": "In",
@@ -430,6 +436,8 @@ class Serving(pulumi.ComponentResource):
         script = engine_build_script(
             profile, tp, checkpoint_dir="/work/checkpoint", work_dir="/work/trtllm", engine_dir="/work/engine"
         )
+        # the primary's build had no version in its name: keep its state under the new one
+        renamed = [pulumi.Alias(name=f"{name}-engine-build")] if version == cfg.model_version else []
         script_map = k8s.core.v1.ConfigMap(
             f"{name}-engine-build-{version}",
             metadata={
@@ -438,7 +446,7 @@ class Serving(pulumi.ComponentResource):
                 "labels": kube.labels("engine-build"),
             },
             data={"build.sh": script},
-            opts=opts,
+            opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(aliases=renamed)),
         )
         prefix = pulumi.Output.concat("s3://", self.bucket, "/")
         aws_env = [{"name": "HOME", "value": "/tmp"}]
@@ -527,6 +535,7 @@ class Serving(pulumi.ComponentResource):
             },
             opts=pulumi.ResourceOptions(
                 parent=self,
+                aliases=renamed,
                 depends_on=[script_map],
                 # checkpoint down, compile, engines up
                 custom_timeouts=_timeouts(2 * self._sync_s(profile) + ENGINE_BUILD_ALLOWANCE_S),

@@ -44,17 +44,43 @@ def test_the_guard_admits_only_dry_runs_of_the_preview_identity(
     assert (not matched or _cel(validation["expression"], request)) is admitted
 
 
+def _plural(kind: str) -> str:
+    word = kind.lower()
+    if word.endswith("y") and word[-2] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + ("es" if word.endswith(("s", "sh", "ch", "x")) else "s")
+
+
 @pytest.mark.parametrize("stack", STACKS)
 def test_preview_rights_are_exactly_what_a_preview_needs(plans: dict[str, Plan], stack: str) -> None:
     plan = plans[stack]
-    role = _k8s(plan, "ClusterRole", "dualtrack-preview-dry-run")
-    writes = next(r for r in role["rules"] if "create" in r["verbs"])
-    # it can never lift its own guard: no writes to admission policies
-    assert "admissionregistration.k8s.io" not in writes["apiGroups"] and "*" not in writes["apiGroups"]
-    written = {o["apiVersion"].rpartition("/")[0] for o in plan.kubernetes_objects()}
-    written -= {"admissionregistration.k8s.io"}
-    assert written <= set(writes["apiGroups"])  # every group the program writes can be dry-run
-    # Secrets: only where Helm keeps release records or the program keeps Secrets
+    rules = _k8s(plan, "ClusterRole", "dualtrack-preview-dry-run")["rules"]
+    assert all("*" not in r["apiGroups"] + r["resources"] + r["verbs"] for r in rules)
+    assert not any(
+        "/" in res for r in rules for res in r["resources"]
+    )  # no subresource (serviceaccounts/token)
+    granted = {
+        (g, res) for r in rules if "create" in r["verbs"] for g in r["apiGroups"] for res in r["resources"]
+    }
+    declared = {
+        (o["apiVersion"].rpartition("/")[0], _plural(o["kind"]))
+        for o in plan.kubernetes_objects()
+        if o["kind"] != "Secret"
+    }
+    guard = {
+        ("admissionregistration.k8s.io", k)
+        for k in ("validatingadmissionpolicies", "validatingadmissionpolicybindings")
+    }
+    assert granted == declared - guard  # exactly what the program declares, never its own guard
+    read_only = {
+        (g, res)
+        for r in rules
+        if r["verbs"] == ["get", "list", "watch"]
+        for g in r["apiGroups"]
+        for res in r["resources"]
+    }
+    assert read_only == guard
+    # Secrets: only where Helm keeps release records or the program keeps Secrets, never Istio's keys
     releases = {r.inputs["namespace"] for r in plan.of_type("kubernetes:helm.sh/v3:Release")}
     secrets = {o["metadata"]["namespace"] for o in plan.kubernetes_objects() if o["kind"] == "Secret"}
     bindings = {
@@ -62,24 +88,24 @@ def test_preview_rights_are_exactly_what_a_preview_needs(plans: dict[str, Plan],
         for o in plan.kubernetes_objects()
         if o["kind"] == "RoleBinding" and o["metadata"]["name"] == "dualtrack-preview-secrets"
     }
-    assert bindings == releases | secrets
-    for binding in ("ClusterRoleBinding",):
-        subjects = _k8s(plan, binding, "dualtrack-preview-dry-run")["subjects"]
-        assert subjects == [{"kind": "Group", "name": PREVIEW_GROUP, "apiGroup": "rbac.authorization.k8s.io"}]
-    # the preview role's access entry maps it to that group, with EKS's read-only view policy
-    (entry,) = [
-        e for e in plan.of_type("aws:eks/accessEntry:AccessEntry") if "preview" in e.inputs["principalArn"]
-    ]
-    assert entry.inputs["kubernetesGroups"] == [PREVIEW_GROUP]
-    (association,) = [
-        a
-        for a in plan.of_type("aws:eks/accessPolicyAssociation:AccessPolicyAssociation")
-        if "preview" in a.inputs["principalArn"]
-    ]
-    assert association.inputs["policyArn"].endswith("/AmazonEKSViewPolicy")
+    assert bindings == (releases | secrets) - {"istio-system", "istio-ingress"}
+    subjects = _k8s(plan, "ClusterRoleBinding", "dualtrack-preview-dry-run")["subjects"]
+    assert subjects == [{"kind": "Group", "name": PREVIEW_GROUP, "apiGroup": "rbac.authorization.k8s.io"}]
     # the write rights exist only once the guard is bound
     guarded = next(
         r for r in plan.resources if r.name == "access-preview-dry-run" and r.type.endswith("ClusterRole")
     )
     bound = next(r for r in plan.resources if r.type.endswith("ValidatingAdmissionPolicyBinding"))
     assert bound.urn in guarded.depends_on
+
+
+def test_preview_role_maps_to_the_group(stack_config) -> None:
+    from dualtrack.plan import run_program
+
+    config = stack_config("dev")
+    config["dualtrack:cluster"]["viewerRoleArns"] = ["arn:aws:iam::111122223333:role/ci-preview"]
+    plan = run_program("dev", config)
+    (entry,) = plan.of_type("aws:eks/accessEntry:AccessEntry")
+    assert entry.inputs["kubernetesGroups"] == [PREVIEW_GROUP]
+    (association,) = plan.of_type("aws:eks/accessPolicyAssociation:AccessPolicyAssociation")
+    assert association.inputs["policyArn"].endswith("/AmazonEKSViewPolicy")

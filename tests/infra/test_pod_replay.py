@@ -267,6 +267,27 @@ def _check_sync(replay: Replay, version: str, profile: str) -> None:
     before = _files(cached)
     assert replay.sync(version) == ""  # a restarted pod on the same node: nothing copied again
     assert _files(cached) == before
+    assert not (replay.node_cache / profile / f"{version}.lock").exists()  # the lock went with the sync
+
+
+def test_pods_of_a_node_share_one_sync(plans: dict[str, Plan], tmp_path: Path, s3: dict) -> None:
+    """Two pods of a version starting together on one node, and one that died holding the lock."""
+    import concurrent.futures
+    import os
+
+    replay = Replay(plans["dev"], tmp_path, s3)
+    profile, version = replay.settings.serving.profile, replay.settings.serving.model_version
+    replay.upload(profile, version)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: replay.pod(version).run("model-sync", replay.env), range(2)))
+    assert all(r.returncode == 0 for r in runs)  # neither deleted the other's downloads
+    cached = replay.node_cache / profile / version
+    assert (cached / layout.ENGINES / "config.json").is_file()
+    stale = replay.node_cache / profile / f"{version}.lock"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 120, time.time() - 120))  # a pod killed mid-sync two minutes ago
+    taken = replay.pod(version).run("model-sync", replay.env)
+    assert "taking over a sync lock left" in taken.stderr and not stale.exists()
 
 
 @pytest.mark.parametrize("stack", ["dev", "staging"])
@@ -402,3 +423,37 @@ def test_llmapi_pod_exports_the_scaling_signal(prod: tuple) -> None:
     gauges = {s["request_type"]: value for name, s, value in series if name == "nv_trt_llm_request_metrics"}
     assert set(gauges) == {"waiting", "active", "max"} and gauges["max"] == 64  # the executor's batch
     assert gauges["waiting"] == 0 and gauges["active"] == 0  # nothing in flight between tests
+
+
+def test_llmapi_pod_counts_requests_in_flight(prod: tuple) -> None:
+    import threading
+
+    server, record, _ = prod
+    body = {"text_input": ["one two three " * 10], "streaming": [True], "sampling_param_max_tokens": [12]}
+
+    def stream() -> None:
+        with httpx.stream(
+            "POST", f"{server.url}/v2/models/tensorrt_llm/generate_stream", json=body, timeout=60
+        ) as r:
+            r.read()
+
+    def gauges() -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+        return {s["request_type"]: v for n, s, v in _series(text) if n == "nv_trt_llm_request_metrics"}
+
+    delay = record.parent / "delay"
+    delay.write_text("0.2")  # 12 tokens: about 2.4 s a request
+    try:
+        threads = [threading.Thread(target=stream) for _ in range(3)]
+        for t in threads:
+            t.start()
+        deadline, seen = time.monotonic() + 10, {}
+        while time.monotonic() < deadline and seen.get("active") != 3:
+            seen = gauges()
+            time.sleep(0.1)
+        assert seen["active"] == 3 and seen["waiting"] == 0  # 3 of 64 slots: nothing waits
+        for t in threads:
+            t.join()
+    finally:
+        delay.unlink()
+    assert gauges()["active"] == 0

@@ -713,3 +713,56 @@ def test_internal_ingress_and_pipeline_access(stack_config) -> None:
     assert len(plan.of_type("aws:eks/accessEntry:AccessEntry")) == 2
     sg = _one(plan, "aws:ec2/securityGroup:SecurityGroup", "messaging-msk").inputs
     assert sg["ingress"][0]["cidrBlocks"] == ["10.99.0.0/16", "10.42.0.0/16"]
+
+
+def test_gpu_nodes_boot_with_the_nvme_model_cache(plans: dict[str, Plan], tmp_path) -> None:
+    """The GPU launch template's user data: nodeadm's RAID0 and label, and the boot script, run."""
+    import base64
+    import email
+    import subprocess
+
+    template = _one(plans["prod"], "aws:ec2/launchTemplate:LaunchTemplate", "cluster-gpu").inputs
+    message = email.message_from_string(base64.b64decode(template["userData"]).decode())
+    parts = {p.get_content_type(): p.get_payload() for p in message.walk() if not p.is_multipart()}
+    node = yaml.safe_load(parts["application/node.eks.aws"])
+    assert node["kind"] == "NodeConfig" and node["spec"]["instance"]["localStorage"] == {"strategy": "RAID0"}
+    assert node["spec"]["kubelet"]["flags"] == ["--node-labels=dualtrack.io/model-cache=nvme"]
+    pod = _k8s(plans["prod"], "Deployment", "triton-v1")["spec"]["template"]["spec"]
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert {"key": "dualtrack.io/model-cache", "operator": "In", "values": ["nvme"]} in term[
+        "matchExpressions"
+    ]
+    script = tmp_path / "boot.sh"
+    script.write_text(parts["text/x-shellscript"])
+    calls = tmp_path / "calls"
+    for name, code in (("mountpoint", "$MOUNTED"), ("install", "0")):
+        (tmp_path / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\nexit {code}\n')
+        (tmp_path / name).chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    refused = subprocess.run(
+        ["bash", str(script)], env={**env, "MOUNTED": "1"}, capture_output=True, text=True
+    )
+    assert refused.returncode == 1 and "instance-store RAID0 is not mounted" in refused.stderr
+    assert "install" not in calls.read_text()  # nothing created on the root volume
+    calls.unlink()
+    done = subprocess.run(["bash", str(script)], env={**env, "MOUNTED": "0"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().splitlines() == [
+        "mountpoint -q /mnt/k8s-disks/0",
+        "install -d -o 10001 -g 10001 -m 0750 /mnt/k8s-disks/0/dualtrack-models",
+        "install -o 10001 -g 10001 -m 0640 /dev/null /mnt/k8s-disks/0/dualtrack-models/.dualtrack-cache",
+    ]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_moved_resources_keep_their_state(plans: dict[str, Plan], stack: str) -> None:
+    """Renames are aliased: without, `up` creates the new resource before deleting the old one --
+    Helm refuses a second release of the same name, and the old Job's deletion removes the new one."""
+    aliased = {(r.type, r.name): r.aliases for r in plans[stack].resources if r.aliases}
+    assert aliased[("kubernetes:helm.sh/v3:Release", "observability-dcgm-exporter")] == ("gpu-dcgm-exporter",)
+    if stack != "prod":  # engine-path stacks: the primary's build kept its unversioned name's state
+        for type_ in ("kubernetes:batch/v1:Job", "kubernetes:core/v1:ConfigMap"):
+            assert aliased[(type_, "serving-engine-build-v1")] == ("serving-engine-build",)
+    assert ("kubernetes:batch/v1:Job", "serving-engine-build-v2") not in aliased  # a new canary build is new

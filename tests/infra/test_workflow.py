@@ -18,7 +18,7 @@ def test_prod_preview_refuses_a_runner_outside_the_vpc() -> None:
     steps = _steps()
     names = [s.get("name") or s.get("uses") for s in steps]
     guard = names.index("prod previews run inside the VPC")
-    private = names.index("prod's cluster endpoint resolves to a private address here")
+    private = names.index("prod's cluster endpoint answers from this runner")
     assert guard == 0 and private < names.index("pulumi/actions@v6")  # before anything else runs
     assert steps[guard]["if"] == steps[private]["if"] == "matrix.stack == 'prod'"
     script = steps[guard]["run"]
@@ -30,21 +30,27 @@ def test_prod_preview_refuses_a_runner_outside_the_vpc() -> None:
     assert ok.returncode == 0
 
 
-def test_private_endpoint_check_tells_public_from_private(tmp_path: Path) -> None:
-    """The endpoint check, run with stand-ins for `aws` and `getent` on PATH."""
+def _endpoint_check(tmp_path: Path, aws: str, curl: str) -> subprocess.CompletedProcess[str]:
+    """The endpoint check, run with stand-ins for `aws` and `curl` on PATH."""
     script = next(s for s in _steps() if s.get("name", "").startswith("prod's cluster endpoint"))["run"]
-    for name, body in {
-        "aws": "echo https://ABC.gr7.us-east-1.eks.amazonaws.com",
-        "getent": 'echo "$ADDRESS ABC.gr7.us-east-1.eks.amazonaws.com"',
-    }.items():
+    for name, body in {"aws": aws, "curl": curl}.items():
         (tmp_path / name).write_text(f"#!/bin/sh\n{body}\n")
         (tmp_path / name).chmod(0o755)
     env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
-    public = subprocess.run(
-        ["bash", "-c", script], env={**env, "ADDRESS": "54.1.2.3"}, capture_output=True, text=True
+    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_endpoint_check_needs_an_answer_and_fails_closed(tmp_path: Path) -> None:
+    endpoint = "echo https://ABC.gr7.us-east-1.eks.amazonaws.com"
+    inside = _endpoint_check(tmp_path, endpoint, "exit 0")
+    assert inside.returncode == 0, inside.stdout + inside.stderr
+    outside = _endpoint_check(tmp_path, endpoint, "exit 28")  # curl: timed out
+    assert outside.returncode == 1 and "does not answer from this runner" in outside.stdout
+    denied = _endpoint_check(
+        tmp_path, "echo 'An error occurred (AccessDeniedException)' >&2; exit 254", "exit 0"
     )
-    assert public.returncode == 1 and "not a private address" in public.stdout
-    private = subprocess.run(
-        ["bash", "-c", script], env={**env, "ADDRESS": "10.42.3.4"}, capture_output=True, text=True
+    assert denied.returncode == 1 and "cannot describe the dualtrack-prod cluster" in denied.stdout
+    first = _endpoint_check(
+        tmp_path, "echo 'An error occurred (ResourceNotFoundException)' >&2; exit 254", "exit 7"
     )
-    assert private.returncode == 0, private.stdout + private.stderr
+    assert first.returncode == 0 and "no dualtrack-prod cluster yet" in first.stdout

@@ -8,22 +8,28 @@ request becomes one ``generate_async`` on an event loop this model owns: the exe
 batches requests in flight, Triton only hands them over (``max_batch_size: 0``).
 
 Decoupled (streaming profiles): one response per new piece of text, each carrying the whole
-text so far (the LLM-API contract), the last one flagged final. A client that goes away
-cancels: the model polls ``is_cancelled`` and aborts the generation, which frees its KV
-cache. Stop strings end a generation early. Every problem -- an empty prompt, a prompt over
-``max_input_len`` tokens, a bad parameter, an engine error -- reaches the client as a Triton
+text so far (the LLM-API contract), the last one flagged final. Responses go out from a
+thread of their own, so a slow client never holds up the event loop the other streams share.
+A client that goes away cancels: the model polls ``is_cancelled`` and aborts the generation,
+which frees its KV cache -- as does every other way a request can end early. Stop strings end
+a generation early. Every problem -- an empty prompt, a prompt over ``max_input_len`` tokens,
+a bad parameter (INVALID_ARG), an engine error (INTERNAL) -- reaches the client as a Triton
 error that names it, never as a hang.
 
 Metrics: the request gauges TensorRT-LLM's C++ backend exports
 (``nv_trt_llm_request_metrics{request_type="waiting"|"active"|"max"}``), so one recording
-rule scales both serving paths on requests waiting inside the executor -- which Triton's own
-queue metrics never see for a decoupled model.
+rule scales both serving paths -- Triton's own queue metrics never see a decoupled model's
+requests wait. Here ``max`` is the executor's batch (``max_batch_size``), ``active`` the
+requests it holds (at most ``max``) and ``waiting`` those beyond it: requests the executor
+cannot schedule yet. (Requests held back for want of KV-cache blocks, below ``max``, are not
+counted: the gauge never overstates the wait.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import threading
 from pathlib import Path
 from typing import Any
@@ -68,10 +74,14 @@ class TritonPythonModel:
         self.max_input_len = int(llm_args["max_input_len"])
         self.max_output_len = int(llm_args["max_seq_len"]) - self.max_input_len
 
-        from tensorrt_llm import LLM, SamplingParams  # the image's TensorRT-LLM: import on load only
+        # the image's TensorRT-LLM, imported on load only
+        from tensorrt_llm import LLM, SamplingParams
+        from tensorrt_llm.llmapi.llm_utils import update_llm_args_with_extra_dict
 
         self._sampling_params = SamplingParams
-        self.llm = LLM(**llm_args)
+        self.max_batch_size = int(llm_args.get("max_batch_size", 1))
+        # nested settings (kv_cache_config...) become the API's own config objects
+        self.llm = LLM(**update_llm_args_with_extra_dict({}, llm_args))
         self.tokenizer = self.llm.tokenizer
 
         # Triton drops a family's metrics with it: the family lives as long as the model
@@ -85,20 +95,33 @@ class TritonPythonModel:
             kind: family.Metric(labels={**labels, "request_type": kind})
             for kind in ("waiting", "active", "max")
         }
-        self._gauges["max"].set(float(llm_args.get("max_batch_size", 0)))
-        self._counts = {"waiting": 0, "active": 0}
+        self._gauges["max"].set(float(self.max_batch_size))
+        self._in_flight = 0
         self._lock = threading.Lock()
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="llmapi-loop", daemon=True)
         self._thread.start()
+        self._outbox: queue.Queue = queue.Queue()
+        self._sender = threading.Thread(target=self._send_loop, name="llmapi-responses", daemon=True)
+        self._sender.start()
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _count(self, kind: str, delta: int) -> None:
+    def _count(self, delta: int) -> None:
         with self._lock:
-            self._counts[kind] += delta
-            self._gauges[kind].set(float(self._counts[kind]))
+            self._in_flight += delta
+            self._gauges["active"].set(float(min(self._in_flight, self.max_batch_size)))
+            self._gauges["waiting"].set(float(max(0, self._in_flight - self.max_batch_size)))
+
+    def _send_loop(self) -> None:
+        """Deliver responses in order, off the event loop (a send waits for Triton's frontend)."""
+        while (item := self._outbox.get()) is not None:
+            sender, response, flags = item
+            try:
+                sender.send(response, flags=flags)
+            except Exception as exc:  # the client is gone: nothing left to tell it
+                pb_utils.Logger.log_warn(f"response not delivered: {exc!r}")
 
     def _parse(self, request: Any) -> tuple[list[int], Any, bool]:
         """Prompt ids, sampling parameters and the streaming flag, or ValueError naming the input."""
@@ -146,9 +169,8 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     @staticmethod
-    def _error(message: str, code: Any = None) -> Any:
-        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
-        return pb_utils.InferenceResponse(error=error)
+    def _error(message: str, code: Any) -> Any:
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
     async def _watch(self, request: Any, generation: Any) -> bool:
         """Abort ``generation`` once the client cancels; True when that happened."""
@@ -160,44 +182,41 @@ class TritonPythonModel:
 
     async def _generate(self, request: Any, sender: Any | None) -> Any:
         """Run one request; streams through ``sender`` when given, returns the final response."""
-        self._count("waiting", 1)
-        waiting = True
-        watcher: asyncio.Future | None = None
+        self._count(1)
+        generation = watcher = None
+        finished = False
         try:
             ids, params, streaming = self._parse(request)
             generation = self.llm.generate_async(ids, sampling_params=params, streaming=streaming)
             watcher = asyncio.ensure_future(self._watch(request, generation))
             last = None
             async for result in generation:
-                if waiting:
-                    self._count("waiting", -1)
-                    self._count("active", 1)
-                    waiting = False
-                last = result
-                if sender is not None and streaming and not result.finished and not watcher.done():
-                    sender.send(self._response(result))
+                last, finished = result, result.finished
+                if sender is not None and streaming and not finished and not watcher.done():
+                    self._outbox.put((sender, self._response(result), 0))
             if watcher.done() and watcher.result():
                 return self._error("the request was cancelled", pb_utils.TritonError.CANCELLED)
             if last is None:
-                return self._error("the engine ended the request without output")
+                return self._error(
+                    "the engine ended the request without output", pb_utils.TritonError.INTERNAL
+                )
             return self._response(last)
-        except ValueError as exc:
-            return self._error(str(exc))
+        except ValueError as exc:  # the request's own fault
+            return self._error(str(exc), pb_utils.TritonError.INVALID_ARG)
         except Exception as exc:  # an engine failure: the client gets it, the model keeps serving
             pb_utils.Logger.log_error(f"generation failed: {exc!r}")
-            return self._error(f"generation failed: {exc}")
+            return self._error(f"generation failed: {exc}", pb_utils.TritonError.INTERNAL)
         finally:
             if watcher is not None:
                 watcher.cancel()
-            self._count("waiting" if waiting else "active", -1)
+            if generation is not None and not finished:
+                generation.abort()  # whatever ended the request early, free its slot and KV cache
+            self._count(-1)
 
     async def _serve(self, request: Any) -> None:
         sender = request.get_response_sender()
         response = await self._generate(request, sender)
-        try:
-            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception as exc:  # the client is gone: nothing left to tell it
-            pb_utils.Logger.log_warn(f"final response not delivered: {exc!r}")
+        self._outbox.put((sender, response, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL))
 
     def execute(self, requests: list) -> list | None:
         if self.decoupled:
@@ -210,4 +229,6 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+        self._outbox.put(None)
+        self._sender.join(timeout=10)
         self.llm.shutdown()

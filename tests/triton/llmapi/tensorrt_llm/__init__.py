@@ -46,7 +46,6 @@ LLM_ARGS = {
     "trust_remote_code",
     "dtype",
 }
-KV_CACHE_ARGS = {"dtype", "free_gpu_memory_fraction", "enable_block_reuse", "max_tokens"}
 
 
 @dataclass
@@ -136,9 +135,12 @@ class LLM:
         unknown = sorted(set(kwargs) - LLM_ARGS)
         if unknown:
             raise ValueError(f"unknown LLM arguments: {unknown}")
-        kv = kwargs.get("kv_cache_config") or {}
-        if set(kv) - KV_CACHE_ARGS:
-            raise ValueError(f"unknown kv_cache_config fields: {sorted(set(kv) - KV_CACHE_ARGS)}")
+        from tensorrt_llm.llmapi import KvCacheConfig
+
+        if not isinstance(kwargs.get("kv_cache_config", KvCacheConfig()), KvCacheConfig):
+            raise TypeError(
+                "kv_cache_config must be a KvCacheConfig (update_llm_args_with_extra_dict makes one)"
+            )
         if kwargs.get("backend") != "pytorch":
             raise ValueError("this stand-in serves the PyTorch backend only")
         checkpoint = Path(kwargs["model"])
@@ -151,7 +153,9 @@ class LLM:
         self.args = kwargs
         record = os.environ.get("DUALTRACK_TEST_RECORD")
         self._record = Path(record) if record else None
-        self.record({"loaded": {k: v for k, v in kwargs.items()}, "time": time.time()})
+        self.record(
+            {"loaded": {k: getattr(v, "__dict__", v) for k, v in kwargs.items()}, "time": time.time()}
+        )
 
     def delay(self) -> float:
         override = self._record.parent / "delay" if self._record is not None else None
