@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -236,3 +237,30 @@ def ingest_samples(kb) -> int:
             kb.ingestor.ingest_path(path, root=SAMPLES)
             count += 1
     return count
+
+
+def recorded_calls(record: Path) -> list[dict]:
+    """What a test double wrote to its ``DUALTRACK_TEST_RECORD`` file, one dict a line."""
+    return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+
+
+def close_stream_early(url: str, body: dict, record: Path, *, after: int = 2) -> dict:
+    """Open a ``generate_stream``, slowed to 0.1 s a token, close it after ``after`` events and
+    return the double's record of that request (its ``cancelled`` and ``tokens_sent``)."""
+    before = len(recorded_calls(record))
+    delay = record.parent / "delay"  # the doubles read it for every token
+    delay.write_text("0.1")
+    try:
+        with httpx.stream("POST", url, json=body, timeout=30) as r:
+            assert r.status_code == 200, r.read()
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data:")
+                if seen == after:
+                    break
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(recorded_calls(record)) == before:
+            time.sleep(0.1)
+    finally:
+        delay.unlink()
+    return recorded_calls(record)[-1]

@@ -35,7 +35,15 @@ from infra.components.observability import RECORDING_RULES, WAITING_SERIES
 from infra.config import load_settings
 from services.tritonserver import TritonServer
 from tests.infra.replay import AWS_BIN, Pod, image_python
-from tests.support import CPU_TRTLLM_BACKEND, ROOT, free_port, offline_tokenizer_dir, wait_port
+from tests.support import (
+    CPU_TRTLLM_BACKEND,
+    ROOT,
+    close_stream_early,
+    free_port,
+    offline_tokenizer_dir,
+    recorded_calls,
+    wait_port,
+)
 
 LLMAPI_DOUBLE = ROOT / "tests" / "triton" / "llmapi"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -338,13 +346,9 @@ def prod(plans: dict[str, Plan], tmp_path_factory: pytest.TempPathFactory, s3: d
         server.stop()
 
 
-def _calls(record: Path) -> list[dict]:
-    return [json.loads(line) for line in record.read_text().splitlines()]
-
-
 def test_llmapi_pod_loads_the_checkpoint_with_the_rendered_settings(prod: tuple) -> None:
     _, record, replay = prod
-    (loaded,) = [c["loaded"] for c in _calls(record) if "loaded" in c]
+    (loaded,) = [c["loaded"] for c in recorded_calls(record) if "loaded" in c]
     profile = replay.settings.serving.model
     assert loaded["model"] == str(replay.node_cache / profile.name / "v1" / layout.CHECKPOINT)
     assert loaded["tokenizer"] == str(replay.node_cache / profile.name / "v1" / layout.TOKENIZER)
@@ -393,25 +397,8 @@ def test_llmapi_pod_honours_stop_strings_and_cancellation(prod: tuple) -> None:
     r = httpx.post(f"{server.url}/v2/models/tensorrt_llm/generate", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert "briefly" not in r.json()["text_output"] and r.json()["finish_reason"] == "stop"
-    before = len(_calls(record))
     body = {"text_input": ["one two three " * 20], "streaming": [True], "sampling_param_max_tokens": [24]}
-    delay = record.parent / "delay"
-    delay.write_text("0.1")  # one token per 0.1 s, so the stream is still going when it is closed
-    try:
-        with httpx.stream(
-            "POST", f"{server.url}/v2/models/tensorrt_llm/generate_stream", json=body, timeout=60
-        ) as r:
-            seen = 0
-            for line in r.iter_lines():
-                seen += line.startswith("data:")
-                if seen == 2:
-                    break
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(_calls(record)) == before:
-            time.sleep(0.1)
-    finally:
-        delay.unlink()
-    call = _calls(record)[-1]
+    call = close_stream_early(f"{server.url}/v2/models/tensorrt_llm/generate_stream", body, record)
     assert call["cancelled"] is True and call["tokens_sent"] < 24
 
 

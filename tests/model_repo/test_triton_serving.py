@@ -4,7 +4,6 @@ the CPU stand-in under tests/triton): the real preprocessing, postprocessing and
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from services.tritonserver import TritonServer
-from tests.support import offline_tokenizer_dir, render_test_repo, triton_with_cpu_backend
+from tests.support import (
+    close_stream_early,
+    offline_tokenizer_dir,
+    recorded_calls,
+    render_test_repo,
+    triton_with_cpu_backend,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +36,10 @@ def onprem(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonSer
         server.stop()
 
 
-def _calls(record: Path) -> list[dict]:
-    return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
-
-
 def test_generate_runs_the_whole_ensemble(onprem: tuple[TritonServer, Path]) -> None:
     server, record = onprem
     prompt = "Which river flows through Paris? Answer briefly"
-    before = len(_calls(record))
+    before = len(recorded_calls(record))
     r = httpx.post(
         f"{server.url}/v2/models/local_fallback/generate",
         json={"text_input": prompt, "max_tokens": 6},
@@ -46,7 +47,7 @@ def test_generate_runs_the_whole_ensemble(onprem: tuple[TritonServer, Path]) -> 
     )
     assert r.status_code == 200, r.text
     assert r.json()["text_output"] == "through paris? answer briefly"  # the stand-in echoes the prompt's tail
-    call = _calls(record)[before]
+    call = recorded_calls(record)[before]
     tokenizer = AutoTokenizer.from_pretrained(offline_tokenizer_dir())
     assert call["input_ids"] == tokenizer.encode(prompt)  # real preprocessing tokenized it
     assert call["request_output_len"] == 6 and call["streaming"] is False
@@ -66,7 +67,7 @@ def test_streaming_sends_token_by_token(onprem: tuple[TritonServer, Path]) -> No
         events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
     texts = [e["text_output"] for e in events if e["text_output"]]
     assert texts == ["three", "four", "five"]  # + the [SEP] token, decoded to nothing
-    assert _calls(record)[-1]["streaming"] is True and _calls(record)[-1]["tokens_sent"] == 4
+    assert recorded_calls(record)[-1]["streaming"] is True and recorded_calls(record)[-1]["tokens_sent"] == 4
 
 
 @pytest.mark.parametrize(
@@ -129,31 +130,13 @@ def test_closing_a_stream_cancels_a_single_model_entry(onprem: tuple[TritonServe
     """What the gateway relies on when a client leaves: Triton cancels the request of a
     single-model entry point (the LLM-API path's shape) when its HTTP stream is closed."""
     server, record = onprem
-    before = len(_calls(record))
     body = {
         "input_ids": list(range(1000, 1012)),
         "input_lengths": [12],
         "request_output_len": [12],
         "streaming": [True],
     }
-    # slow the stand-in down for this request only: one token per 0.1 s
-    (record.parent / "delay").write_text("0.1")
-    try:
-        with httpx.stream(
-            "POST", f"{server.url}/v2/models/tensorrt_llm/generate_stream", json=body, timeout=30
-        ) as r:
-            assert r.status_code == 200
-            seen = 0
-            for line in r.iter_lines():
-                seen += line.startswith("data:")
-                if seen == 2:
-                    break
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(_calls(record)) == before:
-            time.sleep(0.1)
-    finally:
-        (record.parent / "delay").unlink()
-    call = _calls(record)[-1]
+    call = close_stream_early(f"{server.url}/v2/models/tensorrt_llm/generate_stream", body, record)
     assert call["cancelled"] is True and call["tokens_sent"] < 12
 
 
