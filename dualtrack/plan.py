@@ -164,6 +164,9 @@ class PlanMocks(pulumi.runtime.Mocks):
                 ],
             },
             "aws:ec2/launchTemplate:LaunchTemplate": lambda: {"latestVersion": 1},
+            "aws:eks/nodeGroup:NodeGroup": lambda: {
+                "resources": [{"autoscalingGroups": [{"name": f"eks-{name}-plan"}]}]
+            },
             "aws:msk/configuration:Configuration": lambda: {"latestRevision": 1},
             "aws:msk/cluster:Cluster": lambda: {
                 "arn": f"arn:aws:kafka:{self.region}:{ACCOUNT}:cluster/{inputs.get('clusterName')}/plan-uuid",

@@ -72,15 +72,25 @@ def sync_script(source: str, profile: str, version: str, *, concurrency: int = 3
     ``aws s3 sync`` compares sizes and timestamps, so a pod restarted on the same node (or a
     second pod of the version) downloads nothing new; ``--delete`` drops files the bucket no
     longer has. Downloads land in temporary files renamed into place, so a sync that dies
-    half-way leaves no partial file behind, and the next start resumes. Pods of a node share
-    the cache: one sync per version at a time (a lock directory beside it, kept fresh by a
-    heartbeat, taken over once stale), since two ``--delete`` syncs remove each other's
-    temporary files. The cache must be the node's NVMe volume -- a cache on the root disk
-    would fill it -- so the script refuses one without the boot script's marker.
+    half-way leaves no partial file behind, and the next start resumes.
+
+    Pods of a node share the cache, and two ``--delete`` syncs of one version remove each
+    other's temporary files: one sync per version at a time. The lock is a directory beside
+    the version's (``mkdir`` is atomic), kept fresh by a heartbeat and holding its owner's
+    token. A lock whose heartbeat stopped (a killed pod) is taken over by one waiter only --
+    the one that wins a second ``mkdir`` and still finds it stale -- and a holder removes the
+    lock on exit only while it is still its own. The cache must be the node's NVMe volume (a
+    cache on the root disk would fill it), so the script refuses one without the boot
+    script's marker.
     """
     target = f"{SYNC_ROOT}/{version_prefix(profile, version)}"
     lock = shlex.quote(target.rstrip("/") + ".lock")
+    takeover = shlex.quote(target.rstrip("/") + ".takeover")
     marker = f"{SYNC_ROOT}/{NODE_CACHE_READY}"
+
+    def age(path: str) -> str:
+        return f"$(( $(date +%s) - $(stat -c %Y {path} 2>/dev/null || date +%s) ))"
+
     return (
         "\n".join(
             [
@@ -91,18 +101,25 @@ def sync_script(source: str, profile: str, version: str, *, concurrency: int = 3
                 "  exit 1",
                 "fi",
                 f"mkdir -p {shlex.quote(SYNC_ROOT + '/' + profile)}",
+                'token="${HOSTNAME:-pod}.$$.$(date +%s)"',
                 f"until mkdir {lock} 2>/dev/null; do",
-                f"  age=$(( $(date +%s) - $(stat -c %Y {lock} 2>/dev/null || date +%s) ))",
-                f'  if [ "$age" -gt {LOCK_STALE_S} ]; then',
-                '    echo "taking over a sync lock left $age s ago" >&2',
-                f"    rm -rf {lock}",
+                f'  if [ "{age(lock)}" -gt {LOCK_STALE_S} ] && mkdir {takeover} 2>/dev/null; then',
+                f'    if [ "{age(lock)}" -gt {LOCK_STALE_S} ]; then',
+                '      echo "taking over a sync lock its pod left" >&2',
+                f"      rm -rf {lock}",
+                "    fi",
+                f"    rmdir {takeover}",
+                f'  elif [ "{age(takeover)}" -gt {LOCK_STALE_S} ]; then',
+                f"    rmdir {takeover} 2>/dev/null || true",
                 "  else",
-                "    sleep 2",
+                "    sleep 1",
                 "  fi",
                 "done",
+                f'echo "$token" > {lock}/owner',
                 f"( while sleep 10; do touch {lock}; done ) >/dev/null 2>&1 &",
                 "heartbeat=$!",
-                f"trap 'kill $heartbeat 2>/dev/null; rm -rf {lock}' EXIT",
+                f'trap \'kill $heartbeat 2>/dev/null; [ "$(cat {lock}/owner 2>/dev/null)" = "$token" ] '
+                f"&& rm -rf {lock}' EXIT",
                 f"aws configure set default.s3.max_concurrent_requests {concurrency}",
                 f"mkdir -p {shlex.quote(target)}",
                 "aws s3 sync --no-progress --only-show-errors --delete "

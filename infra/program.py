@@ -52,11 +52,8 @@ def build(settings: StackSettings, grafana_password: pulumi.Input[str]) -> dict[
     serving = Serving("serving", settings, cluster, image=images.image, opts=on_both)
     observability = Observability("observability", settings, serving, grafana_password, opts=on_both)
     mesh = Mesh("mesh", settings, serving, opts=on_both)
-    logging = Logging("logging", settings, observability.storage_class, opts=on_both)
-    # the namespaces holding Helm release records or program-managed Secrets
-    PipelineAccess(
-        "access", {**observability.namespaces, **mesh.namespaces, **logging.namespaces}, opts=on_both
-    )
+    Logging("logging", settings, observability.storage_class, opts=on_both)
+    PipelineAccess("access", opts=on_both)
     messaging = Messaging("messaging", settings, network.vpc_id, network.private_subnet_ids, opts=on_aws)
 
     host = settings.mesh.hostname

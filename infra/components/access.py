@@ -1,16 +1,17 @@
 """What the pipelines may do inside the cluster: the preview identity reads and dry-runs only.
 
-``pulumi preview`` against a cluster reads every object the program manages, the Secrets it
-manages and the Helm release records (Secrets in each release's namespace), and asks the API
-server for a server-side dry run of every change (the provider applies server-side). The
-preview role (``cluster.viewerRoleArns``) gets exactly that:
+``pulumi preview`` (without ``--refresh``) diffs against Pulumi's state, renders Helm releases
+client-side, and asks the API server for a server-side dry run of every change to an object
+the program declares (the provider applies server-side), so the diff shows what the server
+would really store. The preview role (``cluster.viewerRoleArns``) gets exactly that:
 
 - cluster-wide read without Secrets (EKS's ``AmazonEKSViewPolicy``, set on its access entry);
 - read and create/update/patch/delete of exactly the kinds the program declares, named one by
   one (no wildcard, no subresource) -- RBAC cannot limit writes to dry runs, so a
   ValidatingAdmissionPolicy refuses every write of that identity that is not one;
-- read and dry-run of Secrets in the namespaces holding Helm release records or managed
-  Secrets, except Istio's (its CA key and the ingress TLS keys live there);
+- no Secret at all: Helm's release records, Istio's CA and TLS keys, the Elasticsearch and
+  Grafana passwords stay unreadable (the one managed Secret's preview is client-side);
+- escalate/bind on its own role only, which a dry run of that role and its binding needs;
 - read only of the admission policy objects: a policy does not guard its own kind, so the
   identity can never lift its guard.
 """
@@ -23,6 +24,7 @@ import pulumi_kubernetes as k8s
 from infra.components import k8s as kube
 
 PREVIEW_GROUP = "dualtrack:preview"
+ROLE = "dualtrack-preview-dry-run"
 """The Kubernetes group the preview role's EKS access entry maps to (cluster.py)."""
 DECLARED = {
     "": ("namespaces", "configmaps", "services", "serviceaccounts"),
@@ -33,7 +35,7 @@ DECLARED = {
     "networking.k8s.io": ("networkpolicies",),
     "scheduling.k8s.io": ("priorityclasses",),
     "storage.k8s.io": ("storageclasses",),
-    "rbac.authorization.k8s.io": ("clusterroles", "clusterrolebindings", "rolebindings"),
+    "rbac.authorization.k8s.io": ("clusterroles", "clusterrolebindings"),
     "monitoring.coreos.com": ("servicemonitors", "prometheusrules"),
     "networking.istio.io": ("gateways", "virtualservices", "destinationrules"),
     "security.istio.io": ("authorizationpolicies", "requestauthentications", "peerauthentications"),
@@ -45,8 +47,6 @@ Named one by one: a wildcard would also match subresources such as serviceaccoun
 which mints a real token even in a dry run."""
 GUARD_KINDS = ("validatingadmissionpolicies", "validatingadmissionpolicybindings")
 """Read only: a policy does not guard its own kind, so these stay out of the write rights."""
-KEY_MATERIAL_NAMESPACES = ("istio-system", "istio-ingress")
-"""Istio's CA key and the ingress TLS keys live here: no Secret read for the preview identity."""
 WRITE_VERBS = ["create", "update", "patch", "delete"]
 READ_VERBS = ["get", "list", "watch"]
 DRY_RUN_ONLY = "request.dryRun == true"
@@ -56,14 +56,7 @@ IS_PREVIEW = f"'{PREVIEW_GROUP}' in request.userInfo.groups"
 class PipelineAccess(pulumi.ComponentResource):
     """RBAC and the dry-run guard for the preview identity."""
 
-    def __init__(
-        self,
-        name: str,
-        secret_namespaces: dict[str, k8s.core.v1.Namespace],
-        opts: pulumi.ResourceOptions | None = None,
-    ) -> None:
-        """``secret_namespaces``: where Helm keeps release records or the program keeps Secrets
-        (kube-system, which always exists, is added)."""
+    def __init__(self, name: str, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("dualtrack:cloud:PipelineAccess", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         subjects = [{"kind": "Group", "name": PREVIEW_GROUP, "apiGroup": "rbac.authorization.k8s.io"}]
@@ -104,16 +97,18 @@ class PipelineAccess(pulumi.ComponentResource):
         guarded = pulumi.ResourceOptions(parent=self, depends_on=[binding])
         dry_run = k8s.rbac.v1.ClusterRole(
             f"{name}-preview-dry-run",
-            metadata={"name": "dualtrack-preview-dry-run", "labels": kube.MANAGED_BY},
+            metadata={"name": ROLE, "labels": kube.MANAGED_BY},
             rules=[
                 *(
                     {"apiGroups": [group], "resources": list(kinds), "verbs": READ_VERBS + WRITE_VERBS}
                     for group, kinds in DECLARED.items()
                 ),
-                # dry-running a role or a binding is checked for escalation against RBAC alone
+                # a dry run of this role and its binding is checked for escalation against RBAC
+                # alone; named, so nothing else can be bound even if the guard went missing
                 {
                     "apiGroups": ["rbac.authorization.k8s.io"],
                     "resources": ["clusterroles"],
+                    "resourceNames": [ROLE],
                     "verbs": ["escalate", "bind"],
                 },
                 {
@@ -126,38 +121,13 @@ class PipelineAccess(pulumi.ComponentResource):
         )
         k8s.rbac.v1.ClusterRoleBinding(
             f"{name}-preview-dry-run",
-            metadata={"name": "dualtrack-preview-dry-run", "labels": kube.MANAGED_BY},
+            metadata={"name": ROLE, "labels": kube.MANAGED_BY},
             role_ref={
                 "apiGroup": "rbac.authorization.k8s.io",
                 "kind": "ClusterRole",
-                "name": "dualtrack-preview-dry-run",
+                "name": ROLE,
             },
             subjects=subjects,
             opts=pulumi.ResourceOptions(parent=self, depends_on=[dry_run]),
         )
-        secrets = k8s.rbac.v1.ClusterRole(
-            f"{name}-preview-secrets",
-            metadata={"name": "dualtrack-preview-secrets", "labels": kube.MANAGED_BY},
-            rules=[{"apiGroups": [""], "resources": ["secrets"], "verbs": READ_VERBS + WRITE_VERBS}],
-            opts=child,
-        )
-        readable = {"kube-system": None, **secret_namespaces}
-        for namespace, created in ((n, c) for n, c in readable.items() if n not in KEY_MATERIAL_NAMESPACES):
-            k8s.rbac.v1.RoleBinding(
-                f"{name}-preview-secrets-{namespace}",
-                metadata={
-                    "name": "dualtrack-preview-secrets",
-                    "namespace": namespace,
-                    "labels": kube.MANAGED_BY,
-                },
-                role_ref={
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "ClusterRole",
-                    "name": "dualtrack-preview-secrets",
-                },
-                subjects=subjects,
-                opts=pulumi.ResourceOptions(
-                    parent=self, depends_on=[secrets, *([created] if created else [])]
-                ),
-            )
         self.register_outputs({})

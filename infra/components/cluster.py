@@ -207,6 +207,21 @@ class Cluster(pulumi.ComponentResource):
                 )
             )
 
+        # The model-cache label comes from the kubelet (user data), which cluster-autoscaler cannot
+        # see in a group scaled to zero: it reads labels for its node templates from ASG tags.
+        label, value = model_layout.NODE_CACHE_LABEL
+        for suffix, group in zip(("gpu", "gpu-fallback"), self.gpu_node_groups, strict=False):
+            aws.autoscaling.Tag(
+                f"{name}-{suffix}-model-cache-label",
+                autoscaling_group_name=group.resources.apply(lambda r: r[0].autoscaling_groups[0].name),
+                tag=aws.autoscaling.TagTagArgs(
+                    key=f"k8s.io/cluster-autoscaler/node-template/label/{label}",
+                    value=value,
+                    propagate_at_launch=False,
+                ),
+                opts=child,
+            )
+
         ebs_role = self.service_account_role(
             "ebs-csi",
             "kube-system",

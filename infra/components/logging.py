@@ -59,7 +59,6 @@ class Logging(pulumi.ComponentResource):
 
         operator_ns = kube.namespace(OPERATOR_NAMESPACE, f"{name}-operator-ns", opts=child)
         ns = kube.namespace(NAMESPACE, f"{name}-ns", opts=child)
-        self.namespaces = {OPERATOR_NAMESPACE: operator_ns, NAMESPACE: ns}
         operator = kube.release(
             f"{name}-eck-operator",
             name="elastic-operator",

@@ -46,7 +46,6 @@ class Mesh(pulumi.ComponentResource):
 
         system_ns = kube.namespace(SYSTEM_NS, f"{name}-system-ns", opts=child)
         ingress_ns = kube.namespace(INGRESS_NS, f"{name}-ingress-ns", opts=child)
-        self.namespaces = {SYSTEM_NS: system_ns, INGRESS_NS: ingress_ns}
         base = kube.release(
             f"{name}-base",
             name="istio-base",

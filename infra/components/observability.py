@@ -144,7 +144,6 @@ class Observability(pulumi.ComponentResource):
         )
         self.storage_class = STORAGE_CLASS
         ns = kube.namespace(NAMESPACE, f"{name}-ns", opts=child)
-        self.namespaces = {NAMESPACE: ns}
         in_ns = pulumi.ResourceOptions(parent=self, depends_on=[ns])
         admin = k8s.core.v1.Secret(
             f"{name}-grafana-admin",

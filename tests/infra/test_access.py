@@ -80,15 +80,17 @@ def test_preview_rights_are_exactly_what_a_preview_needs(plans: dict[str, Plan],
         for res in r["resources"]
     }
     assert read_only == guard
-    # Secrets: only where Helm keeps release records or the program keeps Secrets, never Istio's keys
-    releases = {r.inputs["namespace"] for r in plan.of_type("kubernetes:helm.sh/v3:Release")}
-    secrets = {o["metadata"]["namespace"] for o in plan.kubernetes_objects() if o["kind"] == "Secret"}
-    bindings = {
-        o["metadata"]["namespace"]
-        for o in plan.kubernetes_objects()
-        if o["kind"] == "RoleBinding" and o["metadata"]["name"] == "dualtrack-preview-secrets"
+    # no Secret at all (Helm's release records, Istio's keys, passwords): a preview does not read them
+    assert not any("secrets" in r["resources"] for r in rules)
+    assert not any(o["kind"] == "RoleBinding" for o in plan.kubernetes_objects())
+    # escalate/bind only for its own role (a dry run of it and its binding needs them)
+    (escalate,) = [r for r in rules if "escalate" in r["verbs"]]
+    assert escalate == {
+        "apiGroups": ["rbac.authorization.k8s.io"],
+        "resources": ["clusterroles"],
+        "resourceNames": ["dualtrack-preview-dry-run"],
+        "verbs": ["escalate", "bind"],
     }
-    assert bindings == (releases | secrets) - {"istio-system", "istio-ingress"}
     subjects = _k8s(plan, "ClusterRoleBinding", "dualtrack-preview-dry-run")["subjects"]
     assert subjects == [{"kind": "Group", "name": PREVIEW_GROUP, "apiGroup": "rbac.authorization.k8s.io"}]
     # the write rights exist only once the guard is bound

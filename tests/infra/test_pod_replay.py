@@ -295,7 +295,7 @@ def test_pods_of_a_node_share_one_sync(plans: dict[str, Plan], tmp_path: Path, s
     stale.mkdir()
     os.utime(stale, (time.time() - 120, time.time() - 120))  # a pod killed mid-sync two minutes ago
     taken = replay.pod(version).run("model-sync", replay.env)
-    assert "taking over a sync lock left" in taken.stderr and not stale.exists()
+    assert "taking over a sync lock its pod left" in taken.stderr and not stale.exists()
 
 
 @pytest.mark.parametrize("stack", ["dev", "staging"])

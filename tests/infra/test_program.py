@@ -133,6 +133,16 @@ def test_gpu_node_groups(plans: dict[str, Plan], stack: str, groups: int, capaci
         assert group.inputs["labels"]["dualtrack.io/pool"] == "gpu"
         assert group.inputs["labels"]["nvidia.com/gpu.present"] == "true"  # device plugin affinity
         assert group.inputs["launchTemplate"]["id"]
+    # scale-from-zero: cluster-autoscaler learns the kubelet's model-cache label from an ASG tag
+    tags = {t.name: t.inputs for t in plan.of_type("aws:autoscaling/tag:Tag")}
+    assert set(tags) == {f"{g.name}-model-cache-label" for g in gpu}
+    for group in gpu:
+        tag = tags[f"{group.name}-model-cache-label"]
+        assert tag["autoscalingGroupName"] == f"eks-{group.name}-plan" and tag["tag"] == {
+            "key": "k8s.io/cluster-autoscaler/node-template/label/dualtrack.io/model-cache",
+            "value": "nvme",
+            "propagateAtLaunch": False,
+        }
     gpu_template = _one(plan, "aws:ec2/launchTemplate:LaunchTemplate", "cluster-gpu")
     assert (
         gpu_template.inputs["blockDeviceMappings"][0]["ebs"]["volumeSize"]

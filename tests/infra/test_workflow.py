@@ -41,9 +41,13 @@ def _endpoint_check(tmp_path: Path, aws: str, curl: str) -> subprocess.Completed
 
 
 def test_endpoint_check_needs_an_answer_and_fails_closed(tmp_path: Path) -> None:
-    endpoint = "echo https://ABC.gr7.us-east-1.eks.amazonaws.com"
-    inside = _endpoint_check(tmp_path, endpoint, "exit 0")
+    ca = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg=="  # "-----BEGIN CERTIFICATE-----"
+    endpoint = f"printf 'https://ABC.gr7.us-east-1.eks.amazonaws.com\\t{ca}\\n'"
+    # the stand-in curl answers only when asked with the cluster's CA, never --insecure
+    curl_with_ca = 'case "$*" in *"--cacert cluster-ca.crt"*) exit 0;; *) exit 60;; esac'
+    inside = _endpoint_check(tmp_path, endpoint, curl_with_ca)
     assert inside.returncode == 0, inside.stdout + inside.stderr
+    assert (tmp_path / "cluster-ca.crt").read_text().startswith("-----BEGIN CERTIFICATE-----")
     outside = _endpoint_check(tmp_path, endpoint, "exit 28")  # curl: timed out
     assert outside.returncode == 1 and "does not answer from this runner" in outside.stdout
     denied = _endpoint_check(

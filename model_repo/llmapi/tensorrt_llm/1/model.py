@@ -186,7 +186,10 @@ class TritonPythonModel:
         generation = watcher = None
         finished = False
         try:
-            ids, params, streaming = self._parse(request)
+            try:
+                ids, params, streaming = self._parse(request)
+            except ValueError as exc:  # the request's own fault
+                return self._error(str(exc), pb_utils.TritonError.INVALID_ARG)
             generation = self.llm.generate_async(ids, sampling_params=params, streaming=streaming)
             watcher = asyncio.ensure_future(self._watch(request, generation))
             last = None
@@ -201,8 +204,6 @@ class TritonPythonModel:
                     "the engine ended the request without output", pb_utils.TritonError.INTERNAL
                 )
             return self._response(last)
-        except ValueError as exc:  # the request's own fault
-            return self._error(str(exc), pb_utils.TritonError.INVALID_ARG)
         except Exception as exc:  # an engine failure: the client gets it, the model keeps serving
             pb_utils.Logger.log_error(f"generation failed: {exc!r}")
             return self._error(f"generation failed: {exc}", pb_utils.TritonError.INTERNAL)
