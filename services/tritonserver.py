@@ -4,8 +4,9 @@ On premises (and in tests) Triton runs on CPU without a container: the wheel
 carries Triton (2.51), its Python backend and a backend stub per Python
 version. The binary needs a backend directory holding the stub for *this*
 Python, the wheel's vendored libraries plus libpython on ``LD_LIBRARY_PATH``,
-and ``PYTHONPATH`` pointing at this environment so Python models can import
-its packages (transformers, this repository's ``services``). A
+and this environment's ``bin`` first on ``PATH``: the backend stub ignores
+``PYTHONPATH`` and gives Python models the packages of the first Python environment on
+``PATH`` (transformers, this repository's ``services``). A
 "Python-based backend" is a directory ``backends/<name>/model.py``; any
 ``backend: "<name>"`` model then runs on it -- how a CPU stand-in can serve a
 ``tensorrtllm`` config (tests only; production uses the NGC image).
@@ -30,7 +31,6 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
 SHM_GLOB = "/dev/shm/triton_python_backend_shm_region_*"  # noqa: S108 (Triton's own path)
 
 
@@ -139,15 +139,12 @@ class TritonServer:
 
     def environment(self) -> dict[str, str]:
         bin_dir = str(Path(sys.executable).parent)
-        site = sysconfig.get_paths()["purelib"]
-        python_path = os.pathsep.join(p for p in (str(ROOT), site, os.environ.get("PYTHONPATH", "")) if p)
         # Python models run with this environment: keep the gateway's own settings and secrets out
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("DUALTRACK_")}
         return {
             **inherited,
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
             "LD_LIBRARY_PATH": library_path(),
-            "PYTHONPATH": python_path,
             **self.env,
         }
 

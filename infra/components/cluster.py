@@ -141,7 +141,7 @@ class Cluster(pulumi.ComponentResource):
             labels: dict[str, str],
             gpu: bool,
         ) -> aws.eks.NodeGroup:
-            return aws.eks.NodeGroup(
+            group = aws.eks.NodeGroup(
                 f"{name}-{suffix}",
                 cluster_name=cluster.name,
                 # cluster-autoscaler's priority expander matches ASG names by this prefix (gpu.py).
@@ -160,6 +160,21 @@ class Cluster(pulumi.ComponentResource):
                 update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),
                 opts=node_opts,
             )
+            if gpu:
+                # The model-cache label comes from the kubelet (user data), which cluster-autoscaler
+                # cannot see in a group scaled to zero: it reads node-template labels from ASG tags.
+                label, value = model_layout.NODE_CACHE_LABEL
+                aws.autoscaling.Tag(
+                    f"{name}-{suffix}-model-cache-label",
+                    autoscaling_group_name=group.resources.apply(lambda r: r[0].autoscaling_groups[0].name),
+                    tag=aws.autoscaling.TagTagArgs(
+                        key=f"k8s.io/cluster-autoscaler/node-template/label/{label}",
+                        value=value,
+                        propagate_at_launch=False,
+                    ),
+                    opts=child,
+                )
+            return group
 
         system = cfg.system_nodes
         system_group = node_group(
@@ -205,21 +220,6 @@ class Cluster(pulumi.ComponentResource):
                     {**gpu_labels, CAPACITY_LABEL: "on-demand"},
                     gpu=True,
                 )
-            )
-
-        # The model-cache label comes from the kubelet (user data), which cluster-autoscaler cannot
-        # see in a group scaled to zero: it reads labels for its node templates from ASG tags.
-        label, value = model_layout.NODE_CACHE_LABEL
-        for suffix, group in zip(("gpu", "gpu-fallback"), self.gpu_node_groups, strict=False):
-            aws.autoscaling.Tag(
-                f"{name}-{suffix}-model-cache-label",
-                autoscaling_group_name=group.resources.apply(lambda r: r[0].autoscaling_groups[0].name),
-                tag=aws.autoscaling.TagTagArgs(
-                    key=f"k8s.io/cluster-autoscaler/node-template/label/{label}",
-                    value=value,
-                    propagate_at_launch=False,
-                ),
-                opts=child,
             )
 
         ebs_role = self.service_account_role(

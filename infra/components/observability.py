@@ -2,7 +2,7 @@
 
 The recording rules define the scaling signal once -- requests waiting inside the
 TensorRT-LLM executor -- prometheus-adapter serves it to the HPA as a per-pod metric,
-and the dashboards and alerts use the same series.
+and the dashboards show the same series.
 Dashboards are JSON files in ``infra/dashboards/`` (edit them in Grafana,
 export, commit), loaded by Grafana's sidecar from labelled ConfigMaps.
 """
@@ -77,7 +77,7 @@ def alert_rules(settings: StackSettings) -> list[dict[str, Any]]:
             "labels": {"severity": "warning"},
             "annotations": {
                 "summary": "Requests wait longer than they compute on {{ $labels.pod }}; "
-                "the HPA is at its maximum or a node is missing",
+                "for a decoupled model requests wait in the executor instead (triton:requests_waiting)",
                 "runbook_url": "docs/operations.md#queue-ratio-high",
             },
         },

@@ -1,6 +1,7 @@
 """TEST DOUBLE -- a CPU stand-in for TensorRT-LLM's LLM API (``tensorrt_llm.LLM``), tests only.
 
-Put first on the ``PYTHONPATH`` of a real tritonserver, it lets the project's own LLM-API
+Put first on the import path of a real tritonserver's Python models (the replay's stand-in for
+the serving image's environment, ``tests/infra/replay.py:image_python``), it lets the project's own LLM-API
 Triton model (``model_repo/llmapi/tensorrt_llm/1/model.py``) run for real on a machine
 without a GPU: only the GPU step is replaced. It is strict where the real library is:
 
