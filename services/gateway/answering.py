@@ -1,10 +1,13 @@
 """The answering endpoints: ``POST /v1/ask`` and the OpenAI-compatible ``/v1/chat/completions``.
 
 Both retrieve from the knowledge base, let the sensitivity router decide where the
-prompt may go, build the prompt with numbered passages, and return the answer
-with its citations and the route taken. ``/v1/chat/completions`` speaks OpenAI's
-wire format (including SSE streaming and error bodies) so existing clients and
-tools work unchanged; ``model`` picks the routing mode (``GET /v1/models``).
+prompt may go (on every retrieved passage, so a confidential one that would not fit the
+prompt still keeps it local), build chat messages with numbered passages, and return the
+answer with the passages it cites and the route taken. Model output is cleaned of images
+and links to hosts outside the allowlist before it is sent, in streams too.
+``/v1/chat/completions`` speaks OpenAI's wire format (including SSE streaming, error bodies
+and ``reasoning_content``) so existing clients and tools work unchanged; ``model`` picks
+the routing mode (``GET /v1/models``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -24,9 +28,13 @@ from services.config import Settings
 from services.gateway import schemas
 from services.kb.answer import citations_for
 from services.kb.models import Citation, Hit
+from services.llm.citations import resolve
 from services.llm.endpoints import LLMError
-from services.llm.prompt import Prompt, PromptTooLong, Turn, approx_tokens, build_prompt
-from services.llm.service import AnswerService, Outcome, Requested
+from services.llm.output import LinkFilter, LinkPolicy
+from services.llm.prompt import Prompt, PromptTooLong, Turn, build_prompt
+from services.llm.reasoning import Delta
+from services.llm.service import AnswerService, Compose, Outcome, Requested
+from services.llm.tokens import TokenCounter, TokenizerError
 
 MODES: dict[str, Requested] = {"dualtrack": "auto", "dualtrack-local": "local", "dualtrack-cloud": "cloud"}
 CITATION_FIELDS = ("n", "doc_id", "title", "source", "page", "section", "chunk_id", "score", "classification")
@@ -42,30 +50,48 @@ def answer_routes(
     settings: Settings,
     service: AnswerService,
     search: Callable[..., list[Hit]],
-    url: Callable[[str, int | None], str],
+    url: Callable[[str, str], str],
     secured: Sequence[Any],
 ) -> APIRouter:
     router = APIRouter()
     llm = settings.llm
+    links = LinkPolicy([urlsplit(settings.gateway.base_url()).hostname or "", *llm.link_hosts])
 
-    def cited(citations: Sequence[Citation]) -> list[schemas.CitationOut]:
+    def cited(
+        citations: Sequence[Citation], quotes: dict[int, str] | None = None
+    ) -> list[schemas.CitationOut]:
         return [
-            schemas.CitationOut(**{k: getattr(c, k) for k in CITATION_FIELDS}, url=url(c.doc_id, c.page))
+            schemas.CitationOut(
+                **{k: getattr(c, k) for k in CITATION_FIELDS},
+                url=url(c.doc_id, c.chunk_id),
+                quote=(quotes or {}).get(c.n),
+            )
             for c in citations
         ]
 
-    def citations_of(prompt: Prompt, outcome: Outcome) -> list[schemas.CitationOut]:
-        return cited(outcome.citations or citations_for(prompt.hits))
+    def citations_of(
+        answer: str, outcome: Outcome, fallback: Prompt
+    ) -> tuple[list[schemas.CitationOut], list[int]]:
+        """The passages the answer cites (the extractive answerer names its own)."""
+        if outcome.citations is not None:
+            return cited(outcome.citations), []
+        prompt = outcome.prompt or fallback
+        found = resolve(answer, prompt.hits, citations_for(prompt.hits))
+        return cited(found.citations, found.quotes), found.unknown
 
-    def prompt_for(question: str, hits: list[Hit], history: Sequence[Turn] = ()) -> Prompt:
-        return build_prompt(
-            llm.system_prompt,
-            question,
-            hits,
-            context_budget=llm.context_token_budget,
-            max_tokens=llm.max_prompt_tokens,
-            history=history,
-        )
+    def composer(question: str, hits: list[Hit], history: Sequence[Turn] = ()) -> Compose:
+        def compose(counter: TokenCounter) -> Prompt:
+            return build_prompt(
+                llm.system_prompt,
+                question,
+                hits,
+                context_budget=llm.context_token_budget,
+                max_tokens=llm.max_prompt_tokens,
+                history=history,
+                counter=counter,
+            )
+
+        return compose
 
     @router.post(
         "/v1/ask",
@@ -78,22 +104,31 @@ def answer_routes(
         hits = await run_in_threadpool(
             search, body.question, body.top_k, body.score_threshold, body.filter, response
         )
+        decision = service.decide(body.question, hits)
+        compose = composer(body.question, hits)
         try:
-            prompt = prompt_for(body.question, hits)
+            prompt = compose(service.counter(decision.target))
         except PromptTooLong as exc:
             raise HTTPException(413, str(exc)) from None
-        decision = service.decide(body.question, prompt.hits)
+        except TokenizerError as exc:
+            raise HTTPException(422, f"the model's chat template refused the prompt: {exc}") from None
         try:
             text, outcome = await service.complete(
-                prompt, decision, body.question, prompt.hits, llm.max_tokens
+                compose, decision, body.question, prompt.hits, llm.max_tokens
             )
         except LLMError as exc:
             raise HTTPException(
                 422 if exc.kind == "model" else 503, f"the model could not answer: {exc}"
             ) from None
+        text = links.clean(text)
+        citations, unknown = citations_of(text, outcome, prompt)
         return schemas.AskResponse(
             answer=text,
-            citations=citations_of(prompt, outcome),
+            reasoning=links.clean("".join(outcome.reasoning))
+            if body.include_reasoning and outcome.reasoning
+            else None,
+            citations=citations,
+            unresolved_citations=unknown,
             route=outcome.route,
             route_reason=outcome.reason,
             failover=outcome.failover,
@@ -141,30 +176,33 @@ def answer_routes(
         question = turns[-1].content
         max_tokens = body.max_completion_tokens or body.max_tokens or llm.max_tokens
         hits = await run_in_threadpool(search, question, body.top_k, None, body.filter, response)
-        try:
-            prompt = prompt_for(question, hits, turns[:-1])
-        except PromptTooLong as exc:
-            return openai_error(400, str(exc), "invalid_request_error", "context_length_exceeded", "messages")
         # Everything the prompt carries is screened, not only the last question: earlier turns for
         # personal data, and each earlier turn against the knowledge base, so an on-prem answer
         # that quoted a confidential document keeps the whole conversation on the premises.
-        screened = list(prompt.hits)
+        screened = list(hits)
         for turn in turns[:-1]:
             screened += await run_in_threadpool(
                 search, turn.content, HISTORY_PROBE_K, HISTORY_MATCH_SCORE, None, Response()
             )
         conversation = "\n".join(t.content for t in turns)
         decision = service.decide(conversation, screened, mode)
+        compose = composer(question, hits, turns[:-1])
+        try:
+            prompt = compose(service.counter(decision.target))
+        except PromptTooLong as exc:
+            return openai_error(400, str(exc), "invalid_request_error", "context_length_exceeded", "messages")
+        except TokenizerError as exc:
+            return openai_error(400, str(exc), "invalid_request_error", "chat_template_error", "messages")
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
             outcome = Outcome()
             deltas = service.stream(
-                prompt, decision, question, prompt.hits, max_tokens, body.temperature, outcome
+                compose, decision, question, prompt.hits, max_tokens, body.temperature, outcome
             )
             # the first delta before the 200: a request no model can answer is an HTTP error
             try:
-                first = await anext(deltas)
+                first: Delta | None = await anext(deltas)
             except LLMError as exc:
                 await deltas.aclose()  # type: ignore[attr-defined]
                 status = 400 if exc.kind == "model" else 503
@@ -174,18 +212,10 @@ def answer_routes(
                     "invalid_request_error" if status == 400 else "server_error",
                 )
             except StopAsyncIteration:
-                first = ""
+                first = None
+            stream = _Stream(body.model, completion_id, created, max_tokens, links)
             return StreamingResponse(
-                _sse(
-                    _prepend(first, deltas),
-                    outcome,
-                    prompt,
-                    body.model,
-                    completion_id,
-                    created,
-                    citations_of,
-                    max_tokens,
-                ),
+                stream.events(_prepend(first, deltas), outcome, prompt, citations_of),
                 media_type="text/event-stream",
                 headers={
                     "Cache-Control": "no-cache",
@@ -200,7 +230,7 @@ def answer_routes(
             )
         try:
             text, outcome = await service.complete(
-                prompt, decision, question, prompt.hits, max_tokens, body.temperature
+                compose, decision, question, prompt.hits, max_tokens, body.temperature
             )
         except LLMError as exc:
             status = 400 if exc.kind == "model" else 503
@@ -209,23 +239,24 @@ def answer_routes(
                 f"the model could not answer: {exc}",
                 "invalid_request_error" if status == 400 else "server_error",
             )
-        completion_tokens = outcome.completion_tokens or approx_tokens(text)
+        text = links.clean(text)
+        used = outcome.prompt or prompt
+        citations, unknown = citations_of(text, outcome, prompt)
+        reasoning = links.clean("".join(outcome.reasoning)) or None
+        answer_tokens = outcome.completion_tokens - outcome.reasoning_tokens
         return schemas.ChatCompletion(
             id=completion_id,
             created=created,
             model=body.model,
             choices=[
                 schemas.ChatChoice(
-                    message=schemas.ChatChoiceMessage(content=text),
-                    finish_reason=_finish(completion_tokens, max_tokens),
+                    message=schemas.ChatChoiceMessage(content=text, reasoning_content=reasoning),
+                    finish_reason=_finish(answer_tokens, max_tokens),
                 )
             ],
-            usage=schemas.Usage(
-                prompt_tokens=prompt.tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt.tokens + completion_tokens,
-            ),
-            citations=citations_of(prompt, outcome),
+            usage=_usage(used, outcome),
+            citations=citations,
+            unresolved_citations=unknown,
             route=outcome.route,
             route_reason=outcome.reason,
         )
@@ -242,66 +273,95 @@ def _finish(tokens: int, limit: int) -> str:
     return "length" if tokens >= limit else "stop"
 
 
-async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
-    if first:
+def _usage(prompt: Prompt, outcome: Outcome) -> schemas.Usage:
+    return schemas.Usage(
+        prompt_tokens=prompt.tokens,
+        completion_tokens=outcome.completion_tokens,
+        total_tokens=prompt.tokens + outcome.completion_tokens,
+        completion_tokens_details=schemas.CompletionDetails(reasoning_tokens=outcome.reasoning_tokens),
+        prompt_tokens_exact=prompt.exact,
+    )
+
+
+async def _prepend(first: Delta | None, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    if first is not None:
         yield first
     async with contextlib.aclosing(rest) as stream:  # type: ignore[type-var]
         async for delta in stream:
             yield delta
 
 
-def _chunk(
-    completion_id: str, created: int, model: str, delta: dict, finish: str | None = None, **extra: Any
-) -> str:
-    payload = {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        **extra,
-    }
-    return f"data: {json.dumps(payload)}\n\n"
+class _Stream:
+    """OpenAI's stream: a role chunk, reasoning and content chunks, a final chunk (citations,
+    route, usage), ``[DONE]``. Content passes the link filter on its way out; a failure after
+    the 200 is an error event, never a silently cut answer.
 
-
-async def _sse(
-    deltas: AsyncIterator[str],
-    outcome: Outcome,
-    prompt: Prompt,
-    model: str,
-    completion_id: str,
-    created: int,
-    citations_of: Callable[[Prompt, Outcome], list[schemas.CitationOut]],
-    max_tokens: int,
-) -> AsyncIterator[str]:
-    """OpenAI's stream: a role chunk, content chunks, a final chunk (citations, route, usage), [DONE].
-
-    A client that goes away cancels this generator, which closes the model's stream upstream.
+    A client that goes away cancels the generator, which closes the model's stream upstream.
     """
-    yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""})
-    try:
-        async with contextlib.aclosing(deltas) as stream:  # type: ignore[type-var]
-            async for delta in stream:
-                yield _chunk(completion_id, created, model, {"content": delta})
-    except LLMError as exc:
-        error = {"message": f"the model could not answer: {exc}", "type": "server_error", "code": exc.kind}
-        yield f"data: {json.dumps({'error': error})}\n\n"
+
+    def __init__(
+        self, model: str, completion_id: str, created: int, max_tokens: int, links: LinkPolicy
+    ) -> None:
+        self.model, self.id, self.created, self.max_tokens = model, completion_id, created, max_tokens
+        self.filters = {"content": LinkFilter(links), "reasoning": LinkFilter(links)}
+
+    def chunk(self, delta: dict, finish: str | None = None, **extra: Any) -> str:
+        payload = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def _piece(self, kind: str, text: str) -> str | None:
+        if not text:
+            return None
+        return self.chunk({"reasoning_content": text} if kind == "reasoning" else {"content": text})
+
+    async def events(
+        self,
+        deltas: AsyncIterator[Delta],
+        outcome: Outcome,
+        prompt: Prompt,
+        citations_of: Callable[[str, Outcome, Prompt], tuple[list[schemas.CitationOut], list[int]]],
+    ) -> AsyncIterator[str]:
+        yield self.chunk({"role": "assistant", "content": ""})
+        answer: list[str] = []
+        try:
+            async with contextlib.aclosing(deltas) as stream:  # type: ignore[type-var]
+                async for delta in stream:
+                    text = self.filters[delta.kind].feed(delta.text)
+                    if delta.kind == "content":
+                        answer.append(text)
+                    if (event := self._piece(delta.kind, text)) is not None:
+                        yield event
+        except LLMError as exc:
+            error = {
+                "message": f"the model could not answer: {exc}",
+                "type": "server_error",
+                "code": exc.kind,
+            }
+            yield f"data: {json.dumps({'error': error})}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        for kind, filt in self.filters.items():
+            rest = filt.finish()
+            if kind == "content":
+                answer.append(rest)
+            if (event := self._piece(kind, rest)) is not None:
+                yield event
+        citations, unknown = citations_of("".join(answer), outcome, prompt)
+        used = outcome.prompt or prompt
+        yield self.chunk(
+            {},
+            _finish(outcome.completion_tokens - outcome.reasoning_tokens, self.max_tokens),
+            usage=_usage(used, outcome).model_dump(),
+            route=outcome.route,
+            route_reason=outcome.reason,
+            citations=[c.model_dump() for c in citations],
+            unresolved_citations=unknown,
+        )
         yield "data: [DONE]\n\n"
-        return
-    usage = {
-        "prompt_tokens": prompt.tokens,
-        "completion_tokens": outcome.completion_tokens,
-        "total_tokens": prompt.tokens + outcome.completion_tokens,
-    }
-    yield _chunk(
-        completion_id,
-        created,
-        model,
-        {},
-        _finish(outcome.completion_tokens, max_tokens),
-        usage=usage,
-        route=outcome.route,
-        route_reason=outcome.reason,
-        citations=[c.model_dump() for c in citations_of(prompt, outcome)],
-    )
-    yield "data: [DONE]\n\n"

@@ -226,6 +226,37 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
             ],
         )
 
+    @app.get(
+        "/v1/documents/{doc_id}/chunks/{chunk_id}",
+        tags=["documents"],
+        dependencies=secured,
+        response_model=schemas.ChunkOut,
+        responses={404: {}},
+        summary="One chunk's text: what a citation points to",
+    )
+    def get_chunk(doc_id: str, chunk_id: str) -> schemas.ChunkOut:
+        _known_shape(doc_id)
+        record = knowledge.store.get_document(doc_id)
+        chunk = (
+            next((c for c in knowledge.store.chunks_of(doc_id, record.version) if c.id == chunk_id), None)
+            if record is not None
+            else None
+        )
+        if chunk is None:
+            raise HTTPException(404, f"no chunk {chunk_id!r} in the current version of {doc_id!r}")
+        return schemas.ChunkOut(
+            id=chunk.id,
+            doc_id=chunk.doc_id,
+            chunk_no=chunk.chunk_no,
+            title=chunk.metadata.get("title"),
+            source=chunk.source,
+            page=chunk.page or None,
+            section=chunk.sections,
+            classification=chunk.classification,
+            text=chunk.text,
+            document_url=_url(doc_id, chunk.page or None),
+        )
+
     @app.delete(
         "/v1/documents/{doc_id}",
         tags=["documents"],
@@ -272,6 +303,9 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     def _url(doc_id: str, page: int | None = None) -> str:
         return f"{base_url}/v1/documents/{doc_id}" + (f"#page={page}" if page else "")
 
+    def _chunk_url(doc_id: str, chunk_id: str) -> str:
+        return f"{base_url}/v1/documents/{doc_id}/chunks/{chunk_id}"
+
     def _hit_out(h: Hit) -> schemas.SearchHit:
         c = h.chunk
         return schemas.SearchHit(
@@ -302,7 +336,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
             url=_url(d.doc_id),
         )
 
-    app.include_router(answer_routes(settings, answers, _search, _url, secured))
+    app.include_router(answer_routes(settings, answers, _search, _chunk_url, secured))
     return app
 
 

@@ -26,6 +26,7 @@ class AskRequest(_Body):
     top_k: int | None = Field(None, ge=1, le=100)
     score_threshold: float | None = Field(None, ge=-1.0, le=1.0)
     filter: SearchFilter | None = None
+    include_reasoning: bool = Field(False, description="Return a reasoning model's thinking too.")
 
 
 class SearchHit(BaseModel):
@@ -56,12 +57,17 @@ class CitationOut(BaseModel):
     chunk_id: str
     score: float
     classification: Classification
-    url: str
+    url: str = Field(description="The cited chunk: its text and where it comes from.")
+    quote: str | None = Field(None, description="The span of this passage the answer quotes.")
 
 
 class AskResponse(BaseModel):
     answer: str
-    citations: list[CitationOut]
+    reasoning: str | None = Field(None, description="A reasoning model's thinking (include_reasoning).")
+    citations: list[CitationOut] = Field(description="The passages the answer cites, as it numbers them.")
+    unresolved_citations: list[int] = Field(
+        default_factory=list, description="Markers in the answer that point to no passage."
+    )
     route: str = Field(description="cloud, local, extractive, or cloud+local (the cloud stopped mid-answer)")
     route_reason: str = Field(
         "", description="Why: no-sensitive-content, confidential-context, personal-data:<detector>, ..."
@@ -78,6 +84,21 @@ class IngestResponse(BaseModel):
     classification: Classification | None
     reason: str | None
     timings: dict[str, float]
+
+
+class ChunkOut(BaseModel):
+    """One stored chunk: what a citation points to."""
+
+    id: str
+    doc_id: str
+    chunk_no: int
+    title: str | None
+    source: str
+    page: int | None
+    section: str | None
+    classification: Classification
+    text: str
+    document_url: str
 
 
 class ChunkSummary(BaseModel):
@@ -158,6 +179,7 @@ class ChatCompletionRequest(BaseModel):
 class ChatChoiceMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    reasoning_content: str | None = Field(None, description="A reasoning model's thinking (DeepSeek's API).")
 
 
 class ChatChoice(BaseModel):
@@ -166,10 +188,18 @@ class ChatChoice(BaseModel):
     finish_reason: str = "stop"
 
 
+class CompletionDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int = Field(description="Answer and reasoning tokens.")
     total_tokens: int
+    completion_tokens_details: CompletionDetails = CompletionDetails()
+    prompt_tokens_exact: bool = Field(
+        False, description="Counted by the model's tokenizer (false: approximated, no tokenizer configured)."
+    )
 
 
 class ChatCompletion(BaseModel):
@@ -180,6 +210,7 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     citations: list[CitationOut]
+    unresolved_citations: list[int] = []
     route: str
     route_reason: str
 

@@ -1,5 +1,12 @@
 """Clients for the two kinds of LLM endpoint: Triton's generate API and OpenAI-compatible servers.
 
+Both take the prompt as chat messages (:class:`~services.llm.prompt.Prompt`): an
+OpenAI-compatible server applies its model's chat template, and so do Triton's
+preprocessing and LLM-API models (the ``messages`` input), from the tokenizer in the model
+repository. Both yield typed pieces (:class:`~services.llm.reasoning.Delta`): a server
+that separates reasoning (``reasoning_content``) keeps it apart; think tags inside the
+text are split by the answering service.
+
 Answers are always read as streams: a silent endpoint is given up at the first-token
 deadline, a slow one at the whole-request deadline (neither moves with server
 keep-alives). Both speak async httpx: a client
@@ -24,6 +31,9 @@ from typing import Literal, Protocol
 import httpx
 
 from services.config import EndpointSettings
+from services.llm.pace import Pace
+from services.llm.prompt import Prompt
+from services.llm.reasoning import Delta
 
 ErrorKind = Literal["transport", "timeout", "model", "busy"]
 LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=64)
@@ -39,18 +49,21 @@ class LLMError(RuntimeError):
 class Endpoint(Protocol):
     name: str
 
+    settings: EndpointSettings
+    pace: Pace
+
     def stream(
-        self, prompt: str, max_tokens: int, temperature: float | None = None
-    ) -> AsyncIterator[str]: ...
+        self, prompt: Prompt, max_tokens: int, temperature: float | None = None
+    ) -> AsyncIterator[Delta]: ...
 
     async def ready(self) -> bool: ...
 
     async def aclose(self) -> None: ...
 
 
-def _timeout(s: EndpointSettings) -> httpx.Timeout:
+def _timeout(s: EndpointSettings, read: float) -> httpx.Timeout:
     # read = the longest silence between bytes: time to first token, then between tokens
-    return httpx.Timeout(connect=s.connect_timeout_s, read=s.first_token_timeout_s, write=10.0, pool=5.0)
+    return httpx.Timeout(connect=s.connect_timeout_s, read=read, write=10.0, pool=5.0)
 
 
 def _classify(exc: Exception) -> LLMError:
@@ -103,48 +116,56 @@ class _Base:
     def __init__(self, settings: EndpointSettings, name: str) -> None:
         self.settings = settings
         self.name = name
+        self.pace = Pace(settings)
         self.client = httpx.AsyncClient(
             base_url=settings.url.rstrip("/"),
-            timeout=_timeout(settings),
+            timeout=_timeout(settings, settings.first_token_timeout_s),
             auth=BearerFromSettings(settings),
             limits=LIMITS,
             transport=httpx.AsyncHTTPTransport(retries=0, limits=LIMITS),
         )
 
-    def _deadlines(self) -> tuple[float, float]:
+    def _deadlines(self, prompt: Prompt, max_tokens: int) -> tuple[float, float]:
         now = time.monotonic()
-        return now + self.settings.first_token_timeout_s, now + self.settings.request_timeout_s
+        self._first_s = self.pace.first_token_timeout(prompt.tokens)
+        self._last_s = self.pace.request_timeout(prompt.tokens, max_tokens)
+        return now + self._first_s, now + self._last_s
+
+    def _read_timeout(self, prompt: Prompt) -> httpx.Timeout:
+        return _timeout(self.settings, self.pace.first_token_timeout(prompt.tokens))
 
     def _check(self, first: float, last: float, produced: bool) -> None:
         now = time.monotonic()
         if not produced and now > first:
-            raise LLMError("timeout", f"no text within {self.settings.first_token_timeout_s:.0f}s")
+            raise LLMError("timeout", f"no text within {self._first_s:.0f}s")
         if now > last:
-            raise LLMError("timeout", f"generation exceeded {self.settings.request_timeout_s:.0f}s")
+            raise LLMError("timeout", f"generation exceeded {self._last_s:.0f}s")
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
 class TritonEndpoint(_Base):
-    """``POST /v2/models/<model>/generate_stream`` (SSE), text in, text out.
+    """``POST /v2/models/<model>/generate_stream`` (SSE): chat messages in, text out.
 
-    ``triton_inputs = "ensemble"``: the inflight-batching ensemble (text_input, max_tokens,
+    ``triton_inputs = "ensemble"``: the inflight-batching ensemble (messages, max_tokens,
     stream; each event carries new text). ``"llmapi"``: TensorRT-LLM's LLM-API model
-    (text_input, streaming, sampling_param_*; each event carries the whole text so far).
+    (messages, streaming, sampling_param_*; each event carries the whole text so far).
+    ``messages`` is the conversation as a JSON string; the model applies its chat template.
     """
 
-    def _body(self, prompt: str, max_tokens: int, temperature: float | None, stream: bool) -> dict:
+    def _body(self, prompt: Prompt, max_tokens: int, temperature: float | None, stream: bool) -> dict:
+        messages = json.dumps(prompt.wire(), ensure_ascii=False)
         if self.settings.triton_inputs == "llmapi":
             body: dict = {
-                "text_input": [prompt],
+                "messages": [messages],
                 "streaming": [stream],
                 "sampling_param_max_tokens": [max_tokens],
             }
             if temperature is not None:
                 body["sampling_param_temperature"] = [temperature]
             return body
-        body = {"text_input": prompt, "max_tokens": max_tokens, "stream": stream}
+        body = {"messages": messages, "max_tokens": max_tokens, "stream": stream}
         if temperature is not None:
             body["temperature"] = temperature
         return body
@@ -157,17 +178,20 @@ class TritonEndpoint(_Base):
         return text if isinstance(text, str) else ""
 
     async def stream(
-        self, prompt: str, max_tokens: int, temperature: float | None = None
-    ) -> AsyncIterator[str]:
+        self, prompt: Prompt, max_tokens: int, temperature: float | None = None
+    ) -> AsyncIterator[Delta]:
         path = f"/v2/models/{self.settings.model}/generate_stream"
         cumulative = self.settings.triton_inputs == "llmapi"
         try:
             async with self.client.stream(
-                "POST", path, json=self._body(prompt, max_tokens, temperature, True)
+                "POST",
+                path,
+                json=self._body(prompt, max_tokens, temperature, True),
+                timeout=self._read_timeout(prompt),
             ) as r:
                 if r.status_code != 200:
                     raise _http_error(r.status_code, (await r.aread()).decode(errors="replace"))
-                first, last = self._deadlines()
+                first, last = self._deadlines(prompt, max_tokens)
                 so_far = ""
                 async for line in r.aiter_lines():
                     self._check(first, last, bool(so_far))
@@ -182,7 +206,7 @@ class TritonEndpoint(_Base):
                     else:
                         delta, so_far = text, so_far + text
                     if delta:
-                        yield delta
+                        yield Delta("content", delta)
         except httpx.HTTPError as exc:
             raise _classify(exc) from None
 
@@ -195,12 +219,15 @@ class TritonEndpoint(_Base):
 
 
 class OpenAIEndpoint(_Base):
-    """An OpenAI-compatible ``/v1/chat/completions`` (vLLM, llama.cpp, Ollama, TGI...)."""
+    """An OpenAI-compatible ``/v1/chat/completions`` (llama.cpp, vLLM, Ollama, TGI, DeepSeek's API).
 
-    def _body(self, prompt: str, max_tokens: int, temperature: float | None, stream: bool) -> dict:
+    Reasoning sent apart (``reasoning_content``, or vLLM's ``reasoning``) stays apart.
+    """
+
+    def _body(self, prompt: Prompt, max_tokens: int, temperature: float | None, stream: bool) -> dict:
         body: dict = {
             "model": self.settings.model,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": prompt.wire(),
             "max_tokens": max_tokens,
             "stream": stream,
         }
@@ -209,15 +236,18 @@ class OpenAIEndpoint(_Base):
         return body
 
     async def stream(
-        self, prompt: str, max_tokens: int, temperature: float | None = None
-    ) -> AsyncIterator[str]:
+        self, prompt: Prompt, max_tokens: int, temperature: float | None = None
+    ) -> AsyncIterator[Delta]:
         try:
             async with self.client.stream(
-                "POST", "/v1/chat/completions", json=self._body(prompt, max_tokens, temperature, True)
+                "POST",
+                "/v1/chat/completions",
+                json=self._body(prompt, max_tokens, temperature, True),
+                timeout=self._read_timeout(prompt),
             ) as r:
                 if r.status_code != 200:
                     raise _http_error(r.status_code, (await r.aread()).decode(errors="replace"))
-                first, last = self._deadlines()
+                first, last = self._deadlines(prompt, max_tokens)
                 produced = False
                 async for line in r.aiter_lines():
                     self._check(first, last, produced)
@@ -226,10 +256,16 @@ class OpenAIEndpoint(_Base):
                         continue
                     choices = _event(data).get("choices") or []  # some servers open with an empty list
                     first_choice = choices[0] if isinstance(choices, list) and choices else {}
-                    delta = ((first_choice or {}).get("delta") or {}).get("content")
-                    if isinstance(delta, str) and delta:
-                        produced = True
-                        yield delta
+                    delta = (first_choice or {}).get("delta") or {}
+                    for kind, key in (
+                        ("reasoning", "reasoning_content"),
+                        ("reasoning", "reasoning"),
+                        ("content", "content"),
+                    ):
+                        text = delta.get(key) if isinstance(delta, dict) else None
+                        if isinstance(text, str) and text:
+                            produced = True
+                            yield Delta(kind, text)
         except httpx.HTTPError as exc:
             raise _classify(exc) from None
 

@@ -2,9 +2,15 @@
 
 Per request: the sensitivity router decides whether the cloud may see it; if so and
 the circuit breaker allows, the cloud model answers -- and when it cannot (down,
-failing, too slow to start), the local model answers the same prompt, with no
+failing, too slow to start), the local model answers the same question, with no
 error to the user. Without a local model, the extractive answerer of the knowledge
 base answers. Every outcome carries the route taken and why.
+
+Each endpoint gets the prompt built for it (``compose`` with that endpoint's tokenizer),
+so a local model with a smaller context is not sent the cloud's prompt. A reasoning
+model's ``<think>`` is split from the answer here (:mod:`services.llm.reasoning`), capped
+at ``max_reasoning_tokens``, and never taken for the answer: a model that only thinks, or
+returns nothing, has failed this request -- the cloud then fails over like any failure.
 """
 
 from __future__ import annotations
@@ -14,20 +20,25 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from services.config import LLMSettings
+from services.config import EndpointSettings, LLMSettings
 from services.kb.models import Answer, Citation, Hit
 from services.llm.breaker import CircuitBreaker, State
 from services.llm.endpoints import Endpoint, LLMError, endpoint
 from services.llm.metrics import BREAKER_STATES, LLMMetrics
 from services.llm.prompt import Prompt
+from services.llm.reasoning import Delta, ThinkSplitter, UnterminatedReasoning
 from services.llm.router import RouteDecision, SensitivityRouter
+from services.llm.tokens import ApproxCounter, TokenCounter, counter_for
 
 log = logging.getLogger(__name__)
 Requested = Literal["auto", "local", "cloud"]
+Compose = Callable[[TokenCounter], Prompt]
+"""Builds the prompt for an endpoint's tokenizer (raises PromptTooLong)."""
 CONTINUED = "\n\n[the cloud model stopped answering; the on-prem model answers below]\n\n"
+WARM_UP = "Reply with one word: ready."
 
 
 @dataclass
@@ -37,10 +48,14 @@ class Outcome:
     route: str = ""
     reason: str = ""
     completion_tokens: int = 0
+    reasoning_tokens: int = 0
     failover: str | None = None
     first_token_s: float | None = None
+    prompt: Prompt | None = None
+    """The prompt the answering model was sent (passages numbered as the answer cites them)."""
     citations: list[Citation] | None = None
     """Set when the extractive answerer answered: it cites only the passages it quotes."""
+    reasoning: list[str] = field(default_factory=list)
 
 
 class AnswerService:
@@ -53,6 +68,12 @@ class AnswerService:
         self.metrics = metrics
         self.cloud: Endpoint | None = endpoint(settings.cloud, "cloud") if settings.cloud else None
         self.local: Endpoint | None = endpoint(settings.local, "local") if settings.local else None
+        self.counters: dict[str, TokenCounter] = {
+            name: counter_for(ep.settings.tokenizer)
+            for name, ep in (("cloud", self.cloud), ("local", self.local))
+            if ep is not None
+        }
+        self._warm_up: asyncio.Task[None] | None = None
         self.breaker = CircuitBreaker(
             settings.breaker.failure_threshold,
             settings.breaker.reset_timeout_s,
@@ -69,16 +90,61 @@ class AnswerService:
     async def start(self) -> None:
         if self.cloud is not None and self._probe is None:
             self._probe = asyncio.create_task(self._probe_cloud(), name="cloud-health-probe")
+        measured = [
+            ep for ep in (self.cloud, self.local) if ep is not None and ep.settings.timeouts == "measured"
+        ]
+        if measured and self._warm_up is None:
+            self._warm_up = asyncio.create_task(self._measure(measured), name="llm-warm-up")
 
     async def aclose(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
-            self._probe = None
+        for task in (self._probe, self._warm_up):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._probe = self._warm_up = None
         for ep in (self.cloud, self.local):
             if ep is not None:
                 await ep.aclose()
+
+    def counter(self, target: str) -> TokenCounter:
+        return self.counters.get(target) or ApproxCounter()
+
+    async def _measure(self, endpoints: Sequence[Endpoint]) -> None:
+        """Time a short request on each endpoint whose deadlines follow its speed."""
+        from services.llm.prompt import build_prompt
+
+        for ep in endpoints:
+            prompt = build_prompt(
+                self.settings.system_prompt,
+                WARM_UP,
+                [],
+                context_budget=64,
+                max_tokens=self.settings.max_prompt_tokens,
+                counter=self.counter(ep.name),
+            )
+            try:
+                await self._timed(ep, prompt, 8)
+                log.info(
+                    "%s model speed: %.0f prompt tokens/s, %.1f generated tokens/s",
+                    ep.name,
+                    ep.pace.prompt_tps or 0,
+                    ep.pace.generate_tps or 0,
+                )
+            except LLMError as exc:
+                log.warning("%s model warm-up failed (%s): deadlines stay at their floors", ep.name, exc)
+
+    async def _timed(self, ep: Endpoint, prompt: Prompt, max_tokens: int) -> None:
+        started = time.perf_counter()
+        first: float | None = None
+        pieces = 0
+        async with contextlib.aclosing(ep.stream(prompt, max_tokens)) as deltas:
+            async for _ in deltas:
+                pieces += 1
+                if first is None:
+                    first = time.perf_counter()
+        if first is not None:
+            ep.pace.observe(prompt.tokens, first - started, pieces - 1, time.perf_counter() - first)
 
     async def _probe_cloud(self) -> None:
         """While the breaker is open, watch the cloud's readiness to bring traffic back early."""
@@ -125,7 +191,7 @@ class AnswerService:
 
     async def complete(
         self,
-        prompt: Prompt,
+        compose: Compose,
         decision: RouteDecision,
         question: str,
         hits: Sequence[Hit],
@@ -134,33 +200,33 @@ class AnswerService:
     ) -> tuple[str, Outcome]:
         """The whole answer. The cloud is still read as a stream (so a silent cloud is detected
         at the first-token timeout, not the whole-request one) and a half-finished cloud answer
-        is discarded, not mixed with the on-prem one."""
+        is discarded, not mixed with the on-prem one. Reasoning is in ``outcome.reasoning``."""
         outcome = Outcome()
-        parts = [
-            d
-            async for d in self._generate(
-                prompt, decision, question, hits, max_tokens, temperature, outcome, buffered=True
-            )
-        ]
+        parts: list[str] = []
+        async for d in self._generate(
+            compose, decision, question, hits, max_tokens, temperature, outcome, buffered=True
+        ):
+            if d.kind == "content":
+                parts.append(d.text)
         return "".join(parts), outcome
 
     async def stream(
         self,
-        prompt: Prompt,
+        compose: Compose,
         decision: RouteDecision,
         question: str,
         hits: Sequence[Hit],
         max_tokens: int,
         temperature: float | None,
         outcome: Outcome,
-    ) -> AsyncIterator[str]:
-        """Text deltas; ``outcome`` says which model produced them (set before the first delta).
+    ) -> AsyncIterator[Delta]:
+        """Typed deltas; ``outcome`` says which model produced them (set before the first delta).
 
         Closing this generator early (the client went away) closes the upstream HTTP stream,
         which makes Triton cancel the request (see docs/llm.md for the ensemble caveat).
         """
         inner = self._generate(
-            prompt, decision, question, hits, max_tokens, temperature, outcome, buffered=False
+            compose, decision, question, hits, max_tokens, temperature, outcome, buffered=False
         )
         try:
             async with contextlib.aclosing(inner) as deltas:
@@ -170,9 +236,56 @@ class AnswerService:
             self.metrics.cancelled.inc()
             raise
 
+    async def _answer(
+        self, ep: Endpoint, prompt: Prompt, max_tokens: int, temperature: float | None, outcome: Outcome
+    ) -> AsyncIterator[Delta]:
+        """One endpoint's answer: think tags split, reasoning capped, an empty answer an error."""
+        s: EndpointSettings = ep.settings
+        counter = self.counter(ep.name)
+        cap = self.settings.max_reasoning_tokens
+        budget = max_tokens + (cap if s.reasoning else 0)
+        opened = s.reasoning_opened if s.reasoning_opened is not None else counter.opens_reasoning()
+        splitter = ThinkSplitter(opened=opened) if s.reasoning else None
+        reasoning = answered = 0
+        started = time.perf_counter()
+        first: float | None = None
+        pieces = 0
+
+        def typed(raw: Delta) -> list[Delta]:
+            return splitter.feed(raw.text) if splitter is not None and raw.kind == "content" else [raw]
+
+        async with contextlib.aclosing(ep.stream(prompt, budget, temperature)) as raw_deltas:
+            async for raw in raw_deltas:
+                pieces += 1
+                first = first or time.perf_counter()
+                for d in typed(raw):
+                    if d.kind == "reasoning":
+                        reasoning += counter.count(d.text)
+                        if reasoning > cap:
+                            raise LLMError(
+                                "model",
+                                f"the model reasoned past llm.max_reasoning_tokens={cap} without answering",
+                            )
+                    elif d.text.strip():
+                        answered += 1
+                    yield d
+        if splitter is not None:
+            try:
+                rest = splitter.finish()
+            except UnterminatedReasoning as exc:
+                raise LLMError("model", str(exc)) from None
+            for d in rest:
+                answered += bool(d.text.strip())
+                yield d
+        if not answered:
+            raise LLMError("model", "the model returned an empty answer")
+        outcome.reasoning_tokens = reasoning
+        if first is not None:
+            ep.pace.observe(prompt.tokens, first - started, pieces - 1, time.perf_counter() - first)
+
     async def _generate(
         self,
-        prompt: Prompt,
+        compose: Compose,
         decision: RouteDecision,
         question: str,
         hits: Sequence[Hit],
@@ -181,8 +294,8 @@ class AnswerService:
         outcome: Outcome,
         *,
         buffered: bool,
-    ) -> AsyncIterator[str]:
-        """Cloud when allowed and healthy, else on-prem, else extractive -- as deltas.
+    ) -> AsyncIterator[Delta]:
+        """Cloud when allowed and healthy, else on-prem, else extractive -- as typed deltas.
 
         ``buffered``: hold cloud deltas until the cloud finished, so a failure midway restarts
         cleanly on-prem; unbuffered (a live stream), the user keeps what was sent and the
@@ -190,34 +303,31 @@ class AnswerService:
         """
         outcome.reason = decision.reason
         started = time.perf_counter()
-        sent = 0
+        sent: list[Delta] = []
         if self._cloud_allowed(decision, outcome):
             assert self.cloud is not None
             settled = False  # the breaker heard how this attempt ended (a half-open trial must end)
+            prompt = compose(self.counter("cloud"))
             try:
                 for attempt in range(self.settings.transport_retries + 1):
-                    held: list[str] = []
+                    held: list[Delta] = []
                     try:
                         # aclosing: the upstream HTTP stream closes here and now when we stop early
                         upstream = contextlib.aclosing(
-                            self.cloud.stream(prompt.text, max_tokens, temperature)
+                            self._answer(self.cloud, prompt, max_tokens, temperature, outcome)
                         )
                         async with upstream as deltas:
                             async for delta in deltas:
-                                if sent + len(held) == 0:
-                                    outcome.route = "cloud"
+                                if not sent and not held:
+                                    outcome.route, outcome.prompt = "cloud", prompt
                                     self._first(outcome, started)
                                 if buffered:
                                     held.append(delta)
                                 else:
-                                    sent += 1
+                                    sent.append(delta)
                                     yield delta
                     except LLMError as exc:
-                        if (
-                            exc.kind == "transport"
-                            and sent == 0
-                            and attempt < self.settings.transport_retries
-                        ):
+                        if exc.kind == "transport" and not sent and attempt < self.settings.transport_retries:
                             continue
                         if exc.kind in ("model", "busy"):
                             # the cloud is fine (it refused this request, or we are out of
@@ -225,19 +335,20 @@ class AnswerService:
                             self.breaker.release()
                             outcome.failover = exc.kind
                             self.metrics.failovers.labels(exc.kind).inc()
+                            log.warning("cloud could not answer (%s): %s; answering on-prem", exc.kind, exc)
                         else:
                             self._failed(exc, outcome)
                         settled = True
-                        if sent:  # the user already has part of an answer
+                        if any(d.kind == "content" for d in sent):  # the user has part of an answer
                             outcome.route = "cloud+local"
-                            yield CONTINUED
+                            yield Delta("content", CONTINUED)
                         break
                     else:
                         self.breaker.record_success()
                         settled = True
                         for delta in held:
                             yield delta
-                        self._finish(outcome, sent + len(held))
+                        self._finish(outcome, sent or held, self.counter("cloud"))
                         return
             except Exception:
                 if not settled:  # an unexpected failure is a cloud failure
@@ -247,29 +358,36 @@ class AnswerService:
             finally:
                 if not settled:  # cancelled mid-attempt (client gone): free a half-open trial
                     self.breaker.release()
-        local_sent = 0
+        local: list[Delta] = []
         if self.local is not None:
-            async with contextlib.aclosing(self.local.stream(prompt.text, max_tokens, temperature)) as deltas:
+            prompt = compose(self.counter("local"))
+            answer = self._answer(self.local, prompt, max_tokens, temperature, outcome)
+            async with contextlib.aclosing(answer) as deltas:
                 async for delta in deltas:
-                    if local_sent == 0 and sent == 0:
+                    if not local and not sent:
                         outcome.route = "local"
                         self._first(outcome, started)
-                    local_sent += 1
+                    if not local:
+                        outcome.prompt = prompt
+                    local.append(delta)
                     yield delta
-        else:
-            answer = await asyncio.to_thread(self.extractive, question, hits)
-            outcome.citations = answer.citations
-            if sent == 0:
-                outcome.route = "extractive"
-                self._first(outcome, started)
-            yield answer.text
-        self._finish(outcome, sent + local_sent)
+            self._finish(outcome, sent + local, self.counter("local"))
+            return
+        answer_text = await asyncio.to_thread(self.extractive, question, hits)
+        outcome.citations = answer_text.citations
+        if not sent:
+            outcome.route = "extractive"
+            self._first(outcome, started)
+        yield Delta("content", answer_text.text)
+        self._finish(outcome, [Delta("content", answer_text.text)], ApproxCounter())
 
     def _first(self, outcome: Outcome, started: float) -> None:
         outcome.first_token_s = time.perf_counter() - started
         self.metrics.first_token.labels(outcome.route).observe(outcome.first_token_s)
 
-    def _finish(self, outcome: Outcome, tokens: int) -> None:
-        outcome.completion_tokens = tokens
+    def _finish(self, outcome: Outcome, deltas: Sequence[Delta], counter: TokenCounter) -> None:
+        answer = "".join(d.text for d in deltas if d.kind == "content")
+        outcome.reasoning = [d.text for d in deltas if d.kind == "reasoning"]
+        outcome.completion_tokens = counter.count(answer) + outcome.reasoning_tokens
         self.metrics.served.labels(outcome.route).inc()
-        self.metrics.tokens.labels(outcome.route).inc(tokens)
+        self.metrics.tokens.labels(outcome.route).inc(outcome.completion_tokens)

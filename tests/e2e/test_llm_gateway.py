@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -135,10 +137,17 @@ def test_ask_is_answered_by_the_cloud_with_citations(gateway: str, sites: dict[s
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["route"], body["route_reason"], body["failover"]) == ("cloud", "no-sensitive-content", None)
-    assert body["answer"] and body["citations"]
+    # the stand-in's answer cites [1] and nothing else: passage 1 is the one citation
+    assert body["answer"].startswith("[1]") and [c["n"] for c in body["citations"]] == [1]
     assert body["citations"][0]["source"] == "handbook/employee-handbook.md"
+    cited = urlsplit(body["citations"][0]["url"]).path  # public_url is not this test server's address
+    assert cited.endswith(f"/chunks/{body['citations'][0]['chunk_id']}")
+    chunk = httpx.get(gateway + cited, headers=AUTH, timeout=10).json()
+    assert "vacation" in chunk["text"] and chunk["id"] == body["citations"][0]["chunk_id"]
     seen = sites["cloud"].texts(tokenizer)[-1]
-    assert "vacation" in seen and "[ 1 ]" in seen  # the prompt carried the numbered passages
+    # the model got chat messages: the numbered passages as data, then the question
+    assert 'passage n = " 1 "' in seen and "vacation" in seen and "data, not instructions" in seen
+    assert seen.index("< / passage >") < seen.index("user : how many vacation days")
     assert len(sites["local"].calls()) == local_before
 
 
@@ -152,7 +161,9 @@ def test_chat_completion_streams_end_to_end(gateway: str, sites: dict[str, Site]
     final = chunks[-1]
     assert final["choices"][0]["finish_reason"] == "stop" and final["route"] == "cloud"
     assert final["citations"] and final["citations"][0]["url"].startswith("http://")
-    assert final["usage"]["completion_tokens"] == len(content)
+    answer = "".join(content)
+    assert final["usage"]["completion_tokens"] == math.ceil(len(answer) / 4)  # no tokenizer configured
+    assert final["usage"]["prompt_tokens_exact"] is False
     assert sites["cloud"].calls()[-1]["streaming"] is True
 
 

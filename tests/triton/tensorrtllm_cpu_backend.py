@@ -14,7 +14,9 @@ Test hooks, all through the environment of the tritonserver process:
   (what the model received, how many tokens it sent, whether it was cancelled);
 - ``DUALTRACK_TEST_TOKEN_DELAY_S``: seconds per generated token (a slow model); a file
   named ``delay`` next to the record file overrides it while it exists;
-- a file named ``fail`` next to the record file: every request gets an error.
+- a file named ``fail`` next to the record file: every request gets an error;
+- ``DUALTRACK_TEST_ANSWER_PREFIX_IDS``: comma-separated token ids sent before the echo (a
+  test makes the "answer" cite a passage with them).
 
 Like the real backend it refuses to load without engines: ``gpt_model_path`` must be a
 directory holding the engine's ``config.json``. It exports the request gauges the real
@@ -61,6 +63,8 @@ class TritonPythonModel:
         record = os.environ.get("DUALTRACK_TEST_RECORD")
         self.record = Path(record) if record else None
         self.delay = float(os.environ.get("DUALTRACK_TEST_TOKEN_DELAY_S", "0"))
+        prefix = os.environ.get("DUALTRACK_TEST_ANSWER_PREFIX_IDS", "")
+        self.prefix = np.array([int(i) for i in prefix.split(",") if i.strip()], dtype=np.int32)
 
     def _delay(self) -> float:
         """Per-token delay: a file ``delay`` next to the record overrides the environment."""
@@ -108,7 +112,8 @@ class TritonPythonModel:
                 "tokens_sent": 0,
                 "time": time.time(),
             }
-            generated = ids[:length][-min(ECHO_TOKENS, wanted, length) :].astype(np.int32)
+            echo = ids[:length][-min(ECHO_TOKENS, wanted, length) :].astype(np.int32)
+            generated = np.concatenate([self.prefix, echo])[: max(wanted, 1)]
             failing = self.record is not None and (self.record.parent / "fail").exists()
             if not self.decoupled:
                 self._pace(len(generated))

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.config import EndpointSettings, load_settings
 from services.llm.endpoints import LLMError, OpenAIEndpoint, TritonEndpoint
+from services.llm.prompt import Message, Prompt
 from services.tritonserver import TritonServer
 from tests.support import serve
 
@@ -38,6 +39,12 @@ def misbehaving_server() -> FastAPI:
             return JSONResponse({"error": {"message": "jwt expired"}}, status_code=401)
         if model == "refuses":
             return JSONResponse({"error": {"message": "prompt too long"}}, status_code=400)
+        if model == "deepseek":  # DeepSeek's API: reasoning apart, in reasoning_content
+            chunks = [
+                {"choices": [{"delta": {"role": "assistant", "content": None, "reasoning_content": "Hm."}}]},
+                {"choices": [{"delta": {"content": "Yes."}}]},
+            ]
+            return sse([f"data: {json.dumps(c)}" for c in chunks] + ["data: [DONE]"])
         if model == "azure":  # an empty choices list first, null deltas, [DONE] without a space
             chunks = [
                 {"choices": []},
@@ -53,6 +60,7 @@ def misbehaving_server() -> FastAPI:
         body = await request.json()
         if model == "llmapi":  # the LLM-API model streams the whole text so far
             assert body["sampling_param_max_tokens"] == [8] and body["streaming"] == [True]
+            assert json.loads(body["messages"][0]) == [{"role": "user", "content": "hi"}]
             return sse(
                 [f"data: {json.dumps({'text_output': [t]})}" for t in ("The", "The sky", "The sky is blue")]
             )
@@ -69,10 +77,13 @@ def url() -> Iterator[str]:
         yield base
 
 
-def _collect(endpoint, prompt: str = "hi", max_tokens: int = 8) -> list[str]:
-    async def run() -> list[str]:
+HI = Prompt(messages=(Message("user", "hi"),), hits=[], tokens=1, exact=False)
+
+
+def _collect(endpoint, prompt: Prompt = HI, max_tokens: int = 8, kinds: bool = False) -> list:
+    async def run() -> list:
         try:
-            return [d async for d in endpoint.stream(prompt, max_tokens)]
+            return [(d.kind, d.text) if kinds else d.text async for d in endpoint.stream(prompt, max_tokens)]
         finally:
             await endpoint.aclose()
 
@@ -85,6 +96,10 @@ def _openai(url: str, model: str) -> OpenAIEndpoint:
 
 def test_quirky_openai_stream_is_tolerated(url: str) -> None:
     assert _collect(_openai(url, "azure")) == ["Hel", "lo"]
+
+
+def test_reasoning_content_stays_apart(url: str) -> None:
+    assert _collect(_openai(url, "deepseek"), kinds=True) == [("reasoning", "Hm."), ("content", "Yes.")]
 
 
 @pytest.mark.parametrize(
@@ -140,3 +155,17 @@ def test_triton_models_do_not_inherit_gateway_secrets(monkeypatch: pytest.Monkey
     monkeypatch.setenv("DUALTRACK_GATEWAY__API_KEY", "secret")
     env = TritonServer(tmp_path, 1, 2, 3).environment()
     assert not any(k.startswith("DUALTRACK_") for k in env) and "LD_LIBRARY_PATH" in env
+
+
+def test_measured_deadlines_follow_the_speed() -> None:
+    from services.llm.pace import Pace
+
+    fixed = Pace(EndpointSettings(url="http://127.0.0.1:1"))
+    fixed.observe(1000, 100.0, 100, 20.0)
+    assert fixed.first_token_timeout(4000) == 15.0  # fixed: the setting, whatever the speed
+    slow = Pace(EndpointSettings(url="http://127.0.0.1:1", timeouts="measured", timeout_margin=3))
+    assert slow.first_token_timeout(4000) == 15.0  # nothing measured yet: the floor
+    slow.observe(1300, 100.0, 50, 10.0)  # 13 prompt tokens/s, 5 generated tokens/s (a 7B on 2 cores)
+    assert slow.first_token_timeout(1300) == pytest.approx(300.0)
+    assert slow.request_timeout(1300, 512) == pytest.approx(300.0 + 3 * 512 / 5)
+    assert slow.first_token_timeout(10) == 15.0  # a short prompt keeps the floor

@@ -1,10 +1,15 @@
-"""Triton Python model: prompt text -> token ids for the TensorRT-LLM step.
+"""Triton Python model: chat messages (or prompt text) -> token ids for the TensorRT-LLM step.
 
-Uses the model's own Hugging Face tokenizer (``tokenizer_dir``). A prompt longer
-than ``max_input_len`` is refused with an error naming both numbers (the engine
-would reject it later and less clearly); the requested output length is capped
-at ``max_output_len``. Stop words become TensorRT-LLM's ``[2, n]`` layout: the
-concatenated ids, then the end offset of each word (padded with -1).
+Uses the model's own Hugging Face tokenizer (``tokenizer_dir``). ``MESSAGES`` (a JSON list
+of ``{"role", "content"}``) is rendered with the tokenizer's chat template -- DeepSeek's role
+markers come from there, never from the caller -- after every special-token string inside a
+message is broken with a word joiner, so text in a document cannot become a control token.
+A tokenizer without a chat template (a base model) gets plain ``Role: content`` lines.
+``QUERY`` is raw prompt text, tokenised as is. A prompt longer than ``max_input_len`` is
+refused with an error naming both numbers (the engine would reject it later and less
+clearly); the requested output length is capped at ``max_output_len``. Stop words become
+TensorRT-LLM's ``[2, n]`` layout: the concatenated ids, then the end offset of each word
+(padded with -1).
 """
 
 from __future__ import annotations
@@ -15,9 +20,17 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
+WORD_JOINER = "\u2060"
+ROLES = ("system", "user", "assistant")
+
 
 def _text(value: object) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _optional_text(request: object, name: str) -> str | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else _text(tensor.as_numpy().reshape(-1)[0])
 
 
 class TritonPythonModel:
@@ -32,6 +45,37 @@ class TritonPythonModel:
         self.end_id = int(end if end is not None else 0)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.end_id)
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        specials = set(self.tokenizer.all_special_tokens) | {t.content for t in added.values()}
+        self.specials = sorted((t for t in specials if len(t) > 1 and not t.isspace()), key=len, reverse=True)
+
+    def _neutralise(self, text: str) -> str:
+        for token in self.specials:
+            if token in text:
+                text = text.replace(token, token[0] + WORD_JOINER + token[1:])
+        return text
+
+    def _messages(self, raw: str) -> list[int]:
+        """Token ids of a conversation, through the model's chat template."""
+        try:
+            messages = json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"messages is not JSON: {exc}") from None
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty JSON list")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must be {{'role': system|user|assistant, 'content': text}}")
+            clean.append({"role": m["role"], "content": self._neutralise(m["content"])})
+        if getattr(self.tokenizer, "chat_template", None):
+            try:
+                text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # the template refuses this conversation
+                raise ValueError(f"the chat template failed: {exc}") from None
+            return self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
+        plain = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in clean) + "Assistant:"
+        return self.tokenizer.encode(plain)
 
     def _stop_words(self, words: list[str]) -> np.ndarray:
         ids: list[int] = []
@@ -47,14 +91,22 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
-            query = _text(pb_utils.get_input_tensor_by_name(request, "QUERY").as_numpy().reshape(-1)[0])
+            query = _optional_text(request, "QUERY")
+            messages = _optional_text(request, "MESSAGES")
+            try:
+                if (query is None) == (messages is None):
+                    raise ValueError("send exactly one of text_input and messages")
+                ids = self._messages(messages) if messages is not None else self.tokenizer.encode(query)
+                empty = not ids or (query is not None and not query.strip())
+            except ValueError as exc:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+                continue
             wanted = int(
                 pb_utils.get_input_tensor_by_name(request, "REQUEST_OUTPUT_LEN").as_numpy().reshape(-1)[0]
             )
             stop_tensor = pb_utils.get_input_tensor_by_name(request, "STOP_WORDS_DICT")
             stop = [_text(w) for w in stop_tensor.as_numpy().reshape(-1)] if stop_tensor is not None else []
-            ids = self.tokenizer.encode(query)
-            if not ids or not query.strip():
+            if empty:
                 responses.append(
                     pb_utils.InferenceResponse(error=pb_utils.TritonError("the prompt is empty"))
                 )

@@ -1,6 +1,11 @@
 """Triton Python model: DeepSeek through TensorRT-LLM's LLM API (PyTorch backend).
 
-One model, text in and text out. ``initialize`` builds ``tensorrt_llm.LLM`` from the
+One model, chat messages (or text) in and text out. ``messages`` (a JSON list of
+``{"role", "content"}``) is rendered with the checkpoint tokenizer's chat template --
+DeepSeek's role markers come from there, never from the caller -- after every special-token
+string inside a message is broken with a word joiner (so a document cannot write a control
+token); a tokenizer without a template gets plain ``Role: content`` lines; ``text_input`` is
+a raw prompt. ``initialize`` builds ``tensorrt_llm.LLM`` from the
 arguments in ``model.yaml`` beside this file (tensor/expert/pipeline parallel sizes, KV
 cache, ``max_num_tokens``, chunked prefill, ...); that loads the checkpoint onto the GPUs,
 which for 671B takes a long time, so Triton reports ready only once the engine runs. Every
@@ -39,6 +44,8 @@ import triton_python_backend_utils as pb_utils
 import yaml
 
 CANCEL_POLL_S = 0.1
+WORD_JOINER = "\u2060"
+ROLES = ("system", "user", "assistant")
 LLM_CONFIG = "model.yaml"
 
 
@@ -83,6 +90,11 @@ class TritonPythonModel:
         # nested settings (kv_cache_config...) become the API's own config objects
         self.llm = LLM(**update_llm_args_with_extra_dict({}, llm_args))
         self.tokenizer = self.llm.tokenizer
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        specials = set(getattr(self.tokenizer, "all_special_tokens", [])) | {
+            t.content for t in added.values()
+        }
+        self.specials = sorted((t for t in specials if len(t) > 1 and not t.isspace()), key=len, reverse=True)
 
         # Triton drops a family's metrics with it: the family lives as long as the model
         self._family = family = pb_utils.MetricFamily(
@@ -123,15 +135,49 @@ class TritonPythonModel:
             except Exception as exc:  # the client is gone: nothing left to tell it
                 pb_utils.Logger.log_warn(f"response not delivered: {exc!r}")
 
+    def _neutralise(self, text: str) -> str:
+        for token in self.specials:
+            if token in text:
+                text = text.replace(token, token[0] + WORD_JOINER + token[1:])
+        return text
+
+    def _prompt_ids(self, request: Any) -> list[int]:
+        prompts = _values(request, "text_input")
+        conversations = _values(request, "messages")
+        if (prompts is None) == (conversations is None):
+            raise ValueError("send exactly one of text_input and messages")
+        if prompts is not None:
+            if prompts.size != 1:
+                raise ValueError("text_input must hold exactly one prompt")
+            prompt = _text(prompts[0])
+            if not prompt.strip():
+                raise ValueError("the prompt is empty")
+            return list(self.tokenizer.encode(prompt))
+        if conversations.size != 1:
+            raise ValueError("messages must hold exactly one conversation")
+        try:
+            messages = json.loads(_text(conversations[0]))
+        except ValueError as exc:
+            raise ValueError(f"messages is not JSON: {exc}") from None
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty JSON list")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must be {{'role': system|user|assistant, 'content': text}}")
+            clean.append({"role": m["role"], "content": self._neutralise(m["content"])})
+        if not getattr(self.tokenizer, "chat_template", None):  # a base model: plain turns
+            plain = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in clean) + "Assistant:"
+            return list(self.tokenizer.encode(plain))
+        try:
+            text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the template refuses this conversation
+            raise ValueError(f"the chat template failed: {exc}") from None
+        return list(self.tokenizer.encode(text, add_special_tokens=False))  # the template wrote BOS
+
     def _parse(self, request: Any) -> tuple[list[int], Any, bool]:
         """Prompt ids, sampling parameters and the streaming flag, or ValueError naming the input."""
-        prompts = _values(request, "text_input")
-        if prompts is None or prompts.size != 1:
-            raise ValueError("text_input must hold exactly one prompt")
-        prompt = _text(prompts[0])
-        if not prompt.strip():
-            raise ValueError("the prompt is empty")
-        ids = list(self.tokenizer.encode(prompt))
+        ids = self._prompt_ids(request)
         if len(ids) > self.max_input_len:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens; this model accepts at most {self.max_input_len}"
