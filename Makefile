@@ -8,6 +8,13 @@ CHECKOV_VENV := .venv-checkov
 AWS_VENV := .venv-aws
 CRD_SCHEMAS := tests/infra/crd_schemas
 POLICY_VENV := infra/policy/venv
+LLAMA_VENV := .venv-llama
+LLAMA_VERSION := 0.3.36
+# llama-cpp-python is sdist-only: its wheel takes minutes to build, so it is built once, portable
+# (no -march=native: hosts of the wheelhouse have other CPUs), and cached outside the checkout.
+WHEELHOUSE ?= $(HOME)/.cache/dualtrack/wheels
+LLAMA_WHEEL := $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-py3-none-linux_x86_64.whl
+MODEL ?=
 ANSIBLE_RELEASE := 12.3.0
 COLLECTIONS := containers/podman community/general ansible/posix
 QUESTION ?= How many vacation days do full-time employees get per year?
@@ -16,6 +23,7 @@ QUESTION ?= How many vacation days do full-time employees get per year?
 
 help:
 	@echo "make up      - install, start Milvus Lite + gateway on 127.0.0.1, ingest samples, ask a question"
+	@echo "               MODEL=path.gguf: answer with that model (llama.cpp on this machine's cores)"
 	@echo "make down    - stop the local stack"
 	@echo "make status  - show what runs, its logs and health"
 	@echo "make test    - install everything and run lint + the whole test suite"
@@ -60,6 +68,17 @@ $(POLICY_VENV)/.installed: infra/policy/requirements.txt
 	$(POLICY_VENV)/bin/pip install -q -r infra/policy/requirements.txt
 	touch $@
 
+$(LLAMA_WHEEL): | $(BIN)/python
+	mkdir -p $(WHEELHOUSE)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip wheel -q --no-deps -w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_VERSION)
+
+# The llama.cpp server runs in its own venv (its pins are not the gateway's).
+$(LLAMA_VENV)/.installed: requirements-llama.txt $(LLAMA_WHEEL)
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/pip install -q -r requirements-llama.txt
+	$(LLAMA_VENV)/bin/pip install -q --no-deps $(LLAMA_WHEEL)
+	touch $@
+
 # Galaxy is unreachable: the collections the playbooks and tests use come out of the pinned
 # `ansible` community wheel from PyPI.
 ansible/collections/.installed: Makefile | $(BIN)/python
@@ -77,11 +96,11 @@ onprem-host-tools:
 	  (apt-get update -qq && apt-get install -y -qq podman runc debootstrap)
 
 install: $(VENV)/.runtime ansible/collections/.installed
-install-dev: $(VENV)/.dev $(CHECKOV_VENV)/.installed $(AWS_VENV)/.installed $(CRD_SCHEMAS)/node_modules/.installed $(POLICY_VENV)/.installed \
+install-dev: $(VENV)/.dev $(LLAMA_VENV)/.installed $(CHECKOV_VENV)/.installed $(AWS_VENV)/.installed $(CRD_SCHEMAS)/node_modules/.installed $(POLICY_VENV)/.installed \
 	ansible/collections/.installed onprem-host-tools
 
-up: install
-	$(BIN)/dualtrack local up
+up: install $(if $(MODEL),$(LLAMA_VENV)/.installed)
+	$(BIN)/dualtrack local up $(if $(MODEL),--model "$(MODEL)")
 	$(BIN)/dualtrack kb ingest $(SAMPLES) --exclude README.md
 	$(BIN)/dualtrack ask "$(QUESTION)"
 

@@ -30,6 +30,7 @@ from services.config import ConfigError, Settings, load_settings
 from services.kb.classification import Classification, labels_from_rules, most_restrictive
 from services.kb.loaders import CONTENT_TYPES, suffix_of
 from services.kb.sidecar import SidecarError, is_sidecar, read_sidecar
+from services.llamacpp import LlamaServerError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n\n")[0])
 local_app = typer.Typer(no_args_is_help=True, help="Run the local stack (Milvus Lite + gateway).")
@@ -101,13 +102,21 @@ def _stack() -> LocalStack:
 @local_app.command("up")
 def local_up(
     show_key: Annotated[bool, typer.Option(help="Print the generated API key")] = True,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="A GGUF model to answer with (llama.cpp on this machine's cores); "
+            "without one, answers are extractive"
+        ),
+    ] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for the model")] = None,
 ) -> None:
-    """Start Milvus Lite (server mode) and the gateway on 127.0.0.1; wait until ready."""
+    """Start Milvus Lite (server mode), the gateway and, with --model, a local llama.cpp model."""
     stack = _stack()
-    with console.status("starting Milvus Lite and the gateway (the model loads in a few seconds)..."):
+    with console.status("starting the local stack (models load in a few seconds)..."):
         try:
-            stack.up()
-        except LocalStackError as exc:
+            stack.up(model=model, threads=threads)
+        except (LocalStackError, LlamaServerError) as exc:
             raise _fail(str(exc)) from None
     _print_status(stack)
     if show_key:
@@ -325,6 +334,8 @@ def ask(
         raise _fail(str(exc)) from None
     console.print(f"[bold]Q:[/] {question}")
     console.print(f"[bold]A:[/] {escape(body['answer'])}", soft_wrap=True)
+    if body["route"] == "extractive":
+        console.print("[dim](no generative model configured: the answer quotes the passages)[/]")
     why = body.get("route_reason")
     failover = f"; cloud not used: {body['failover']}" if body.get("failover") else ""
     console.print(

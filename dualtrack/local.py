@@ -1,5 +1,6 @@
-"""The local stack: Milvus Lite in server mode and the gateway, as background
-processes of the current user.
+"""The local stack: Milvus Lite in server mode, the gateway and -- given a GGUF model -- a
+llama.cpp server as the gateway's local model, as background processes of the current user.
+Without a model the gateway answers extractively (quoting passages), and says so.
 
 Everything lives under one state directory (``.dualtrack/`` in the working
 directory, or ``DUALTRACK_HOME``): data, logs, pid files and the generated API
@@ -27,8 +28,12 @@ from urllib.parse import urlparse
 import httpx
 
 from services.config import ConfigError, Settings, config_file
+from services.llamacpp import LlamaServer, LlamaServerError, check_gguf, ready
 
 LOOPBACK = "127.0.0.1"
+MODEL_PORT = 8092
+LLAMA_ENV = ".venv-llama"
+"""Where ``make up MODEL=...`` installs the llama.cpp server (its own environment)."""
 
 
 class LocalStackError(RuntimeError):
@@ -94,11 +99,42 @@ class LocalStack:
             fh.write(key + "\n")
         return key
 
-    def up(self, timeout_s: float = 180.0, gateway_env: dict[str, str] | None = None) -> None:
+    def up(
+        self,
+        timeout_s: float = 180.0,
+        gateway_env: dict[str, str] | None = None,
+        model: Path | None = None,
+        threads: int | None = None,
+    ) -> None:
         """Start what is not running and wait until the gateway is ready.
-        ``gateway_env`` adds settings (``DUALTRACK_*``) for the gateway process."""
+        ``gateway_env`` adds settings (``DUALTRACK_*``) for the gateway process; ``model`` (a
+        GGUF file) runs a llama.cpp server that the gateway answers with."""
+        env = dict(gateway_env or {})
+        if model is not None:
+            env.update(self.start_model(model, threads, timeout_s))
         self.start_milvus(timeout_s)
-        self.start_gateway(timeout_s, gateway_env)
+        self.start_gateway(timeout_s, env)
+
+    def start_model(
+        self, model: Path, threads: int | None = None, timeout_s: float = 180.0
+    ) -> dict[str, str]:
+        """Start the llama.cpp server on ``model``; returns the gateway settings that use it."""
+        self._prepare()
+        model = check_gguf(model.expanduser()).resolve()
+        if self._pid("model") is None:
+            self._require_free(MODEL_PORT, "the local model's port")
+            server = LlamaServer(
+                model, MODEL_PORT, python=llama_python(), threads=threads or os.cpu_count() or 2
+            )
+            self._spawn("model", server.command(), {})
+            self._wait(lambda: ready(server.url), "model", timeout_s)
+        return {
+            "DUALTRACK_LLM__LOCAL__KIND": "openai",
+            "DUALTRACK_LLM__LOCAL__URL": f"http://{LOOPBACK}:{MODEL_PORT}",
+            "DUALTRACK_LLM__LOCAL__MODEL": "local-model",
+            "DUALTRACK_LLM__LOCAL__TOKENIZER": str(model),
+            "DUALTRACK_LLM__LOCAL__TIMEOUTS": "measured",
+        }
 
     def _prepare(self) -> None:
         for sub in ("logs", "run", "milvus"):
@@ -148,7 +184,7 @@ class LocalStack:
     def down(self, timeout_s: float = 20.0) -> list[str]:
         """Stop the gateway, then Milvus (SIGTERM, then SIGKILL after ``timeout_s``)."""
         stopped = []
-        for name in ("gateway", "milvus"):
+        for name in ("gateway", "model", "milvus"):
             pid = self._pid(name)
             if pid is None:
                 continue
@@ -160,7 +196,19 @@ class LocalStack:
     def status(self) -> list[Component]:
         milvus_pid = self._pid("milvus")
         gateway_pid = self._pid("gateway")
+        model_pid = self._pid("model")
         milvus_health = "listening" if _port_open(self.milvus_port) else "down"
+        model_url = f"http://{LOOPBACK}:{MODEL_PORT}"
+        model = [
+            Component(
+                "model",
+                model_pid,
+                True,
+                model_url,
+                "ready" if ready(model_url) else "down",
+                self.log_file("model"),
+            )
+        ]
         return [
             Component(
                 "milvus",
@@ -178,7 +226,7 @@ class LocalStack:
                 self._gateway_health(),
                 self.log_file("gateway"),
             ),
-        ]
+        ] + (model if model_pid is not None else [])
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -243,6 +291,21 @@ class LocalStack:
         except ValueError:
             reasons = []
         return "not ready: " + "; ".join(reasons) if reasons else f"HTTP {r.status_code}"
+
+
+def llama_python() -> str:
+    """The interpreter of the llama.cpp server's environment (``DUALTRACK_LLAMA_PYTHON``, or the
+    one ``make up MODEL=...`` installs)."""
+    explicit = os.environ.get("DUALTRACK_LLAMA_PYTHON")
+    candidate = (
+        Path(explicit) if explicit else Path(__file__).resolve().parent.parent / LLAMA_ENV / "bin" / "python"
+    )
+    if not candidate.is_file():
+        raise LlamaServerError(
+            f"no llama.cpp server environment at {candidate}: run `make up MODEL=path.gguf` (it builds "
+            "and installs llama-cpp-python[server]) or set DUALTRACK_LLAMA_PYTHON"
+        )
+    return str(candidate)
 
 
 def _milvus_port(settings: Settings) -> int:

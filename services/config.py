@@ -311,6 +311,12 @@ class LLMSettings(_Section):
         8000, ge=128, le=1_000_000, description="Longer prompts are refused (413)."
     )
     max_tokens: int = Field(512, ge=1, le=100_000, description="Default generated tokens per answer.")
+    temperature: float | None = Field(
+        None,
+        ge=0,
+        le=2,
+        description="Sampling temperature when a request sets none (None: the model's default).",
+    )
     max_reasoning_tokens: int = Field(
         2048,
         ge=1,

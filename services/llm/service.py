@@ -242,6 +242,7 @@ class AnswerService:
         """One endpoint's answer: think tags split, reasoning capped, an empty answer an error."""
         s: EndpointSettings = ep.settings
         counter = self.counter(ep.name)
+        temperature = temperature if temperature is not None else self.settings.temperature
         cap = self.settings.max_reasoning_tokens
         budget = max_tokens + (cap if s.reasoning else 0)
         opened = s.reasoning_opened if s.reasoning_opened is not None else counter.opens_reasoning()
