@@ -198,16 +198,13 @@ def deepseek_gguf_header() -> Path:
     return Path(part.__file__).parent / "model_part_0000"
 
 
-def deepseek_tokenizer_dir() -> Path:
-    """DeepSeek-R1-Distill-Qwen's tokenizer saved as a Hugging Face directory (what a model
-    repository's ``tokenizer/`` holds), made once from the GGUF header."""
-    target = MODEL_CACHE / "deepseek-r1-distill-qwen-tokenizer"
-    if not (target / "tokenizer.json").is_file():
-        from services.llm.tokens import ModelTokenizer
+def deepseek_tokenizer_dir(root: Path) -> Path:
+    """DeepSeek-R1-Distill-Qwen's tokenizer saved under ``root`` as a Hugging Face directory
+    (what a model repository's ``tokenizer/`` holds), made from the GGUF header."""
+    from services.llm.tokens import ModelTokenizer
 
-        staging = target.with_name(target.name + ".partial")
-        ModelTokenizer(deepseek_gguf_header())._tok.save_pretrained(str(staging))
-        staging.rename(target)
+    target = root / "deepseek-r1-distill-qwen-tokenizer"
+    ModelTokenizer(deepseek_gguf_header())._tok.save_pretrained(str(target))
     return target
 
 
@@ -222,12 +219,14 @@ def gemma_gguf() -> Path:
     return target
 
 
-def render_test_repo(root: Path, role: str = "cloud", profile: str = DISTILL_PROFILE) -> Path:
+def render_test_repo(
+    root: Path, role: str = "cloud", profile: str = DISTILL_PROFILE, tokenizer_dir: str | None = None
+) -> Path:
     """The real rendered repository for a distill profile, runnable here; returns the repository.
 
     ``root`` is laid out as a served version is (:mod:`infra.model_layout`): the repository in
     ``root/repository``, the stand-in's engine beside it in ``root/engines``; the tokenizer is
-    the offline one.
+    ``tokenizer_dir`` or the offline one.
     """
     from dualtrack.model_repo import RenderOptions, render
     from infra import model_layout
@@ -238,7 +237,7 @@ def render_test_repo(root: Path, role: str = "cloud", profile: str = DISTILL_PRO
         RenderOptions(
             role=role,
             runtime_root=str(root),  # type: ignore[arg-type]
-            tokenizer_dir=offline_tokenizer_dir(),
+            tokenizer_dir=tokenizer_dir or offline_tokenizer_dir(),
         ),
     )
     engines = root / model_layout.ENGINES

@@ -67,6 +67,12 @@ class Prompt:
         return [m.wire() for m in self.messages]
 
 
+def _without_reasoning(turn: Turn) -> str:
+    """An earlier answer without its thinking: reasoning is not fed back (DeepSeek's templates
+    drop it too), and its tags would otherwise be neutralised into text the model reads."""
+    return turn.content.rsplit("</think>", 1)[-1].lstrip() if turn.role == "assistant" else turn.content
+
+
 def _attr(value: str) -> str:
     return value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace("\n", " ")
 
@@ -107,7 +113,7 @@ def build_prompt(
     """The prompt; raises :class:`PromptTooLong` when even without passages it is too long."""
     counter = counter or ApproxCounter()
     specials = counter.specials
-    tail = [Message(t.role, neutralise(t.content, specials)) for t in history]
+    tail = [Message(t.role, neutralise(_without_reasoning(t), specials)) for t in history]
     tail.append(Message("user", neutralise(question, specials)))
 
     def total(passages: Sequence[str]) -> int:

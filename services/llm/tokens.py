@@ -16,6 +16,7 @@ applied and the text tokenised: :func:`neutralise` breaks each one with a word j
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -133,27 +134,61 @@ GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
 def _from_gguf(path: Path) -> Any:
     """A fast tokenizer from a GGUF header alone (a file whose weights are not all there loads too).
 
-    Hugging Face's converter builds the vocabulary and merges but leaves out llama.cpp's
-    control and user-defined tokens: they are added back so each counts as the one token the
-    model sees. The chat template comes from ``tokenizer.chat_template``.
+    Hugging Face's converter builds the vocabulary and merges but leaves out some of llama.cpp's
+    control and user-defined tokens (DeepSeek's role markers among them): in a byte-level BPE
+    vocabulary they are put back at their own ids, so each is the one token the model sees and
+    the ids match the model's; elsewhere they are added (each still counts as one token).
+    The chat template comes from ``tokenizer.chat_template``.
     """
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, Tokenizer
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
     architecture, vocab, config = get_gguf_tokenizer(str(path))
     backend, _ = convert_gguf_tokenizer(architecture, vocab)
-    kinds = vocab.get("token_type") or []
-    backend.add_tokens(
-        [
-            AddedToken(token, special=kind == GGUF_CONTROL, normalized=False)
-            for token, kind in zip(vocab["tokens"], kinds, strict=False)
-            if kind in (GGUF_CONTROL, GGUF_USER_DEFINED)
-        ]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, **{k: v for k, v in config.items() if v is not None}
-    )
+    spec = json.loads(backend.to_str())
+    known = {t["id"] for t in spec.get("added_tokens", [])}
+    model_vocab = spec["model"].get("vocab")
+    by_id = {i: t for t, i in model_vocab.items()} if isinstance(model_vocab, dict) else {}
+    missing = [
+        (token_id, token, kind)
+        for token_id, (token, kind) in enumerate(
+            zip(vocab["tokens"], vocab.get("token_type") or [], strict=False)
+        )
+        if kind in (GGUF_CONTROL, GGUF_USER_DEFINED) and token_id not in known
+    ]
+    settings = {k: v for k, v in config.items() if v is not None}
+    if not missing:
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **settings)
+    if spec["model"].get("type") != "BPE" or not by_id or not _byte_level(spec):
+        # a sentencepiece-style vocabulary (Gemma): each control token counts as one, at a new id
+        backend.add_tokens(
+            [AddedToken(token, special=kind == GGUF_CONTROL, normalized=False) for _, token, kind in missing]
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **settings)
+    for token_id, token, kind in missing:
+        # the converter byte-encoded the control token's text: it is the token itself, at its id
+        model_vocab.pop(by_id.get(token_id, token), None)
+        model_vocab[token] = token_id
+        spec["added_tokens"].append(
+            {
+                "id": token_id,
+                "content": token,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": kind == GGUF_CONTROL,
+            }
+        )
+    spec["added_tokens"].sort(key=lambda t: t["id"])
+    fixed = Tokenizer.from_str(json.dumps(spec))
+    return PreTrainedTokenizerFast(tokenizer_object=fixed, **settings)
+
+
+def _byte_level(spec: dict[str, Any]) -> bool:
+    """Whether the tokenizer is byte-level BPE (GPT-2 style: Qwen, DeepSeek, Llama 3)."""
+    return "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("decoder"))
 
 
 def _load(path: Path) -> Any:

@@ -121,3 +121,15 @@ def test_tokenizer_errors_name_the_path(tmp_path) -> None:
         ModelTokenizer(bogus)
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         ModelTokenizer(tmp_path)
+
+
+def test_deepseek_ids_are_the_models_own(deepseek: ModelTokenizer) -> None:
+    tok = deepseek._tok
+    assert (tok.bos_token_id, tok.eos_token_id) == (151646, 151643)  # as the GGUF header says
+    assert tok.convert_tokens_to_ids([USER, ASSISTANT, "<think>"]) == [151644, 151645, 151648]
+
+
+def test_earlier_reasoning_is_not_fed_back() -> None:
+    history = [Turn("user", "Hi"), Turn("assistant", "<think>private musing</think>\n\nHello.")]
+    prompt = build_prompt("SYS", "Next?", [], context_budget=100, max_tokens=1000, history=history)
+    assert prompt.messages[2].content == "Hello."

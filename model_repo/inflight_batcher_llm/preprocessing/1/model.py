@@ -67,7 +67,10 @@ class TritonPythonModel:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise ValueError(f"messages[{i}] must be {{'role': system|user|assistant, 'content': text}}")
-            clean.append({"role": m["role"], "content": self._neutralise(m["content"])})
+            content = m["content"]
+            if m["role"] == "assistant":  # an earlier answer: its reasoning is not fed back
+                content = content.rsplit("</think>", 1)[-1].lstrip()
+            clean.append({"role": m["role"], "content": self._neutralise(content)})
         if getattr(self.tokenizer, "chat_template", None):
             try:
                 text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)

@@ -165,7 +165,10 @@ class TritonPythonModel:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise ValueError(f"messages[{i}] must be {{'role': system|user|assistant, 'content': text}}")
-            clean.append({"role": m["role"], "content": self._neutralise(m["content"])})
+            content = m["content"]
+            if m["role"] == "assistant":  # an earlier answer: its reasoning is not fed back
+                content = content.rsplit("</think>", 1)[-1].lstrip()
+            clean.append({"role": m["role"], "content": self._neutralise(content)})
         if not getattr(self.tokenizer, "chat_template", None):  # a base model: plain turns
             plain = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in clean) + "Assistant:"
             return list(self.tokenizer.encode(plain))
