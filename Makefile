@@ -9,7 +9,7 @@ AWS_VENV := .venv-aws
 CRD_SCHEMAS := tests/infra/crd_schemas
 POLICY_VENV := infra/policy/venv
 LLAMA_VENV := .venv-llama
-LLAMA_VERSION := 0.3.36
+LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python\[server\]==//p' requirements-llama.txt)
 # llama-cpp-python is sdist-only: its wheel takes minutes to build, so it is built once, portable
 # (no -march=native: hosts of the wheelhouse have other CPUs), and cached outside the checkout.
 WHEELHOUSE ?= $(HOME)/.cache/dualtrack/wheels
@@ -75,8 +75,7 @@ $(LLAMA_WHEEL): | $(BIN)/python
 # The llama.cpp server runs in its own venv (its pins are not the gateway's).
 $(LLAMA_VENV)/.installed: requirements-llama.txt $(LLAMA_WHEEL)
 	$(PYTHON) -m venv $(LLAMA_VENV)
-	$(LLAMA_VENV)/bin/pip install -q -r requirements-llama.txt
-	$(LLAMA_VENV)/bin/pip install -q --no-deps $(LLAMA_WHEEL)
+	$(LLAMA_VENV)/bin/pip install -q --find-links $(WHEELHOUSE) --only-binary llama-cpp-python -r requirements-llama.txt
 	touch $@
 
 # Galaxy is unreachable: the collections the playbooks and tests use come out of the pinned

@@ -499,16 +499,17 @@ def model_repo_entry(
     profile: Annotated[str, typer.Option("--profile", "-p", help="A profile of model_repo/profiles.yaml")],
     role: Annotated[str, typer.Option(help="cloud or onprem")] = "cloud",
 ) -> None:
-    """Print the model a client calls and its input style (the gateway's model/triton_inputs)."""
+    """Print the model a client calls, its input style and whether it reasons (the gateway's
+    model / triton_inputs / reasoning)."""
     from dualtrack.model_repo import ModelRepoError, client_call
 
     if role not in ("cloud", "onprem"):
         raise _fail(f"--role {role!r}: allowed: cloud, onprem")
     try:
-        model, inputs = client_call(profile, role)  # type: ignore[arg-type]
+        call = client_call(profile, role)  # type: ignore[arg-type]
     except ModelRepoError as exc:
         raise _fail(str(exc)) from None
-    typer.echo(f"{model} {inputs}")
+    typer.echo(f"{call.model} {call.inputs} {str(call.reasoning).lower()}")
 
 
 @model_repo_app.command("check")

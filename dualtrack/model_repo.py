@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from google.protobuf import text_format
@@ -63,19 +63,29 @@ def entry_model(role: Role) -> str:
     return ENTRY_MODEL[role]
 
 
-def client_call(profile_name: str, role: Role = "cloud") -> tuple[str, str]:
-    """What a client of a repository rendered for this profile calls: (model, input style).
+class ClientCall(NamedTuple):
+    model: str
+    inputs: str
+    reasoning: bool
+
+
+def client_call(profile_name: str, role: Role = "cloud") -> ClientCall:
+    """What a client of a repository rendered for this profile calls: the model, its input
+    style, and whether it reasons.
 
     The engine path answers on the ensemble with the ensemble's inputs; the PyTorch path's
     entry model in the cloud is the LLM-API ``tensorrt_llm`` itself, with its own inputs.
-    The gateway settings ``llm.<endpoint>.model`` / ``triton_inputs`` take these values.
+    The gateway settings ``llm.<endpoint>.model`` / ``triton_inputs`` / ``reasoning`` take
+    these values.
     """
     profiles = model_profiles()
     if profile_name not in profiles:
         raise ModelRepoError(f"unknown profile {profile_name!r}; allowed: {', '.join(sorted(profiles))}")
-    if profiles[profile_name].path == "pytorch":
-        return ("tensorrt_llm" if role == "cloud" else entry_model(role)), "llmapi"
-    return entry_model(role), "ensemble"
+    profile = profiles[profile_name]
+    if profile.path == "pytorch":
+        model = "tensorrt_llm" if role == "cloud" else entry_model(role)
+        return ClientCall(model, "llmapi", profile.reasoning)
+    return ClientCall(entry_model(role), "ensemble", profile.reasoning)
 
 
 def _variables(profile: ModelProfile, opts: RenderOptions, tp: int) -> dict[str, str]:

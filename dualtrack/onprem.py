@@ -80,7 +80,8 @@ def extravars(outputs: StackOutputs) -> dict[str, Any]:
     from dualtrack.model_repo import client_call
 
     # the Triton model the gateway calls and its input style follow from the profile
-    cloud["llm_model"], cloud["llm_inputs"] = client_call(outputs.model_profile, "cloud")
+    call = client_call(outputs.model_profile, "cloud")
+    cloud["llm_model"], cloud["llm_inputs"], cloud["llm_reasoning"] = call.model, call.inputs, call.reasoning
     return {"dualtrack_cloud": cloud, "dualtrack_stack": outputs.environment}
 
 

@@ -13,6 +13,8 @@ Layout::
     <dir>/requirements.txt        what to install (services/requirements.txt)
     <dir>/constraints.txt         the pins (requirements.txt, extras stripped: pip wants bare names)
     <dir>/project/dualtrack-*.whl this repository (services, dualtrack, infra), built reproducibly
+    <dir>/llama/wheels.tar        llama-cpp-python[server] and its dependencies (the llama_local
+    <dir>/llama/requirements.txt  role's venv), when its portable wheel has been built
 
 The project wheel is built with a fixed ``SOURCE_DATE_EPOCH``, so the same source gives
 the same bytes: the role can tell a code change (new checksum -> reinstall, restart)
@@ -114,6 +116,40 @@ def build(target: Path) -> Path:
     fresh.rename(wheels)
     pack(wheels, target / "wheels.tar")
     build_project_wheel(target / "project")
+    build_llama(target / "llama")
+    return target
+
+
+def llama_wheels_dir() -> Path:
+    """Where ``make`` caches llama-cpp-python's portable wheel (``WHEELHOUSE`` in the Makefile)."""
+    return Path(os.environ.get("DUALTRACK_WHEEL_CACHE", Path.home() / ".cache" / "dualtrack" / "wheels"))
+
+
+def build_llama(target: Path) -> Path | None:
+    """The llama.cpp server's wheels (llama-cpp-python from the local cache, the rest from the
+    index), or None when its wheel was never built: the llama_local role then says how."""
+    cache = llama_wheels_dir()
+    if not any(cache.glob("llama_cpp_python-*.whl")):
+        shutil.rmtree(target, ignore_errors=True)
+        return None
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "requirements-llama.txt", target / "requirements.txt")
+    fresh, wheels = target / "wheels.partial", target / "wheels"
+    shutil.rmtree(fresh, ignore_errors=True)
+    _pip(
+        "download",
+        "-q",
+        "--only-binary=:all:",
+        f"--python-version={TARGET_PYTHON}",
+        f"--find-links={cache}",
+        "-r",
+        str(target / "requirements.txt"),
+        "-d",
+        str(fresh),
+    )
+    shutil.rmtree(wheels, ignore_errors=True)
+    fresh.rename(wheels)
+    pack(wheels, target / "wheels.tar")
     return target
 
 

@@ -98,6 +98,10 @@ class ModelProfile(BaseModel):
     kv_cache_dtype: Literal["auto", "fp8"]
     decoupled: bool
     startup_timeout_s: int = Field(ge=60)
+    reasoning: bool = Field(
+        False,
+        description="writes <think>...</think> before its answer (R1, distills); the gateway splits it",
+    )
     # Triton/TRT-LLM serving knobs (model_repo templates); defaults suit every profile so far.
     tokenizer_dir: str = Field(
         "tokenizer", description="beside the model repository in the version's layout (or absolute)"

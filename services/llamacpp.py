@@ -155,9 +155,11 @@ def ready(url: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--port", type=int, default=8091)
+    parser.add_argument("--check", action="store_true", help="only check that --model is a GGUF file")
+    parser.add_argument("--python", default=sys.executable, help="the server environment's interpreter")
+    parser.add_argument("--port", type=int, default=8092)
     parser.add_argument("--alias", default=DEFAULT_ALIAS)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: every core)")
     parser.add_argument("--ctx", type=int, default=4096)
     args = parser.parse_args(argv)
     try:
@@ -165,7 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     except LlamaServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    server = LlamaServer(args.model, args.port, alias=args.alias, threads=args.threads, ctx=args.ctx)
+    if args.check:
+        return 0
+    threads = args.threads or os.cpu_count() or 2
+    server = LlamaServer(
+        args.model, args.port, python=args.python, alias=args.alias, threads=threads, ctx=args.ctx
+    )
     os.execv(server.python, server.command())  # noqa: S606 (the foreground process is the server)
     return 0  # pragma: no cover
 

@@ -259,8 +259,10 @@ def cite_prefix_ids() -> str:
 
 
 def triton_with_cpu_backend(repo: Path, workdir: Path, record: Path, **env: str):
-    """A real tritonserver serving ``repo`` with the CPU TensorRT-LLM stand-in (TEST DOUBLE); its
-    answers cite passage 1 first (``[1]``) unless ``DUALTRACK_TEST_ANSWER_PREFIX_IDS`` says otherwise."""
+    """A real tritonserver serving ``repo`` with the CPU TensorRT-LLM stand-in (TEST DOUBLE).
+
+    ``env`` reaches the stand-in (its hooks: ``DUALTRACK_TEST_TOKEN_DELAY_S``, and
+    ``DUALTRACK_TEST_ANSWER_PREFIX_IDS=cite_prefix_ids()`` for answers that cite passage 1)."""
     from services.tritonserver import TritonServer
 
     workdir.mkdir(parents=True, exist_ok=True)

@@ -109,3 +109,22 @@ def test_sync_consumer_runs_where_enabled(host) -> None:
     assert bound == {"127.0.0.1"}, f"the consumer's /metrics listens on {sorted(bound)}"
     metrics = host.run(f"curl -sf http://127.0.0.1:{port}/metrics")
     assert metrics.rc == 0 and "dualtrack_sync_events_total" in metrics.stdout
+
+
+def test_local_model_serves_on_loopback_where_configured(host, gateway_env) -> None:
+    """The llama.cpp model: running, on 127.0.0.1 only, answering, and the gateway pointed at it."""
+    if gateway_env.get("DUALTRACK_LLM__LOCAL__KIND") != "openai":
+        pytest.skip("this host's local model is not the llama.cpp one")
+    unit = "dualtrack-llama"
+    assert host.run(f"systemctl is-active {unit}").stdout.strip() == "active"
+    assert host.run(f"systemctl is-enabled {unit}").stdout.strip() == "enabled"
+    port = int(gateway_env["DUALTRACK_LLM__LOCAL__URL"].rsplit(":", 1)[1])
+    bound = {addr for addr, p in _listening(host) if p == port}
+    assert bound == {"127.0.0.1"}, f"the model listens on {sorted(bound)}"
+    models = host.run(f"curl -sf http://127.0.0.1:{port}/v1/models")
+    assert models.rc == 0 and gateway_env["DUALTRACK_LLM__LOCAL__MODEL"] in models.stdout
+    model = host.file(gateway_env["DUALTRACK_LLM__LOCAL__TOKENIZER"])
+    assert model.exists and model.mode == 0o640 and model.user == "root"
+    hardening = host.run(f"systemctl show {unit} -p NoNewPrivileges -p ProtectSystem -p User").stdout
+    assert "NoNewPrivileges=yes" in hardening and "ProtectSystem=strict" in hardening
+    assert "User=root" not in hardening

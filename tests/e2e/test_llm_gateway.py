@@ -29,6 +29,7 @@ from services.kb.service import KnowledgeBase
 from services.tritonserver import TritonServer
 from tests.support import (
     SAMPLES,
+    cite_prefix_ids,
     ingest_samples,
     offline_tokenizer_dir,
     render_test_repo,
@@ -70,7 +71,13 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Site]]
         # a slow-ish cloud (25 ms a token) so streams and in-flight requests last long enough to cut
         delay = "0.025" if name == "cloud" else "0"
         made[name] = Site(
-            triton_with_cpu_backend(repo, root / name / "work", record, DUALTRACK_TEST_TOKEN_DELAY_S=delay),
+            triton_with_cpu_backend(
+                repo,
+                root / name / "work",
+                record,
+                DUALTRACK_TEST_TOKEN_DELAY_S=delay,
+                DUALTRACK_TEST_ANSWER_PREFIX_IDS=cite_prefix_ids(),  # its answers cite [1]
+            ),
             record,
         )
     threads = [threading.Thread(target=s.server.start, kwargs={"timeout_s": 240}) for s in made.values()]

@@ -25,6 +25,7 @@ from services.kb.service import KnowledgeBase
 from services.llamacpp import LlamaServer, LlamaServerError, check_gguf
 from tests.support import (
     ROOT,
+    cite_prefix_ids,
     free_port,
     gemma_gguf,
     ingest_samples,
@@ -63,7 +64,13 @@ def cloud(tmp_path_factory: pytest.TempPathFactory):
     repo = render_test_repo(root / "repo")
     record = root / "record" / "calls.jsonl"
     record.parent.mkdir(parents=True)
-    server = triton_with_cpu_backend(repo, root / "work", record, DUALTRACK_TEST_TOKEN_DELAY_S="0.05")
+    server = triton_with_cpu_backend(
+        repo,
+        root / "work",
+        record,
+        DUALTRACK_TEST_TOKEN_DELAY_S="0.05",
+        DUALTRACK_TEST_ANSWER_PREFIX_IDS=cite_prefix_ids(),  # its answers cite [1]
+    )
     server.start(timeout_s=240)
     try:
         yield server

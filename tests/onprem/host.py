@@ -23,7 +23,7 @@ IMAGE_NAME = "localhost/dualtrack-onprem"
 PACKAGES = ",".join(
     (
         "systemd,systemd-sysv,dbus,python3,iproute2,procps",
-        "python3-venv,libpython3.11,nftables,curl,ca-certificates,systemd-timesyncd",
+        "python3-venv,libpython3.11,nftables,curl,ca-certificates,systemd-timesyncd,libgomp1",
     )
 )
 

@@ -2,8 +2,8 @@
 
 One converge per session (the ``site`` fixture): the cloud endpoint from the dev stack's
 outputs is unreachable from the host (it has no network), so answers take the on-prem path:
-the host's own Triton serving the real rendered ``local_fallback`` ensemble, whose TRT-LLM
-step is the CPU TEST DOUBLE mounted from ``tests/triton`` (the only double here).
+a real GGUF model (Gemma 3 270M base, a test dependency) served by llama.cpp on the host's
+cores, installed by the ``llama_local`` role. No test double runs on the host.
 """
 
 from __future__ import annotations
@@ -43,8 +43,20 @@ def test_converge_brings_up_every_service(site: Site) -> None:
     summary = site.summary(run)
     (host,) = summary["hosts"].values()
     assert summary["status"] == "successful" and host["failed"] == 0 and host["changed"] > 10
-    for unit in ("dualtrack-milvus", "dualtrack-triton", "dualtrack-gateway", "dualtrack-firewall"):
+    units = (
+        "dualtrack-milvus",
+        "dualtrack-triton",
+        "dualtrack-llama",
+        "dualtrack-gateway",
+        "dualtrack-firewall",
+    )
+    for unit in units:
         assert site.host.exec("systemctl", "is-active", unit).stdout.strip() == "active"
+    # the local model runs unprivileged, confined, on loopback only
+    shown = site.host.exec("systemctl", "show", "dualtrack-llama", "-p", "User", "-p", "ProtectSystem").stdout
+    assert "User=dualtrack" in shown and "ProtectSystem=strict" in shown
+    listening = site.host.exec("ss", "-Hltn").stdout
+    assert "127.0.0.1:8092" in listening and "0.0.0.0:8092" not in listening
 
 
 def test_a_second_run_changes_nothing(site: Site) -> None:
@@ -114,10 +126,21 @@ def test_ingest_and_ask_round_trip_inside_the_host(site: Site) -> None:
         "-d",
         json.dumps({"question": "How many vacation days do full-time employees get per year?"}),
     )
-    assert answer["citations"] and answer["citations"][0]["doc_id"] == ingested["doc_id"]
-    # the cloud is unreachable from the host: the on-prem Triton answered
+    # the cloud is unreachable from the host: the on-prem llama.cpp model answered, with real tokens
     assert answer["route"] == "local" and answer["failover"], answer
     assert answer["answer"].strip()
+    # a base model cites as it likes: whatever it cites is a passage of the ingested document
+    assert all(c["doc_id"] == ingested["doc_id"] for c in answer["citations"])
+    hits = _api(
+        site,
+        "POST",
+        "/v1/search",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        json.dumps({"query": "vacation days per year"}),
+    )
+    assert hits["hits"] and hits["hits"][0]["doc_id"] == ingested["doc_id"]
 
 
 def test_backup_and_restore_keep_every_chunk(site: Site) -> None:
