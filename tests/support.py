@@ -273,11 +273,7 @@ def triton_with_cpu_backend(repo: Path, workdir: Path, record: Path, **env: str)
         free_port(),
         workdir=workdir,
         extra_backends={"tensorrtllm": CPU_TRTLLM_BACKEND},
-        env={
-            "DUALTRACK_TEST_RECORD": str(record),
-            "DUALTRACK_TEST_ANSWER_PREFIX_IDS": cite_prefix_ids(),
-            **env,
-        },
+        env={"DUALTRACK_TEST_RECORD": str(record), **env},
     )
 
 

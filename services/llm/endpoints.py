@@ -23,9 +23,10 @@ The bearer token is read per request, so a rotated JWT file needs no restart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Literal, Protocol
 
 import httpx
@@ -125,6 +126,28 @@ class _Base:
             transport=httpx.AsyncHTTPTransport(retries=0, limits=LIMITS),
         )
 
+    def _stream(
+        self, prompt: Prompt, max_tokens: int, temperature: float | None = None
+    ) -> AsyncIterator[Delta]:
+        raise NotImplementedError
+
+    async def stream(
+        self, prompt: Prompt, max_tokens: int, temperature: float | None = None
+    ) -> AsyncIterator[Delta]:
+        """The answer as typed deltas; counted in flight (the measured deadlines see the queue)."""
+        with self._counted():
+            async with contextlib.aclosing(self._stream(prompt, max_tokens, temperature)) as deltas:  # type: ignore[type-var]
+                async for delta in deltas:
+                    yield delta
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        self.pace.in_flight += 1
+        try:
+            yield
+        finally:
+            self.pace.in_flight -= 1
+
     def _deadlines(self, prompt: Prompt, max_tokens: int) -> tuple[float, float]:
         now = time.monotonic()
         self._first_s = self.pace.first_token_timeout(prompt.tokens)
@@ -177,7 +200,7 @@ class TritonEndpoint(_Base):
             text = text[0] if text else ""
         return text if isinstance(text, str) else ""
 
-    async def stream(
+    async def _stream(
         self, prompt: Prompt, max_tokens: int, temperature: float | None = None
     ) -> AsyncIterator[Delta]:
         path = f"/v2/models/{self.settings.model}/generate_stream"
@@ -235,7 +258,7 @@ class OpenAIEndpoint(_Base):
             body["temperature"] = temperature
         return body
 
-    async def stream(
+    async def _stream(
         self, prompt: Prompt, max_tokens: int, temperature: float | None = None
     ) -> AsyncIterator[Delta]:
         try:

@@ -255,6 +255,10 @@ class AnswerService:
         def typed(raw: Delta) -> list[Delta]:
             return splitter.feed(raw.text) if splitter is not None and raw.kind == "content" else [raw]
 
+        if s.timeouts == "measured" and self._warm_up is not None and not self._warm_up.done():
+            # the model is busy with the warm-up, and its speed is being measured: wait for both
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._warm_up), s.request_timeout_s)
         async with contextlib.aclosing(ep.stream(prompt, budget, temperature)) as raw_deltas:
             async for raw in raw_deltas:
                 pieces += 1

@@ -169,3 +169,14 @@ def test_measured_deadlines_follow_the_speed() -> None:
     assert slow.first_token_timeout(1300) == pytest.approx(300.0)
     assert slow.request_timeout(1300, 512) == pytest.approx(300.0 + 3 * 512 / 5)
     assert slow.first_token_timeout(10) == 15.0  # a short prompt keeps the floor
+
+
+def test_measured_deadlines_count_the_requests_queued_ahead() -> None:
+    from services.llm.pace import Pace
+
+    pace = Pace(EndpointSettings(url="http://127.0.0.1:1", timeouts="measured", timeout_margin=2))
+    pace.observe(1000, 10.0, 100, 10.0)  # 100 prompt tokens/s, 10 tokens/s, 20 s an answer
+    pace.in_flight = 1  # this request alone
+    alone = pace.first_token_timeout(1000)
+    pace.in_flight = 3  # two answers ahead of it on a server that answers one at a time
+    assert alone == pytest.approx(20.0) and pace.first_token_timeout(1000) == pytest.approx(2 * (10 + 40))

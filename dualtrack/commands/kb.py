@@ -1,0 +1,223 @@
+"""``dualtrack kb`` and ``dualtrack ask``: the knowledge base, through the gateway."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from dualtrack.client import GatewayError
+from dualtrack.commands.common import KeyOpt, UrlOpt, console, fail, gateway_client, settings_or_fail
+from services.kb.classification import Classification, labels_from_rules, most_restrictive
+from services.kb.loaders import CONTENT_TYPES, suffix_of
+from services.kb.sidecar import SidecarError, is_sidecar, read_sidecar
+
+kb_app = typer.Typer(no_args_is_help=True, help="Ingest, search and delete knowledge-base documents.")
+ask_app = typer.Typer()
+
+# -- knowledge base -----------------------------------------------------------------------------
+
+
+def _walk(paths: list[Path], exclude: list[str]) -> Iterator[tuple[Path, str]]:
+    """(file, source) pairs: directories recurse to supported files (sidecars,
+    hidden and excluded files skipped); files named explicitly are always tried."""
+    for path in paths:
+        if path.is_dir():
+            for f in sorted(path.rglob("*")):
+                rel = f.relative_to(path)
+                if (
+                    f.is_file()
+                    and not is_sidecar(f)
+                    and not any(p.startswith(".") for p in rel.parts)
+                    and suffix_of(f.name) in CONTENT_TYPES
+                    and not any(fnmatch(rel.as_posix(), pat) for pat in exclude)
+                ):
+                    yield f, rel.as_posix()
+        else:
+            yield path, path.name
+
+
+@kb_app.command("ingest")
+def kb_ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files or directories", exists=True)],
+    classification: Annotated[
+        Classification | None, typer.Option(help="Label for these files (the most restrictive label wins)")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Glob of relative paths to skip (repeatable)")
+    ] = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Upload documents to the knowledge base; unchanged ones are skipped.
+
+    Exit code 1 when any file was rejected (the summary says why)."""
+    files = list(_walk(paths, exclude or []))
+    if not files:
+        raise fail("no supported files found (" + ", ".join(sorted(CONTENT_TYPES)) + ")")
+    rules = settings_or_fail().classification.rules()
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    chunks = 0
+    with (
+        gateway_client(url, api_key) as client,
+        Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress,
+    ):
+        task = progress.add_task("ingesting", total=len(files), rate="")
+        for path, source in files:
+            progress.update(task, description=f"ingesting {source}")
+            try:
+                side = read_sidecar(path)
+                # rules also see the absolute path, so the folder passed on the command line
+                # never hides a rule such as confidential/* (labels only ever go up)
+                ruled = labels_from_rules(str(path.resolve()), rules)
+                given = [c for c in (classification, side.classification, *ruled) if c is not None]
+                label = most_restrictive(given, default=given[0]) if given else None
+                result = client.upload(
+                    path,
+                    source,
+                    classification=label.value if label else None,
+                    doc_id=side.doc_id,
+                    metadata=side.metadata or None,
+                    title=side.title,
+                )
+            except SidecarError as exc:
+                result = {"name": source, "status": "rejected", "reason": str(exc), "chunks": 0}
+            except GatewayError as exc:
+                raise fail(str(exc)) from None
+            results.append(result)
+            if result["status"] == "ingested":
+                chunks += result.get("chunks", 0)
+            elapsed = time.perf_counter() - started
+            progress.update(task, advance=1, rate=f"{chunks / elapsed:.1f} chunks/s")
+    _ingest_summary(results, time.perf_counter() - started)
+    if any(r["status"] == "rejected" for r in results):
+        raise typer.Exit(1)
+
+
+def _ingest_summary(results: list[dict[str, Any]], elapsed: float) -> None:
+    table = Table(title="ingest summary")
+    for col in ("file", "status", "doc_id", "chunks", "classification", "reason"):
+        table.add_column(col)
+    colours = {"ingested": "green", "skipped": "cyan", "rejected": "red"}
+    for r in results:
+        table.add_row(  # Text(): file names and reasons are data, not rich markup
+            Text(r["name"]),
+            Text(r["status"], style=colours[r["status"]]),
+            Text(r.get("doc_id") or "-"),
+            str(r.get("chunks", 0)),
+            r.get("classification") or "-",
+            Text(r.get("reason") or ""),
+        )
+    console.print(table)
+    counts = {s: sum(1 for r in results if r["status"] == s) for s in colours}
+    console.print(
+        f"{counts['ingested']} ingested, {counts['skipped']} skipped, {counts['rejected']} rejected "
+        f"in {elapsed:.1f}s"
+    )
+
+
+@kb_app.command("search")
+def kb_search(
+    query: str,
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, max=100)] = None,
+    classification: Annotated[list[Classification] | None, typer.Option(help="Only these labels")] = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Semantic search; prints the top chunks with scores."""
+    flt = {"classifications": [c.value for c in classification]} if classification else None
+    try:
+        with gateway_client(url, api_key) as client:
+            hits = client.search(query, top_k=top_k, filter=flt)["hits"]
+    except GatewayError as exc:
+        raise fail(str(exc)) from None
+    table = Table(title=f"search: {query}")
+    for col in ("#", "score", "document", "page", "section", "text"):
+        table.add_column(col, overflow="fold")
+    for i, h in enumerate(hits, start=1):
+        table.add_row(
+            str(i),
+            f"{h['score']:.3f}",
+            Text(h["doc_id"]),
+            str(h["page"] or "-"),
+            Text(h["section"] or "-"),
+            Text(h["text"][:160] + ("..." if len(h["text"]) > 160 else "")),
+        )
+    console.print(table)
+
+
+@kb_app.command("delete")
+def kb_delete(doc_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """Delete a document and all its chunks."""
+    try:
+        with gateway_client(url, api_key) as client:
+            client.delete(doc_id)
+    except GatewayError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"deleted {doc_id}")
+
+
+@kb_app.command("list")
+def kb_list(url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """List stored documents."""
+    try:
+        with gateway_client(url, api_key) as client:
+            docs = client.documents()
+    except GatewayError as exc:
+        raise fail(str(exc)) from None
+    table = Table(title=f"{len(docs)} documents")
+    for col in ("doc_id", "title", "classification", "chunks", "source"):
+        table.add_column(col)
+    for d in docs:
+        table.add_row(
+            Text(d["doc_id"]), Text(d["title"]), d["classification"], str(d["chunks"]), Text(d["source"])
+        )
+    console.print(table)
+
+
+@ask_app.command("ask")
+def ask(
+    question: str,
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, max=100)] = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Ask a question; prints the answer, its citations and their URLs."""
+    try:
+        with gateway_client(url, api_key) as client:
+            body = client.ask(question, top_k=top_k)
+    except GatewayError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"[bold]Q:[/] {question}")
+    console.print(f"[bold]A:[/] {escape(body['answer'])}", soft_wrap=True)
+    if body["route"] == "extractive":
+        console.print("[dim](no generative model configured: the answer quotes the passages)[/]")
+    why = body.get("route_reason")
+    failover = f"; cloud not used: {body['failover']}" if body.get("failover") else ""
+    console.print(
+        f"[dim]route: {body['route']}{f' ({why}{failover})' if why and why != 'no-cloud-endpoint' else ''}[/]"
+    )
+    for c in body["citations"]:
+        where = f"p. {c['page']}" if c["page"] else (c["section"] or "")
+        line = (
+            f"  [{c['n']}] {c['title'] or c['doc_id']} ({c['source']}"
+            + (f", {where}" if where else "")
+            + f") [{c['classification']}] score {c['score']:.3f}"
+        )
+        console.print(escape(line) + f"\n      {c['url']}", highlight=False, soft_wrap=True)
