@@ -66,7 +66,7 @@ GPU_INSTANCES: dict[str, GpuInstance] = {
     "p5e.48xlarge": GpuInstance(gpu="H200", gpus=8, gpu_memory_gb=141, vcpus=192, memory_gib=2048),
     "p5en.48xlarge": GpuInstance(gpu="H200", gpus=8, gpu_memory_gb=141, vcpus=192, memory_gib=2048),
 }
-"""GPU node types the stack knows (shared/DESIGN.md). Anything else is refused by name."""
+"""GPU node types the stack knows (AWS instance facts). Anything else is refused by name."""
 
 BYTES_PER_PARAMETER = {"fp8": 1, "fp16": 2, "bf16": 2}
 WEIGHT_OVERHEAD = 1.1
