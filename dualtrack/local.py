@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import httpx
 
 from services.config import ConfigError, Settings, config_file
-from services.llamacpp import LlamaServer, LlamaServerError, check_gguf, ready
+from services.llamacpp import DEFAULT_ALIAS, LlamaServer, LlamaServerError, check_gguf, ready
 
 LOOPBACK = "127.0.0.1"
 MODEL_PORT = 8092
@@ -83,6 +83,18 @@ class LocalStack:
         return self.home / "run" / f"{name}.pid"
 
     @property
+    def _model_port_file(self) -> Path:
+        return self.home / "run" / "model.port"
+
+    @property
+    def model_port(self) -> int:
+        """The port the running local model listens on (as started)."""
+        try:
+            return int(self._model_port_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return MODEL_PORT
+
+    @property
     def gateway_url(self) -> str:
         return f"http://{LOOPBACK}:{self.gateway_port}"
 
@@ -105,33 +117,33 @@ class LocalStack:
         gateway_env: dict[str, str] | None = None,
         model: Path | None = None,
         threads: int | None = None,
+        model_port: int = MODEL_PORT,
     ) -> None:
         """Start what is not running and wait until the gateway is ready.
         ``gateway_env`` adds settings (``DUALTRACK_*``) for the gateway process; ``model`` (a
         GGUF file) runs a llama.cpp server that the gateway answers with."""
         env = dict(gateway_env or {})
         if model is not None:
-            env.update(self.start_model(model, threads, timeout_s))
+            env.update(self.start_model(model, threads, timeout_s, model_port))
         self.start_milvus(timeout_s)
         self.start_gateway(timeout_s, env)
 
     def start_model(
-        self, model: Path, threads: int | None = None, timeout_s: float = 180.0
+        self, model: Path, threads: int | None = None, timeout_s: float = 180.0, port: int = MODEL_PORT
     ) -> dict[str, str]:
         """Start the llama.cpp server on ``model``; returns the gateway settings that use it."""
         self._prepare()
         model = check_gguf(model.expanduser()).resolve()
         if self._pid("model") is None:
-            self._require_free(MODEL_PORT, "the local model's port")
-            server = LlamaServer(
-                model, MODEL_PORT, python=llama_python(), threads=threads or os.cpu_count() or 2
-            )
+            self._require_free(port, "--model-port")
+            server = LlamaServer(model, port, python=llama_python(), threads=threads or os.cpu_count() or 2)
             self._spawn("model", server.command(), {})
+            self._model_port_file.write_text(f"{port}\n", encoding="utf-8")
             self._wait(lambda: ready(server.url), "model", timeout_s)
         return {
             "DUALTRACK_LLM__LOCAL__KIND": "openai",
-            "DUALTRACK_LLM__LOCAL__URL": f"http://{LOOPBACK}:{MODEL_PORT}",
-            "DUALTRACK_LLM__LOCAL__MODEL": "local-model",
+            "DUALTRACK_LLM__LOCAL__URL": f"http://{LOOPBACK}:{self.model_port}",
+            "DUALTRACK_LLM__LOCAL__MODEL": DEFAULT_ALIAS,
             "DUALTRACK_LLM__LOCAL__TOKENIZER": str(model),
             "DUALTRACK_LLM__LOCAL__TIMEOUTS": "measured",
         }
@@ -198,7 +210,7 @@ class LocalStack:
         gateway_pid = self._pid("gateway")
         model_pid = self._pid("model")
         milvus_health = "listening" if _port_open(self.milvus_port) else "down"
-        model_url = f"http://{LOOPBACK}:{MODEL_PORT}"
+        model_url = f"http://{LOOPBACK}:{self.model_port}"
         model = [
             Component(
                 "model",

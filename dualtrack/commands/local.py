@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dualtrack.commands.common import console, fail, settings_or_fail
-from dualtrack.local import LocalStack, LocalStackError, describe
+from dualtrack.local import MODEL_PORT, LocalStack, LocalStackError, describe
 from services.config import ConfigError
 from services.llamacpp import LlamaServerError
 
@@ -39,12 +39,15 @@ def local_up(
         ),
     ] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for the model")] = None,
+    model_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="The model's port on 127.0.0.1")
+    ] = MODEL_PORT,
 ) -> None:
     """Start Milvus Lite (server mode), the gateway and, with --model, a local llama.cpp model."""
     stack = _stack()
     with console.status("starting the local stack (models load in a few seconds)..."):
         try:
-            stack.up(model=model, threads=threads)
+            stack.up(model=model, threads=threads, model_port=model_port)
         except (LocalStackError, LlamaServerError) as exc:
             raise fail(str(exc)) from None
     _print_status(stack)

@@ -153,3 +153,49 @@ def test_reused_pid_is_not_ours(tmp_path: Path) -> None:
     (tmp_path / "run" / "gateway.pid").write_text(f"{os.getpid()} 1\n")  # alive, wrong start time
     assert stack.status()[1].pid is None
     assert stack.down() == []  # and nothing was signalled
+
+
+def test_up_with_a_model_answers_with_it(tmp_path: Path) -> None:
+    """`dualtrack local up --model M.gguf`: a laptop answers with a real local model."""
+    from tests.support import gemma_gguf
+
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DUALTRACK_")},
+        "DUALTRACK_HOME": str(tmp_path / "home"),
+        "DUALTRACK_GATEWAY__PORT": str(free_port()),
+        "DUALTRACK_MILVUS__URI": f"http://127.0.0.1:{free_port()}",
+        "COLUMNS": "200",
+    }
+    model_port = str(free_port())
+    try:
+        up = run(
+            env, "local", "up", "--model", str(gemma_gguf()), "--threads", "2", "--model-port", model_port
+        )
+        assert "model" in up.stdout and "ready" in up.stdout
+        status = json.loads(run(env, "local", "status", "--json").stdout)
+        assert {c["name"]: c["health"] for c in status}["model"] == "ready"
+        run(env, "kb", "ingest", "docs/samples/handbook")
+        ans = run(env, "ask", "How many vacation days do full-time employees get per year?")
+        assert "route: local" in ans.stdout and "no generative model" not in ans.stdout
+    finally:
+        down = run(env, "local", "down", ok=False)
+    assert "model" in down.stdout
+    with socket.socket() as s:  # nothing listens on the model's port any more
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a listener
+        s.bind(("127.0.0.1", int(model_port)))
+
+
+def test_up_with_a_model_that_is_not_a_gguf_is_refused(tmp_path: Path) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DUALTRACK_")},
+        "DUALTRACK_HOME": str(tmp_path / "home"),
+        "DUALTRACK_GATEWAY__PORT": str(free_port()),
+        "DUALTRACK_MILVUS__URI": f"http://127.0.0.1:{free_port()}",
+    }
+    missing = run(env, "local", "up", "--model", str(tmp_path / "nope.gguf"), ok=False)
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    fake = tmp_path / "model.gguf"
+    fake.write_text("not a model")
+    wrong = run(env, "local", "up", "--model", str(fake), ok=False)
+    assert wrong.returncode == 2 and "not a GGUF file" in wrong.stderr
+    assert not (tmp_path / "home" / "run" / "milvus.pid").exists()  # nothing was started
