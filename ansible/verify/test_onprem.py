@@ -125,6 +125,8 @@ def test_local_model_serves_on_loopback_where_configured(host, gateway_env) -> N
     assert models.rc == 0 and gateway_env["DUALTRACK_LLM__LOCAL__MODEL"] in models.stdout
     model = host.file(gateway_env["DUALTRACK_LLM__LOCAL__TOKENIZER"])
     assert model.exists and model.mode == 0o640 and model.user == "root"
-    hardening = host.run(f"systemctl show {unit} -p NoNewPrivileges -p ProtectSystem -p User").stdout
+    hardening = host.run(
+        f"systemctl show {unit} -p NoNewPrivileges -p ProtectSystem -p User -p InaccessiblePaths"
+    ).stdout
     assert "NoNewPrivileges=yes" in hardening and "ProtectSystem=strict" in hardening
-    assert "User=root" not in hardening
+    assert "User=root" not in hardening and CONFIG_DIR in hardening  # settings and secrets unseen

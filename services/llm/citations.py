@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 
 from services.kb.models import Citation, Hit
 
-_MARKER = re.compile(r"\[\s*(\d{1,4}(?:\s*[,;]\s*\d{1,4})*)\s*\]")
+_MARKER = re.compile(r"\[\s*([0-9]+(?:\s*[,;]\s*[0-9]+)*)\s*\]")  # ASCII digits only
+_CODE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)
 _QUOTE = re.compile(r"\"([^\"\n]{12,600})\"|“([^”\n]{12,600})”")
 MIN_QUOTE_WORDS = 3
 
@@ -33,7 +34,7 @@ class Cited:
 def markers(text: str) -> list[int]:
     """The passage numbers ``text`` cites, in order of first mention."""
     seen: list[int] = []
-    for m in _MARKER.finditer(text):
+    for m in _MARKER.finditer(_CODE.sub(" ", text)):  # arr[2] in code cites nothing
         for part in re.split(r"\s*[,;]\s*", m.group(1)):
             n = int(part)
             if n not in seen:

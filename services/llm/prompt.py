@@ -87,11 +87,8 @@ def _passage(n: int, hit: Hit, text: str, specials: frozenset[str]) -> str:
     ):
         if value:
             attrs.append(f'{key}="{_attr(neutralise(str(value), specials))}"')
-    body = (
-        neutralise(text.strip(), specials)
-        .replace("</passage", "&lt;/passage")
-        .replace("<passage", "&lt;passage")
-    )
+    # every "<" escaped: a document cannot close its passage or open another, in any spelling
+    body = neutralise(text.strip(), specials).replace("<", "&lt;")
     return f"<passage {' '.join(attrs)}>\n{body}\n</passage>\n"
 
 

@@ -42,15 +42,21 @@ def _held(text: str, tag: str) -> int:
 class ThinkSplitter:
     """Incremental ``<think>`` / ``</think>`` splitter.
 
+    ``opened=None``: unknown (no tokenizer, no setting): everything is held until the text
+    shows it -- an opening ``<think>``, or a ``</think>`` with the thinking before it; a text
+    that never closes a thought is all answer. Slower to stream, never a leak.
+
     ``opened``: the prompt already opened the thinking (the template ends with ``<think>``),
     so output is reasoning until ``</think>`` (a repeated ``<think>`` at the start is dropped).
     Otherwise an opening ``<think>`` is honoured only before any answer text (leading
     whitespace aside): a tag later in an answer is text.
     """
 
-    def __init__(self, *, opened: bool = False) -> None:
-        self.state: Literal["start", "reasoning", "content"] = "start"
-        self.opened = opened
+    def __init__(self, *, opened: bool | None = False) -> None:
+        self.state: Literal["undecided", "start", "reasoning", "content"] = (
+            "undecided" if opened is None else "start"
+        )
+        self.opened = bool(opened)
         self._buffer = ""
         self._lead = False  # just after </think>: the whitespace before the answer is dropped
         self.saw_reasoning = opened
@@ -59,6 +65,21 @@ class ThinkSplitter:
         self._buffer += text
         out: list[Delta] = []
         while self._buffer:
+            if self.state == "undecided":
+                # nobody knows whether the prompt opened <think>: hold until the text says
+                if self._buffer.lstrip().startswith(OPEN) or OPEN.startswith(self._buffer.lstrip()):
+                    if not self._buffer.lstrip().startswith(OPEN):
+                        break
+                    self.state = "start"
+                    continue
+                at = self._buffer.find(CLOSE)
+                if at < 0:
+                    break
+                if at:
+                    out.append(Delta("reasoning", self._buffer[:at]))
+                self._buffer = self._buffer[at + len(CLOSE) :]
+                self.state, self._lead, self.saw_reasoning = "content", True, True
+                continue
             if self.state == "start":
                 stripped = self._buffer.lstrip()
                 if not stripped:
@@ -97,6 +118,8 @@ class ThinkSplitter:
     def finish(self) -> list[Delta]:
         """The held-back rest; raises :class:`UnterminatedReasoning` if still thinking."""
         rest, self._buffer = self._buffer, ""
+        if self.state == "undecided":  # it never closed a thought: all of it is the answer
+            return [Delta("content", rest)] if rest.strip() else []
         if self.state == "reasoning" or (self.state == "start" and self.opened):
             raise UnterminatedReasoning("the model stopped while still reasoning (no </think>): no answer")
         if self.state == "start":

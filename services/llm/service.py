@@ -28,7 +28,7 @@ from services.kb.models import Answer, Citation, Hit
 from services.llm.breaker import CircuitBreaker, State
 from services.llm.endpoints import Endpoint, LLMError, endpoint
 from services.llm.metrics import BREAKER_STATES, LLMMetrics
-from services.llm.prompt import Prompt
+from services.llm.prompt import Prompt, build_prompt
 from services.llm.reasoning import Delta, ThinkSplitter, UnterminatedReasoning
 from services.llm.router import RouteDecision, SensitivityRouter
 from services.llm.tokens import ApproxCounter, TokenCounter, counter_for
@@ -112,8 +112,6 @@ class AnswerService:
 
     async def _measure(self, endpoints: Sequence[Endpoint]) -> None:
         """Time a short request on each endpoint whose deadlines follow its speed."""
-        from services.llm.prompt import build_prompt
-
         for ep in endpoints:
             prompt = build_prompt(
                 self.settings.system_prompt,
@@ -245,7 +243,9 @@ class AnswerService:
         temperature = temperature if temperature is not None else self.settings.temperature
         cap = self.settings.max_reasoning_tokens
         budget = max_tokens + (cap if s.reasoning else 0)
-        opened = s.reasoning_opened if s.reasoning_opened is not None else counter.opens_reasoning()
+        opened: bool | None = s.reasoning_opened
+        if opened is None and counter.exact:
+            opened = counter.opens_reasoning()  # the template says; without one nobody knows
         splitter = ThinkSplitter(opened=opened) if s.reasoning else None
         reasoning = answered = 0
         started = time.perf_counter()

