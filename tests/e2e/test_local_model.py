@@ -9,6 +9,7 @@ shapes, routes and timings -- not wording.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -156,6 +157,24 @@ def test_ask_hides_reasoning_and_cites_only_what_it_cites(gateway: str) -> None:
     assert r.status_code == 200 and body["route"] == "cloud"  # public: the cloud answers
     assert body["reasoning"] is None and body["unresolved_citations"] == []
     assert [c["n"] for c in body["citations"]] == [1]  # the stand-in cites [1], and only that
+
+
+def test_with_a_worked_example_the_base_model_returns_the_fact(gateway: str) -> None:
+    # A base model continues text rather than following instructions: one worked question and
+    # answer, and the start of the answer, are what it needs to take the figure from a passage.
+    question = (
+        "Q: What load can a Tern T200 carry?\n"
+        "A: A Tern T200 carries loads of up to 200 kg [1].\n"
+        "Q: What load can a Tern T500 carry?\n"
+        "A: A Tern T500 carries loads of up to"
+    )
+    reply = _client(gateway).chat.completions.create(
+        model="dualtrack-local", messages=[{"role": "user", "content": question}]
+    )
+    assert (reply.model_extra or {})["route"] == "local"
+    answer = reply.choices[0].message.content or ""
+    # 500 kg is in the robot FAQ's passage only: not in the example, not in the question
+    assert re.search(r"\b500 kg\b", answer), answer
 
 
 def test_a_disconnected_client_stops_the_local_generation(gateway: str, llama: LlamaServer) -> None:
