@@ -1,1 +1,2 @@
-"""dualtrack: the operator CLI (local stack, knowledge base, later on-prem apply and plans)."""
+"""dualtrack: the operator CLI (local stack, knowledge base, model repository, on-prem, sync,
+plans, benchmarks)."""

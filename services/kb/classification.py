@@ -1,6 +1,6 @@
 """Classification labels and how a document gets one.
 
-Later stages (LLM routing, Kafka sync) decide what may leave the premises from
+The LLM router and the knowledge sync decide what may leave the premises from
 this label alone, so the resolution rule is deliberately conservative: every
 source that states a label is considered and the *most restrictive* one wins.
 A stray ``classification: public`` in front-matter can therefore never
