@@ -14,7 +14,7 @@ without a GPU: only the GPU step is replaced. It is strict where the real librar
   per step when streaming, and stops early at a stop string; ``abort()`` ends it as cancelled.
 
 Hooks (environment of the tritonserver process): ``DUALTRACK_TEST_RECORD`` (JSON lines: every
-request with what the model received and how it ended), ``DUALTRACK_TEST_TOKEN_DELAY_S`` (seconds a
+request with what the model received -- its prompt's token ids -- and how it ended), ``DUALTRACK_TEST_TOKEN_DELAY_S`` (seconds a
 token; a file ``delay`` next to the record overrides it while it exists).
 """
 
@@ -98,6 +98,7 @@ class _Generation:
         tail = self.ids[-min(ECHO_TOKENS, params.max_tokens, len(self.ids)) :]
         entry = {
             "prompt_tokens": len(self.ids),
+            "prompt_ids": self.ids,
             "max_tokens": params.max_tokens,
             "streaming": self.streaming,
             "stop": params.stop,
