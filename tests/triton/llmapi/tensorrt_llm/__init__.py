@@ -14,8 +14,9 @@ without a GPU: only the GPU step is replaced. It is strict where the real librar
   per step when streaming, and stops early at a stop string; ``abort()`` ends it as cancelled.
 
 Hooks (environment of the tritonserver process): ``DUALTRACK_TEST_RECORD`` (JSON lines: every
-request with what the model received -- its prompt's token ids -- and how it ended), ``DUALTRACK_TEST_TOKEN_DELAY_S`` (seconds a
-token; a file ``delay`` next to the record overrides it while it exists).
+request with what the model received -- its prompt's token ids -- and how it ended),
+``DUALTRACK_TEST_TOKEN_DELAY_S`` (seconds a token; a file ``delay`` next to the record
+overrides it while it exists).
 """
 
 from __future__ import annotations
