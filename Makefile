@@ -9,6 +9,7 @@ AWS_VENV := .venv-aws
 CRD_SCHEMAS := tests/infra/crd_schemas
 POLICY_VENV := infra/policy/venv
 LLAMA_VENV := .venv-llama
+OIDC_VENV := .venv-oidc
 LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python\[server\]==//p' requirements-llama.txt)
 # llama-cpp-python is sdist-only: its wheel takes minutes to build, so it is built once, portable
 # (no -march=native: hosts of the wheelhouse have other CPUs), and cached outside the checkout.
@@ -72,6 +73,12 @@ $(LLAMA_WHEEL): | $(BIN)/python
 	mkdir -p $(WHEELHOUSE)
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip wheel -q --no-deps -w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_VERSION)
 
+# The test identity provider (a real OIDC provider process) runs in its own venv.
+$(OIDC_VENV)/.installed: requirements-oidc.txt
+	$(PYTHON) -m venv $(OIDC_VENV)
+	$(OIDC_VENV)/bin/pip install -q -r requirements-oidc.txt
+	touch $@
+
 # The llama.cpp server runs in its own venv (its pins are not the gateway's).
 $(LLAMA_VENV)/.installed: requirements-llama.txt $(LLAMA_WHEEL)
 	$(PYTHON) -m venv $(LLAMA_VENV)
@@ -95,7 +102,7 @@ onprem-host-tools:
 	  (apt-get update -qq && apt-get install -y -qq podman runc debootstrap)
 
 install: $(VENV)/.runtime ansible/collections/.installed
-install-dev: $(VENV)/.dev $(LLAMA_VENV)/.installed $(CHECKOV_VENV)/.installed $(AWS_VENV)/.installed $(CRD_SCHEMAS)/node_modules/.installed $(POLICY_VENV)/.installed \
+install-dev: $(VENV)/.dev $(LLAMA_VENV)/.installed $(OIDC_VENV)/.installed $(CHECKOV_VENV)/.installed $(AWS_VENV)/.installed $(CRD_SCHEMAS)/node_modules/.installed $(POLICY_VENV)/.installed \
 	ansible/collections/.installed onprem-host-tools
 
 up: install $(if $(MODEL),$(LLAMA_VENV)/.installed)

@@ -167,6 +167,87 @@ class RetrievalSettings(_Section):
     answer_sentences: int = Field(3, ge=1, le=20)
 
 
+ASYMMETRIC_ALGORITHMS = (
+    *("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
+    *("ES256", "ES384", "ES512", "EdDSA"),
+)
+"""Signature algorithms an access token may use: public-key ones only (``none`` and the HMAC
+family would let anyone who knows the published key sign)."""
+
+
+def _loopback_or_https(url: str, key: str) -> str:
+    """``url`` must be https, or http to a loopback address (a test or local provider)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+    if parts.scheme == "https" or (parts.scheme == "http" and loopback):
+        return url  # unchanged: an issuer is compared byte for byte (Entra's v1 ends in "/")
+    raise ValueError(f"{key} must be an https:// URL (http:// only to a loopback address), got {url!r}")
+
+
+class ClaimSettings(_Section):
+    """Where the identity provider puts what the gateway needs (names differ: Entra ID uses
+    ``groups``/``roles``, Keycloak ``groups``/``realm_access.roles``, Okta ``groups``)."""
+
+    subject: str = Field("sub", min_length=1)
+    groups: str = Field("groups", min_length=1, description="Dotted path to a list of group names.")
+    roles: str = Field("roles", min_length=1, description="Dotted path to a list of role names.")
+    role_map: dict[str, Literal["reader", "contributor", "admin"]] = Field(
+        default_factory=lambda: {"reader": "reader", "contributor": "contributor", "admin": "admin"},
+        description="The provider's role (or group) names -> dualtrack roles.",
+    )
+    default_role: Literal["reader", "contributor", "admin"] | None = Field(
+        "reader", description="The role of a signed-in user none of whose roles is mapped (None: refuse)."
+    )
+    clearance_by_group: dict[str, Classification] = Field(
+        default_factory=dict,
+        description="A group's clearance; a user's clearance is the highest of its groups'.",
+    )
+    default_clearance: Classification = Classification.INTERNAL
+
+
+class OidcSettings(_Section):
+    """Sign-in with the company's identity provider: bearer JWT access tokens checked against
+    the issuer's published keys (JWKS)."""
+
+    issuer: str = Field(description="The provider's issuer URL, exactly as its tokens carry it.")
+    audience: list[str] = Field(min_length=1, description="Accepted ``aud`` values (this API).")
+    jwks_uri: str | None = Field(None, description="Default: from the issuer's discovery document.")
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256"], min_length=1)
+    leeway_s: float = Field(30.0, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat.")
+    jwks_max_age_s: float = Field(
+        600.0, gt=0, le=86_400, description="How long fetched keys are used before they are refreshed."
+    )
+    jwks_refetch_interval_s: float = Field(
+        10.0, ge=0, le=3600, description="At most one fetch this often for a token with an unknown key id."
+    )
+    jwks_timeout_s: float = Field(5.0, gt=0, le=60)
+    max_token_bytes: int = Field(8192, ge=512, le=65_536)
+    claims: ClaimSettings = ClaimSettings()
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, v: str) -> str:
+        return _loopback_or_https(v, "gateway.oidc.issuer")
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _jwks(cls, v: str | None) -> str | None:
+        return None if v is None else _loopback_or_https(v, "gateway.oidc.jwks_uri")
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if a not in ASYMMETRIC_ALGORITHMS]
+        if bad:
+            raise ValueError(
+                f"gateway.oidc.algorithms: {bad} not allowed; allowed: {', '.join(ASYMMETRIC_ALGORITHMS)}"
+            )
+        return v
+
+
 class GatewaySettings(_Section):
     """The HTTP front door. Listens on loopback and requires an API key unless a
     deployment says otherwise."""
@@ -177,6 +258,7 @@ class GatewaySettings(_Section):
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
     public_url: str | None = Field(None, description="Base URL used in citation links.")
+    oidc: OidcSettings | None = Field(None, description="Company sign-in; off when not set.")
 
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")

@@ -1,0 +1,273 @@
+"""Company sign-in: bearer JWT access tokens checked against the identity provider's keys.
+
+A token is accepted only when its signature verifies with a key the issuer publishes (its
+JWKS, found through the issuer's discovery document unless configured), with an allowed
+public-key algorithm, and its issuer, audience, expiry and not-before hold (with a little
+leeway for clock skew). PyJWT does the cryptography and the claim checks; this module owns
+the keys:
+
+- fetched keys are used for ``jwks_max_age_s``; after half of that a request triggers a
+  refresh, and if the provider is down then the cached keys keep working until they are
+  that old -- after that, requests get a clear "identity provider unavailable" (503);
+- a token naming a key id the cache does not hold (the provider rotated its keys) triggers
+  one refetch, at most every ``jwks_refetch_interval_s``, so a flood of made-up key ids
+  cannot turn the gateway into a load generator against the provider.
+
+The claims then become a :class:`~services.auth.principal.Principal` through the
+deployment's claim mapping (names differ between Entra ID, Keycloak and Okta). Error
+messages say what is wrong with a token, never what it contains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+import jwt
+
+from services.auth.principal import Principal, Role
+from services.config import ClaimSettings, OidcSettings
+from services.kb.classification import Classification
+
+
+class AuthError(Exception):
+    """A request is not authenticated; ``str()`` is for the client, verbatim."""
+
+    status = 401
+
+
+class ProviderUnavailable(AuthError):
+    """The identity provider's keys cannot be had, and none cached are young enough to use."""
+
+    status = 503
+
+
+class KeySet:
+    """The issuer's published signing keys, cached (see the module docstring)."""
+
+    def __init__(self, settings: OidcSettings, client: httpx.AsyncClient, clock=time.monotonic) -> None:
+        self.settings = settings
+        self._client = client
+        self._clock = clock
+        self._keys: dict[str | None, jwt.PyJWK] = {}
+        self._fetched_at: float | None = None
+        self._last_attempt = float("-inf")
+        self._jwks_uri = settings.jwks_uri
+        self._lock = asyncio.Lock()
+
+    @property
+    def age(self) -> float | None:
+        return None if self._fetched_at is None else self._clock() - self._fetched_at
+
+    async def key(self, kid: str | None, alg: str) -> jwt.PyJWK:
+        """The key for a token's ``kid`` (or the only key for ``alg`` when it names none)."""
+        age = self.age
+        if age is None or age >= self.settings.jwks_max_age_s:
+            await self._refresh(required=True)
+        elif age >= self.settings.jwks_max_age_s / 2:
+            await self._refresh(required=False)
+        found = self._find(kid, alg)
+        if found is None and await self.refetch():  # rotated keys: look once more
+            found = self._find(kid, alg)
+        if found is None:
+            if kid is None:
+                raise AuthError(
+                    f"the token names no signing key (kid) and the issuer publishes "
+                    f"{len(self._usable(alg))} keys for {alg}"
+                )
+            raise AuthError("the token is signed with a key the issuer does not publish")
+        return found
+
+    def _usable(self, alg: str) -> list[jwt.PyJWK]:
+        return [k for k in self._keys.values() if _fits(k, alg)]
+
+    def _find(self, kid: str | None, alg: str) -> jwt.PyJWK | None:
+        if kid is not None:
+            key = self._keys.get(kid)
+            return key if key is not None and _fits(key, alg) else None
+        usable = self._usable(alg)
+        return usable[0] if len(usable) == 1 else None
+
+    async def refetch(self) -> bool:
+        """Fetch the keys again if the rate limit allows; whether it did and got keys."""
+        if self._clock() - self._last_attempt < self.settings.jwks_refetch_interval_s:
+            return False
+        before = self._fetched_at
+        await self._refresh(required=False)
+        return self._fetched_at != before
+
+    async def _refresh(self, *, required: bool) -> None:
+        async with self._lock:
+            if self._fetched_at is not None and self._clock() - self._last_attempt < 0.5:
+                return  # another request just refreshed
+            self._last_attempt = self._clock()
+            try:
+                keys = await self._fetch()
+            except ProviderUnavailable:
+                if required:
+                    raise
+                return  # the cached keys are still young enough
+            self._keys, self._fetched_at = keys, self._clock()
+
+    async def _fetch(self) -> dict[str | None, jwt.PyJWK]:
+        if self._jwks_uri is None:
+            self._jwks_uri = await self._discover()
+        document = await self._get_json(self._jwks_uri, "the JWKS")
+        keys: dict[str | None, jwt.PyJWK] = {}
+        for entry in document.get("keys") or []:
+            if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
+                continue  # encryption keys are not for checking signatures
+            try:
+                keys[entry.get("kid")] = jwt.PyJWK(entry)
+            except (jwt.PyJWKError, jwt.InvalidKeyError):
+                continue  # a key type this gateway cannot use is skipped, as RFC 7517 asks
+        if not keys:
+            raise ProviderUnavailable(f"the identity provider's JWKS at {self._jwks_uri} holds no usable key")
+        return keys
+
+    async def _discover(self) -> str:
+        issuer = self.settings.issuer
+        url = f"{issuer.rstrip('/')}/.well-known/openid-configuration"
+        document = await self._get_json(url, "the discovery document")
+        if document.get("issuer") != issuer:
+            raise ProviderUnavailable(
+                f"the discovery document at {url} names issuer {document.get('issuer')!r}, "
+                f"not gateway.oidc.issuer {issuer!r}"
+            )
+        uri = document.get("jwks_uri")
+        if not isinstance(uri, str) or not uri:
+            raise ProviderUnavailable(f"the discovery document at {url} names no jwks_uri")
+        return uri
+
+    async def _get_json(self, url: str, what: str) -> dict[str, Any]:
+        try:
+            r = await self._client.get(url, timeout=self.settings.jwks_timeout_s)
+            r.raise_for_status()
+            document = r.json()
+        except (httpx.HTTPError, json.JSONDecodeError) as exc:
+            raise ProviderUnavailable(
+                f"identity provider unavailable: cannot fetch {what} from {url} ({type(exc).__name__})"
+            ) from None
+        if not isinstance(document, dict):
+            raise ProviderUnavailable(f"identity provider unavailable: {what} at {url} is not a JSON object")
+        return document
+
+
+def _fits(key: jwt.PyJWK, alg: str) -> bool:
+    """Whether ``key`` may check an ``alg`` signature: the key's own ``alg`` when it names one,
+    else any algorithm of its key type."""
+    declared = key._jwk_data.get("alg")  # PyJWK keeps the JWK it was made from
+    if declared:
+        return declared == alg
+    family = {"RSA": ("RS", "PS"), "EC": ("ES",), "OKP": ("EdDSA",)}.get(key.key_type or "", ())
+    return any(alg.startswith(prefix) for prefix in family)
+
+
+_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.ExpiredSignatureError, "the token has expired"),
+    (jwt.ImmatureSignatureError, "the token is not valid yet (nbf/iat in the future)"),
+    (jwt.InvalidAudienceError, "the token is meant for another audience"),
+    (jwt.InvalidIssuerError, "the token comes from another issuer"),
+    (jwt.InvalidSignatureError, "the token's signature does not verify"),
+)
+
+
+class OidcValidator:
+    """Bearer tokens -> principals, for one issuer."""
+
+    def __init__(
+        self, settings: OidcSettings, client: httpx.AsyncClient | None = None, clock=time.monotonic
+    ) -> None:
+        self.settings = settings
+        self.keys = KeySet(settings, client or httpx.AsyncClient(), clock)
+
+    async def principal(self, token: str) -> Principal:
+        s = self.settings
+        if len(token) > s.max_token_bytes:
+            raise AuthError(f"the token is {len(token)} bytes; at most {s.max_token_bytes} are accepted")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError:
+            raise AuthError("the bearer token is not a JWT") from None
+        alg = header.get("alg")
+        if alg not in s.algorithms:
+            allowed = ", ".join(s.algorithms)
+            raise AuthError(f"token algorithm {alg!r} is not accepted (gateway.oidc.algorithms: {allowed})")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise AuthError("the token's kid is not a string")
+        key = await self.keys.key(kid, alg)
+        try:
+            try:
+                claims = self._decode(token, key, alg)
+            except jwt.InvalidSignatureError:
+                # a token that names no key, from a provider that has just rotated its only one
+                if kid is not None or not await self.keys.refetch():
+                    raise
+                claims = self._decode(token, await self.keys.key(kid, alg), alg)
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError(f"the token has no {exc.claim!r} claim") from None
+        except jwt.InvalidTokenError as exc:
+            for kind, message in _ERRORS:
+                if isinstance(exc, kind):
+                    raise AuthError(message) from None
+            raise AuthError(f"the token is not valid ({type(exc).__name__})") from None
+        return principal_from_claims(claims, s.claims, issuer=s.issuer)
+
+    def _decode(self, token: str, key: jwt.PyJWK, alg: str) -> dict[str, Any]:
+        s = self.settings
+        return jwt.decode(
+            token,
+            key.key,
+            algorithms=[alg],
+            audience=s.audience,
+            issuer=s.issuer,
+            leeway=s.leeway_s,
+            options={"require": ["exp", "iss", "aud"]},
+        )
+
+
+def _path(claims: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = claims
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _names(claims: Mapping[str, Any], dotted: str, key: str, *, required: bool) -> frozenset[str]:
+    value = _path(claims, dotted)
+    if value is None:
+        if required:
+            raise AuthError(f"the token has no {dotted!r} claim (gateway.oidc.claims.{key})")
+        return frozenset()
+    if isinstance(value, str):
+        value = [value]  # some providers send a single group as a string
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AuthError(
+            f"the token's {dotted!r} claim must be a list of names (gateway.oidc.claims.{key}), "
+            f"got {type(value).__name__}"
+        )
+    return frozenset(value)
+
+
+def principal_from_claims(claims: Mapping[str, Any], mapping: ClaimSettings, *, issuer: str) -> Principal:
+    """The principal a validated token stands for, by the deployment's claim mapping."""
+    subject = _path(claims, mapping.subject)
+    if not isinstance(subject, str) or not subject.strip():
+        raise AuthError(f"the token has no usable {mapping.subject!r} claim (gateway.oidc.claims.subject)")
+    groups = _names(claims, mapping.groups, "groups", required=True)
+    roles_claim = _names(claims, mapping.roles, "roles", required=False)
+    roles = frozenset(Role(mapping.role_map[n]) for n in roles_claim | groups if n in mapping.role_map)
+    if not roles:
+        if mapping.default_role is None:
+            raise AuthError("the token carries no role this gateway knows (gateway.oidc.claims.role_map)")
+        roles = frozenset({Role(mapping.default_role)})
+    clearances = [mapping.clearance_by_group[g] for g in groups if g in mapping.clearance_by_group]
+    clearance = max(clearances, key=lambda c: c.rank, default=Classification(mapping.default_clearance))
+    return Principal(subject, "user", groups, roles, clearance, issuer=issuer)
