@@ -18,6 +18,7 @@ from rich.markup import escape
 from dualtrack.commands.bench import bench_app
 from dualtrack.commands.common import err
 from dualtrack.commands.kb import ask_app, kb_app
+from dualtrack.commands.keys import keys_app
 from dualtrack.commands.local import local_app
 from dualtrack.commands.model_repo import model_repo_app
 from dualtrack.commands.onprem import onprem_app
@@ -32,6 +33,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(model_repo_app, name="model-repo")
 app.add_typer(onprem_app, name="onprem")
 app.add_typer(sync_app, name="sync")
+app.add_typer(keys_app, name="keys")
 app.registered_commands += ask_app.registered_commands + plan_app.registered_commands
 
 

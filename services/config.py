@@ -255,10 +255,13 @@ class GatewaySettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     auth_enabled: bool = True
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(
+        None, description="The bootstrap admin key: one shared secret with every right; off unless set."
+    )
     api_key_file: Path | None = None
     public_url: str | None = Field(None, description="Base URL used in citation links.")
     oidc: OidcSettings | None = Field(None, description="Company sign-in; off when not set.")
+    keys_file: Path | None = Field(None, description="Service API keys (`dualtrack keys`); off when not set.")
 
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")

@@ -21,10 +21,11 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from services.auth.authenticator import Authenticator
 from services.config import Settings
 from services.gateway import schemas
 from services.gateway.answering import answer_routes
-from services.gateway.auth import CHALLENGE, UNAUTHORIZED, bearer, key_matches, load_api_key, require_key
+from services.gateway.auth import authenticate, bearer
 from services.gateway.metrics import Metrics
 from services.kb.classification import Classification, parse_label
 from services.kb.errors import KBError
@@ -43,7 +44,7 @@ _MULTIPART_OVERHEAD = 64 * 1024
 
 def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     """Build the gateway. ``kb`` may be passed in (tests share one loaded model)."""
-    api_key = load_api_key(settings.gateway)  # a bad key setting fails here, before serving
+    authenticator = Authenticator(settings.gateway)  # a bad sign-in setting fails here, before serving
     knowledge = kb or KnowledgeBase(settings)
     metrics = Metrics()
     answers = AnswerService(settings.llm, knowledge.answer, LLMMetrics(metrics.registry))
@@ -68,7 +69,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         summary="Private knowledge base: ingest, search and cited answers",
         lifespan=lifespan,
     )
-    app.state.api_key = api_key
+    app.state.authenticator = authenticator
     app.state.kb = knowledge
     app.state.metrics = metrics
     app.state.answers = answers
@@ -79,14 +80,16 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> None:
-        require_key(request, credentials)
+        """The middleware authenticated the request; this declares the scheme in OpenAPI."""
+        assert request.state.principal is not None
 
     secured = [Depends(auth)]
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
-        rejection = _upload_gate(request)  # before FastAPI spools a multipart body to disk
+        # from the headers alone: no body is read (or spooled to disk) for an anonymous request
+        rejection = await authenticate(request, authenticator) or _upload_gate(request)
         response: Response = rejection or await call_next(request)
         route = request.scope.get("route")
         metrics.request_seconds.labels(
@@ -95,12 +98,10 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         return response
 
     def _upload_gate(request: Request) -> Response | None:
-        """Uploads are authenticated and size-checked from their headers alone, so an
-        anonymous or oversized (or length-less, chunked) body is never written to disk."""
+        """Uploads are size-checked from their headers alone, so an oversized (or length-less,
+        chunked) body is never written to disk."""
         if request.method != "POST" or request.url.path != "/v1/documents":
             return None
-        if not key_matches(api_key, request.headers.get("authorization")):
-            return JSONResponse({"detail": UNAUTHORIZED}, status_code=401, headers=CHALLENGE)
         length = request.headers.get("content-length", "")
         if not length.isdigit():
             return JSONResponse(

@@ -1,57 +1,39 @@
-"""Bearer API-key authentication (on by default)."""
+"""The gateway's side of sign-in: every request but the probes and the API description is
+authenticated in the middleware, from its headers alone, before its body is read; the
+endpoints find the principal on ``request.state``."""
 
 from __future__ import annotations
 
-import hmac
-from pathlib import Path
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 
-from fastapi import HTTPException, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from services.auth.authenticator import Authenticator
+from services.auth.oidc import AuthError
+from services.auth.principal import Principal
 
-from services.config import ConfigError, GatewaySettings
+bearer = HTTPBearer(
+    auto_error=False,
+    description="A signed-in user's access token, a service API key (`dtk_...`) or the bootstrap "
+    "admin key: `Authorization: Bearer <credential>`",
+)
+"""Declared on the secured endpoints so the OpenAPI description shows the scheme."""
 
-bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")
-
-
-def load_api_key(settings: GatewaySettings) -> str | None:
-    """The configured key, from ``gateway.api_key`` or ``gateway.api_key_file``.
-
-    Returns ``None`` only when auth is disabled; a missing or empty key with auth
-    on is a configuration error, not an open door.
-    """
-    if not settings.auth_enabled:
-        return None
-    if settings.api_key is not None and settings.api_key.get_secret_value().strip():
-        return settings.api_key.get_secret_value().strip()
-    if settings.api_key_file is not None:
-        path = Path(settings.api_key_file)
-        try:
-            key = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"gateway.api_key_file = {str(path)!r}: cannot read: {exc.strerror}") from None
-        if not key:
-            raise ConfigError(f"gateway.api_key_file = {str(path)!r}: file is empty")
-        return key
-    raise ConfigError(
-        "gateway.auth_enabled is true but no key is set: set gateway.api_key "
-        "(env DUALTRACK_GATEWAY__API_KEY) or gateway.api_key_file, or disable auth explicitly"
-    )
-
-
-UNAUTHORIZED = "missing or wrong API key"
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/redoc"})
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def key_matches(expected: str | None, authorization: str | None) -> bool:
-    """Whether an ``Authorization`` header carries the key (constant-time compare).
-    Used by the endpoint dependency and by the upload gate that runs before parsing."""
-    if expected is None:
-        return True
-    scheme, _, token = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
+async def authenticate(request: Request, authenticator: Authenticator) -> JSONResponse | None:
+    """Set ``request.state.principal``, or the error response to send instead."""
+    if request.url.path in PUBLIC_PATHS:
+        return None
+    try:
+        request.state.principal = await authenticator.principal(request.headers.get("authorization"))
+    except AuthError as exc:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=CHALLENGE)
+    return None
 
 
-def require_key(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
-    header = f"Bearer {credentials.credentials}" if credentials else None
-    if not key_matches(request.app.state.api_key, header):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, UNAUTHORIZED, headers=CHALLENGE)
+def principal_of(request: Request) -> Principal:
+    """The principal the middleware authenticated (every secured endpoint has one)."""
+    return request.state.principal

@@ -68,7 +68,7 @@ def test_auth_is_required_except_for_probes(gateway: httpx.Client) -> None:
 
 
 def test_auth_without_a_key_refuses_to_start(make_settings) -> None:
-    with pytest.raises(ConfigError, match="gateway.auth_enabled is true but no key is set"):
+    with pytest.raises(ConfigError, match="gateway.auth_enabled is true but no way to sign in is set"):
         create_app(make_settings())
 
 
