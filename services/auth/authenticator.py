@@ -65,6 +65,10 @@ class Authenticator:
                 "(the bootstrap admin key, env DUALTRACK_GATEWAY__API_KEY) -- or disable auth explicitly"
             )
 
+    async def aclose(self) -> None:
+        if self.oidc is not None:
+            await self.oidc.aclose()
+
     async def principal(self, authorization: str | None) -> Principal:
         """The principal of a request, or :class:`AuthError` (401; 503 when the identity
         provider cannot be reached)."""

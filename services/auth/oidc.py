@@ -59,6 +59,9 @@ class KeySet:
         self._jwks_uri = settings.jwks_uri
         self._lock = asyncio.Lock()
 
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
     @property
     def age(self) -> float | None:
         return None if self._fetched_at is None else self._clock() - self._fetched_at
@@ -184,6 +187,9 @@ class OidcValidator:
     ) -> None:
         self.settings = settings
         self.keys = KeySet(settings, client or httpx.AsyncClient(), clock)
+
+    async def aclose(self) -> None:
+        await self.keys.aclose()
 
     async def principal(self, token: str) -> Principal:
         s = self.settings

@@ -59,6 +59,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
             publisher.start()
         yield
         await answers.aclose()
+        await authenticator.aclose()
         if publisher is not None:
             publisher.close()
         knowledge.close()
