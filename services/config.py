@@ -198,8 +198,8 @@ class ClaimSettings(_Section):
         default_factory=lambda: {"reader": "reader", "contributor": "contributor", "admin": "admin"},
         description="The provider's role (or group) names -> dualtrack roles.",
     )
-    default_role: Literal["reader", "contributor", "admin"] | None = Field(
-        "reader", description="The role of a signed-in user none of whose roles is mapped (None: refuse)."
+    default_role: Literal["reader", "contributor", "admin", "none"] = Field(
+        "reader", description="The role of a signed-in user none of whose roles is mapped ('none': refuse)."
     )
     clearance_by_group: dict[str, Classification] = Field(
         default_factory=dict,

@@ -271,7 +271,7 @@ def principal_from_claims(claims: Mapping[str, Any], mapping: ClaimSettings, *, 
     roles_claim = _names(claims, mapping.roles, "roles", required=False)
     roles = frozenset(Role(mapping.role_map[n]) for n in roles_claim | groups if n in mapping.role_map)
     if not roles:
-        if mapping.default_role is None:
+        if mapping.default_role == "none":
             raise AuthError("the token carries no role this gateway knows (gateway.oidc.claims.role_map)")
         roles = frozenset({Role(mapping.default_role)})
     clearances = [mapping.clearance_by_group[g] for g in groups if g in mapping.clearance_by_group]

@@ -87,7 +87,7 @@ def test_claim_names_follow_the_provider(idp: OidcProvider) -> None:
     token = idp.token("carol", member_of=["ops"], realm_access={"roles": ["kb-admin", "offline_access"]})
     p = _principal(validator, token)
     assert p.groups == {"ops"} and p.roles == {Role.ADMIN}
-    mapping = {"role_map": {"kb-admin": "admin"}, "default_role": None}
+    mapping = {"role_map": {"kb-admin": "admin"}, "default_role": "none"}
     strict = OidcSettings(issuer=idp.issuer, audience=[AUDIENCE], claims=mapping)
     _reject(OidcValidator(strict), idp.token("dave", groups=["ops"]), "carries no role this gateway knows")
 
