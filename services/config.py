@@ -175,7 +175,7 @@ ASYMMETRIC_ALGORITHMS = (
 family would let anyone who knows the published key sign)."""
 
 
-def _loopback_or_https(url: str, key: str) -> str:
+def loopback_or_https(url: str, key: str) -> str:
     """``url`` must be https, or http to a loopback address (a test or local provider)."""
     from urllib.parse import urlsplit
 
@@ -195,8 +195,10 @@ class ClaimSettings(_Section):
     groups: str = Field("groups", min_length=1, description="Dotted path to a list of group names.")
     roles: str = Field("roles", min_length=1, description="Dotted path to a list of role names.")
     role_map: dict[str, Literal["reader", "contributor", "admin"]] = Field(
-        default_factory=lambda: {"reader": "reader", "contributor": "contributor", "admin": "admin"},
-        description="The provider's role (or group) names -> dualtrack roles.",
+        default_factory=dict,
+        description="The provider's role names (in the roles claim) -> dualtrack roles; none by default, "
+        "so every role above reader is granted explicitly. Set `roles` to the groups claim's path "
+        "to grant roles by group.",
     )
     default_role: Literal["reader", "contributor", "admin", "none"] = Field(
         "reader", description="The role of a signed-in user none of whose roles is mapped ('none': refuse)."
@@ -230,12 +232,12 @@ class OidcSettings(_Section):
     @field_validator("issuer")
     @classmethod
     def _issuer(cls, v: str) -> str:
-        return _loopback_or_https(v, "gateway.oidc.issuer")
+        return loopback_or_https(v, "gateway.oidc.issuer")
 
     @field_validator("jwks_uri")
     @classmethod
     def _jwks(cls, v: str | None) -> str | None:
-        return None if v is None else _loopback_or_https(v, "gateway.oidc.jwks_uri")
+        return None if v is None else loopback_or_https(v, "gateway.oidc.jwks_uri")
 
     @field_validator("algorithms")
     @classmethod
@@ -262,6 +264,16 @@ class GatewaySettings(_Section):
     public_url: str | None = Field(None, description="Base URL used in citation links.")
     oidc: OidcSettings | None = Field(None, description="Company sign-in; off when not set.")
     keys_file: Path | None = Field(None, description="Service API keys (`dualtrack keys`); off when not set.")
+
+    @model_validator(mode="after")
+    def _open_only_on_loopback(self) -> GatewaySettings:
+        loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        if not self.auth_enabled and not loopback:
+            raise ValueError(
+                f"gateway.auth_enabled = false with gateway.host = {self.host!r}: without sign-in "
+                "everyone is an admin who reads every label, so the gateway may only listen on loopback"
+            )
+        return self
 
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")

@@ -50,7 +50,7 @@ def keys_create(
         list[str] | None, typer.Option("--group", help="A group it acts for (repeatable)")
     ] = None,
     clearance: Annotated[
-        Classification, typer.Option(help="The most sensitive label it may read")
+        Classification, typer.Option(help="The clearance its principal carries (docs/security.md)")
     ] = Classification.INTERNAL,
     expires_in: Annotated[str, typer.Option(help="90d, 12h, or 'never'")] = "90d",
     keys_file: FileOpt = None,

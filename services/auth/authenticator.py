@@ -14,14 +14,23 @@ Anything else, or nothing, is refused with 401 before the request's body is read
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 from pathlib import Path
 
-from services.auth.keys import PREFIX, KeyStore
+from services.auth.keys import PREFIX, KeyStore, KeyStoreUnavailable
 from services.auth.oidc import AuthError, OidcValidator
 from services.auth.principal import Principal, Role
 from services.config import ConfigError, GatewaySettings
 from services.kb.classification import Classification
+
+log = logging.getLogger(__name__)
+
+
+class ServiceUnavailable(AuthError):
+    status = 503
+
 
 BOOTSTRAP = Principal(
     "bootstrap-admin", "bootstrap", frozenset(), frozenset({Role.ADMIN}), Classification.CONFIDENTIAL
@@ -79,7 +88,11 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token:
             raise AuthError("sign in: send `Authorization: Bearer <token or API key>`")
         if token.startswith(PREFIX) and self.keys is not None:
-            principal = self.keys.authenticate(token)
+            try:  # SQLite blocks: off the event loop, which every other request shares
+                principal = await asyncio.to_thread(self.keys.authenticate, token)
+            except KeyStoreUnavailable as exc:
+                log.error("%s", exc)
+                raise ServiceUnavailable("API keys cannot be checked right now: try again shortly") from None
             if principal is None:
                 raise AuthError("unknown, expired or revoked API key")
             return principal

@@ -30,6 +30,7 @@ from services.kb.classification import Classification
 PREFIX = "dtk_"
 _KEY = re.compile(r"^dtk_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_ID = re.compile(r"^[a-z0-9]{12}$")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
@@ -47,6 +48,10 @@ CREATE TABLE IF NOT EXISTS api_keys (
 
 class KeyStoreError(ValueError):
     """A key operation is refused; the message names what is wrong."""
+
+
+class KeyStoreUnavailable(RuntimeError):
+    """The key file cannot be read (locked for too long, corrupt, unreadable)."""
 
 
 @dataclass(frozen=True)
@@ -89,16 +94,25 @@ class KeyStore:
     def _db(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
         if write:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not self.path.exists():
-                fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)  # never readable by others
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)  # never readable by others
+            try:
+                os.fchmod(fd, 0o600)  # a file someone made looser is made private again
+            finally:
                 os.close(fd)
         elif not self.path.exists():
             raise KeyStoreError(f"no API keys at {self.path} (create one with `dualtrack keys create`)")
-        db = sqlite3.connect(self.path, timeout=5)
+        db = sqlite3.connect(self.path, timeout=5, isolation_level=None)
         try:
             db.execute(_SCHEMA)
+            if write:
+                db.execute("BEGIN IMMEDIATE")  # one writer at a time: check-then-insert holds
             yield db
-            db.commit()
+            if write:
+                db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
         finally:
             db.close()
 
@@ -112,10 +126,10 @@ class KeyStore:
         now: datetime | None = None,
     ) -> tuple[str, KeyRecord]:
         """A new key: (the plain key, shown this once; its record)."""
-        if not _NAME.match(name):
+        if not _NAME.match(name) or _ID.match(name):
             raise KeyStoreError(
                 f"key name {name!r}: use 1-63 lower-case letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
+                "starting with a letter or digit, and not 12 letters and digits alone (a key id)"
             )
         roles = frozenset(roles)
         if not roles:
@@ -130,7 +144,13 @@ class KeyStore:
             key_id, name, roles, groups, clearance, now, now + expires_in if expires_in else None, None
         )
         with self._db(write=True) as db:
-            if db.execute("SELECT 1 FROM api_keys WHERE name = ?", (name,)).fetchone():
+            existing = db.execute("SELECT revoked FROM api_keys WHERE name = ?", (name,)).fetchone()
+            if existing is not None:
+                if existing[0] is not None:
+                    raise KeyStoreError(
+                        f"a key named {name!r} was revoked; names are not reused (the audit trail "
+                        "names keys): choose another name"
+                    )
                 raise KeyStoreError(f"a key named {name!r} exists; revoke it or choose another name")
             db.execute(
                 "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
@@ -195,12 +215,18 @@ class KeyStore:
         if match is None or not self.path.exists():
             return None
         key_id, secret = match.groups()
-        with self._db() as db:
-            row = db.execute(
-                "SELECT id, name, roles, groups_, clearance, created, expires, revoked, sha256 "
-                "FROM api_keys WHERE id = ?",
-                (key_id,),
-            ).fetchone()
+        try:  # read-only, and never waiting long: a request is waiting
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
+            try:
+                row = db.execute(
+                    "SELECT id, name, roles, groups_, clearance, created, expires, revoked, sha256 "
+                    "FROM api_keys WHERE id = ?",
+                    (key_id,),
+                ).fetchone()
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            raise KeyStoreUnavailable(f"cannot read the API keys in {self.path}: {exc}") from None
         if row is None or not hmac.compare_digest(row[-1], _sha256(secret)):
             return None
         record = self._record(row[:-1])

@@ -6,9 +6,9 @@ public-key algorithm, and its issuer, audience, expiry and not-before hold (with
 leeway for clock skew). PyJWT does the cryptography and the claim checks; this module owns
 the keys:
 
-- fetched keys are used for ``jwks_max_age_s``; after half of that a request triggers a
-  refresh, and if the provider is down then the cached keys keep working until they are
-  that old -- after that, requests get a clear "identity provider unavailable" (503);
+- fetched keys are used for ``jwks_max_age_s``; after half of that they are refreshed in
+  the background, and if the provider is down then the cached keys keep working until they
+  are that old -- after that, requests get a clear "identity provider unavailable" (503);
 - a token naming a key id the cache does not hold (the provider rotated its keys) triggers
   one refetch, at most every ``jwks_refetch_interval_s``, so a flood of made-up key ids
   cannot turn the gateway into a load generator against the provider.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -30,8 +31,10 @@ import httpx
 import jwt
 
 from services.auth.principal import Principal, Role
-from services.config import ClaimSettings, OidcSettings
+from services.config import ClaimSettings, OidcSettings, loopback_or_https
 from services.kb.classification import Classification
+
+log = logging.getLogger(__name__)
 
 
 class AuthError(Exception):
@@ -41,13 +44,29 @@ class AuthError(Exception):
 
 
 class ProviderUnavailable(AuthError):
-    """The identity provider's keys cannot be had, and none cached are young enough to use."""
+    """The identity provider's keys cannot be had, and none cached are young enough to use.
+
+    Clients get a fixed message; ``detail`` (which URL failed, how) is for the log."""
 
     status = 503
 
+    def __init__(self, detail: str) -> None:
+        super().__init__("identity provider unavailable: try again shortly")
+        self.detail = detail
+
+
+MAX_DOCUMENT_BYTES = 1024 * 1024
+"""A discovery document or JWKS larger than this is refused (they are a few kB)."""
+
 
 class KeySet:
-    """The issuer's published signing keys, cached (see the module docstring)."""
+    """The issuer's published signing keys, cached (see the module docstring).
+
+    One fetch runs at a time, under a deadline for the whole of it (connect, headers, body). A
+    refresh of keys that are still usable runs in the background, so no request waits for
+    it; only a request that has no usable keys waits -- and after a failed fetch, such
+    requests are refused at once until ``jwks_refetch_interval_s`` has passed, so nobody can
+    make the gateway flood a provider that is down."""
 
     def __init__(self, settings: OidcSettings, client: httpx.AsyncClient, clock=time.monotonic) -> None:
         self.settings = settings
@@ -56,23 +75,31 @@ class KeySet:
         self._keys: dict[str | None, jwt.PyJWK] = {}
         self._fetched_at: float | None = None
         self._last_attempt = float("-inf")
+        """When the last fetch ended (success or not)."""
+        self._failed: ProviderUnavailable | None = None
         self._jwks_uri = settings.jwks_uri
         self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
 
     async def aclose(self) -> None:
+        if self._background is not None:
+            self._background.cancel()
         await self._client.aclose()
 
     @property
     def age(self) -> float | None:
         return None if self._fetched_at is None else self._clock() - self._fetched_at
 
+    def _may_fetch(self) -> bool:
+        return self._clock() - self._last_attempt >= self.settings.jwks_refetch_interval_s
+
     async def key(self, kid: str | None, alg: str) -> jwt.PyJWK:
         """The key for a token's ``kid`` (or the only key for ``alg`` when it names none)."""
         age = self.age
         if age is None or age >= self.settings.jwks_max_age_s:
-            await self._refresh(required=True)
-        elif age >= self.settings.jwks_max_age_s / 2:
-            await self._refresh(required=False)
+            await self._required()
+        elif age >= self.settings.jwks_max_age_s / 2 and self._may_fetch():
+            self._refresh_in_background()
         found = self._find(kid, alg)
         if found is None and await self.refetch():  # rotated keys: look once more
             found = self._find(kid, alg)
@@ -95,26 +122,57 @@ class KeySet:
         usable = self._usable(alg)
         return usable[0] if len(usable) == 1 else None
 
+    async def _required(self) -> None:
+        """Usable keys, fetched now if need be, or :class:`ProviderUnavailable`."""
+        if self._failed is not None and not self._may_fetch():
+            raise self._failed  # the provider just failed: do not ask it again yet
+        async with self._lock:
+            age = self.age
+            if age is not None and age < self.settings.jwks_max_age_s:
+                return  # fetched while this request waited
+            if self._failed is not None and not self._may_fetch():
+                raise self._failed
+            await self._fetch_now()
+        if self.age is None or self.age >= self.settings.jwks_max_age_s:
+            assert self._failed is not None
+            raise self._failed
+
+    def _refresh_in_background(self) -> None:
+        if self._background is None or self._background.done():
+            self._background = asyncio.get_running_loop().create_task(self._locked_fetch())
+
+    async def _locked_fetch(self) -> None:
+        async with self._lock:
+            await self._fetch_now()
+
     async def refetch(self) -> bool:
-        """Fetch the keys again if the rate limit allows; whether it did and got keys."""
-        if self._clock() - self._last_attempt < self.settings.jwks_refetch_interval_s:
+        """Fetch the keys again if the rate limit allows; whether it got new ones."""
+        if not self._may_fetch():
             return False
-        before = self._fetched_at
-        await self._refresh(required=False)
+        async with self._lock:
+            if not self._may_fetch():
+                return False  # another request just did
+            before = self._fetched_at
+            await self._fetch_now()
         return self._fetched_at != before
 
-    async def _refresh(self, *, required: bool) -> None:
-        async with self._lock:
-            if self._fetched_at is not None and self._clock() - self._last_attempt < 0.5:
-                return  # another request just refreshed
-            self._last_attempt = self._clock()
-            try:
+    async def _fetch_now(self) -> None:
+        """One fetch (the caller holds the lock); a failure is kept and logged, not raised."""
+        try:
+            async with asyncio.timeout(self.settings.jwks_timeout_s):
                 keys = await self._fetch()
-            except ProviderUnavailable:
-                if required:
-                    raise
-                return  # the cached keys are still young enough
-            self._keys, self._fetched_at = keys, self._clock()
+        except TimeoutError:
+            self._failure(f"no answer from the identity provider within {self.settings.jwks_timeout_s} s")
+        except ProviderUnavailable as exc:
+            self._failure(exc.detail)
+        else:
+            self._keys, self._fetched_at, self._failed = keys, self._clock(), None
+        finally:
+            self._last_attempt = self._clock()
+
+    def _failure(self, detail: str) -> None:
+        log.warning("identity provider unavailable: %s", detail)
+        self._failed = ProviderUnavailable(detail)
 
     async def _fetch(self) -> dict[str | None, jwt.PyJWK]:
         if self._jwks_uri is None:
@@ -126,10 +184,10 @@ class KeySet:
                 continue  # encryption keys are not for checking signatures
             try:
                 keys[entry.get("kid")] = jwt.PyJWK(entry)
-            except (jwt.PyJWKError, jwt.InvalidKeyError):
+            except jwt.PyJWTError:
                 continue  # a key type this gateway cannot use is skipped, as RFC 7517 asks
         if not keys:
-            raise ProviderUnavailable(f"the identity provider's JWKS at {self._jwks_uri} holds no usable key")
+            raise ProviderUnavailable(f"the JWKS at {self._jwks_uri} holds no usable key")
         return keys
 
     async def _discover(self) -> str:
@@ -144,28 +202,39 @@ class KeySet:
         uri = document.get("jwks_uri")
         if not isinstance(uri, str) or not uri:
             raise ProviderUnavailable(f"the discovery document at {url} names no jwks_uri")
-        return uri
+        try:
+            return loopback_or_https(uri, "the discovered jwks_uri")
+        except ValueError as exc:
+            raise ProviderUnavailable(str(exc)) from None
 
     async def _get_json(self, url: str, what: str) -> dict[str, Any]:
         try:
-            r = await self._client.get(url, timeout=self.settings.jwks_timeout_s)
-            r.raise_for_status()
-            document = r.json()
-        except (httpx.HTTPError, json.JSONDecodeError) as exc:
-            raise ProviderUnavailable(
-                f"identity provider unavailable: cannot fetch {what} from {url} ({type(exc).__name__})"
-            ) from None
+            async with self._client.stream("GET", url) as r:
+                r.raise_for_status()
+                body = bytearray()
+                async for piece in r.aiter_bytes():
+                    body += piece
+                    if len(body) > MAX_DOCUMENT_BYTES:
+                        raise ProviderUnavailable(f"{what} at {url} is over {MAX_DOCUMENT_BYTES} bytes")
+            document = json.loads(body)
+        except (httpx.HTTPError, ValueError) as exc:
+            raise ProviderUnavailable(f"cannot fetch {what} from {url} ({type(exc).__name__})") from None
         if not isinstance(document, dict):
-            raise ProviderUnavailable(f"identity provider unavailable: {what} at {url} is not a JSON object")
+            raise ProviderUnavailable(f"{what} at {url} is not a JSON object")
         return document
+
+
+_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 
 
 def _fits(key: jwt.PyJWK, alg: str) -> bool:
     """Whether ``key`` may check an ``alg`` signature: the key's own ``alg`` when it names one,
     else any algorithm of its key type."""
-    declared = key._jwk_data.get("alg")  # PyJWK keeps the JWK it was made from
-    if declared:
-        return declared == alg
+    jwk = key._jwk_data  # PyJWK keeps the JWK it was made from
+    if jwk.get("alg") and jwk["alg"] != alg:
+        return False
+    if alg in _CURVES and jwk.get("crv") != _CURVES[alg]:
+        return False  # an EC key checks only its own curve's algorithm
     family = {"RSA": ("RS", "PS"), "EC": ("ES",), "OKP": ("EdDSA",)}.get(key.key_type or "", ())
     return any(alg.startswith(prefix) for prefix in family)
 
@@ -199,13 +268,14 @@ class OidcValidator:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError:
             raise AuthError("the bearer token is not a JWT") from None
+        except jwt.PyJWTError:
+            raise AuthError("the token's header is not valid (kid, crit)") from None
         alg = header.get("alg")
         if alg not in s.algorithms:
             allowed = ", ".join(s.algorithms)
-            raise AuthError(f"token algorithm {alg!r} is not accepted (gateway.oidc.algorithms: {allowed})")
+            shown = repr(alg) if isinstance(alg, str) and alg.isalnum() and len(alg) <= 10 else "(unknown)"
+            raise AuthError(f"token algorithm {shown} is not accepted (gateway.oidc.algorithms: {allowed})")
         kid = header.get("kid")
-        if kid is not None and not isinstance(kid, str):
-            raise AuthError("the token's kid is not a string")
         key = await self.keys.key(kid, alg)
         try:
             try:
@@ -217,7 +287,7 @@ class OidcValidator:
                 claims = self._decode(token, await self.keys.key(kid, alg), alg)
         except jwt.MissingRequiredClaimError as exc:
             raise AuthError(f"the token has no {exc.claim!r} claim") from None
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:
             for kind, message in _ERRORS:
                 if isinstance(exc, kind):
                     raise AuthError(message) from None
@@ -269,7 +339,8 @@ def principal_from_claims(claims: Mapping[str, Any], mapping: ClaimSettings, *, 
         raise AuthError(f"the token has no usable {mapping.subject!r} claim (gateway.oidc.claims.subject)")
     groups = _names(claims, mapping.groups, "groups", required=True)
     roles_claim = _names(claims, mapping.roles, "roles", required=False)
-    roles = frozenset(Role(mapping.role_map[n]) for n in roles_claim | groups if n in mapping.role_map)
+    # roles come from the roles claim only: a group someone could name "admin" grants nothing
+    roles = frozenset(Role(mapping.role_map[n]) for n in roles_claim if n in mapping.role_map)
     if not roles:
         if mapping.default_role == "none":
             raise AuthError("the token carries no role this gateway knows (gateway.oidc.claims.role_map)")

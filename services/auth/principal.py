@@ -42,3 +42,7 @@ class Principal:
 
     def may_read(self, label: Classification) -> bool:
         return label.rank <= self.clearance.rank
+
+    def readable(self) -> list[Classification]:
+        """The labels this principal may read, least sensitive first."""
+        return [c for c in Classification if self.may_read(c)]

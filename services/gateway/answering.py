@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.config import Settings
 from services.gateway import schemas
+from services.gateway.auth import principal_of
 from services.kb.answer import citations_for
 from services.kb.models import Citation, Hit
 from services.llm.citations import resolve
@@ -100,9 +101,15 @@ def answer_routes(
         response_model=schemas.AskResponse,
         summary="Answer a question with citations (routed: cloud or on-prem)",
     )
-    async def ask(body: schemas.AskRequest, response: Response) -> schemas.AskResponse:
+    async def ask(body: schemas.AskRequest, request: Request, response: Response) -> schemas.AskResponse:
         hits = await run_in_threadpool(
-            search, body.question, body.top_k, body.score_threshold, body.filter, response
+            search,
+            body.question,
+            body.top_k,
+            body.score_threshold,
+            body.filter,
+            response,
+            principal_of(request),
         )
         decision = service.decide(body.question, hits)
         compose = composer(body.question, hits)
@@ -175,7 +182,8 @@ def answer_routes(
             )
         question = turns[-1].content
         max_tokens = body.max_completion_tokens or body.max_tokens or llm.max_tokens
-        hits = await run_in_threadpool(search, question, body.top_k, None, body.filter, response)
+        principal = principal_of(request)
+        hits = await run_in_threadpool(search, question, body.top_k, None, body.filter, response, principal)
         # Everything the prompt carries is screened, not only the last question: earlier turns for
         # personal data, and each earlier turn against the knowledge base, so an on-prem answer
         # that quoted a confidential document keeps the whole conversation on the premises.

@@ -22,13 +22,15 @@ from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from services.auth.authenticator import Authenticator
+from services.auth.principal import Principal, Role
 from services.config import Settings
 from services.gateway import schemas
 from services.gateway.answering import answer_routes
-from services.gateway.auth import authenticate, bearer
+from services.gateway.auth import authenticate, bearer, principal_of
 from services.gateway.metrics import Metrics
 from services.kb.classification import Classification, parse_label
 from services.kb.errors import KBError
+from services.kb.filters import SearchFilter
 from services.kb.ingest import IngestResult, validate_doc_id
 from services.kb.loaders import CONTENT_TYPES, suffix_of
 from services.kb.models import Hit
@@ -86,6 +88,11 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
 
     secured = [Depends(auth)]
 
+    def contributor(request: Request) -> None:
+        _require(principal_of(request), Role.CONTRIBUTOR)
+
+    writes = [*secured, Depends(contributor)]
+
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
@@ -103,6 +110,10 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         chunked) body is never written to disk."""
         if request.method != "POST" or request.url.path != "/v1/documents":
             return None
+        try:  # the role is checked before the body is read, too
+            _require(principal_of(request), Role.CONTRIBUTOR)
+        except HTTPException as exc:
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
         length = request.headers.get("content-length", "")
         if not length.isdigit():
             return JSONResponse(
@@ -152,7 +163,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     @app.post(
         "/v1/documents",
         tags=["documents"],
-        dependencies=secured,
+        dependencies=writes,
         response_model=schemas.IngestResponse,
         status_code=201,
         responses={200: {"description": "unchanged: skipped"}, 413: {}, 415: {}, 422: {}},
@@ -196,9 +207,12 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         response_model=schemas.DocumentList,
         summary="List stored documents",
     )
-    def list_documents(limit: int = 1000, offset: int = 0) -> schemas.DocumentList:
+    def list_documents(request: Request, limit: int = 1000, offset: int = 0) -> schemas.DocumentList:
+        principal = principal_of(request)
         docs = knowledge.store.list_documents(limit=min(max(limit, 1), 16384), offset=max(offset, 0))
-        return schemas.DocumentList(documents=[_doc_out(d) for d in docs])
+        return schemas.DocumentList(
+            documents=[_doc_out(d) for d in docs if principal.may_read(d.classification)]
+        )
 
     @app.get(
         "/v1/documents/{doc_id}",
@@ -208,10 +222,10 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         responses={404: {}},
         summary="A document's record and its chunks",
     )
-    def get_document(doc_id: str) -> schemas.DocumentDetail:
+    def get_document(doc_id: str, request: Request) -> schemas.DocumentDetail:
         _known_shape(doc_id)
         record = knowledge.store.get_document(doc_id)
-        if record is None:
+        if record is None or not principal_of(request).may_read(record.classification):
             raise HTTPException(404, f"no document {doc_id!r}")
         chunks = knowledge.store.chunks_of(doc_id, record.version)
         return schemas.DocumentDetail(
@@ -236,9 +250,11 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         responses={404: {}},
         summary="One chunk's text: what a citation points to",
     )
-    def get_chunk(doc_id: str, chunk_id: str) -> schemas.ChunkOut:
+    def get_chunk(doc_id: str, chunk_id: str, request: Request) -> schemas.ChunkOut:
         _known_shape(doc_id)
         record = knowledge.store.get_document(doc_id)
+        if record is not None and not principal_of(request).may_read(record.classification):
+            record = None  # not readable is not found: its existence is not disclosed
         chunk = (
             next((c for c in knowledge.store.chunks_of(doc_id, record.version) if c.id == chunk_id), None)
             if record is not None
@@ -262,13 +278,16 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     @app.delete(
         "/v1/documents/{doc_id}",
         tags=["documents"],
-        dependencies=secured,
+        dependencies=writes,
         status_code=204,
         responses={404: {}},
         summary="Delete a document and all its chunks",
     )
-    def delete_document(doc_id: str) -> Response:
+    def delete_document(doc_id: str, request: Request) -> Response:
         _known_shape(doc_id)
+        record = knowledge.store.get_document(doc_id)
+        if record is not None and not principal_of(request).may_read(record.classification):
+            raise HTTPException(404, f"no document {doc_id!r}")
         if not knowledge.ingestor.delete(doc_id):
             raise HTTPException(404, f"no document {doc_id!r}")
         return Response(status_code=204)
@@ -282,15 +301,28 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         response_model=schemas.SearchResponse,
         summary="Semantic search over chunks",
     )
-    def search(body: schemas.SearchRequest, response: Response) -> schemas.SearchResponse:
-        hits = _search(body.query, body.top_k, body.score_threshold, body.filter, response)
+    def search(body: schemas.SearchRequest, request: Request, response: Response) -> schemas.SearchResponse:
+        principal = principal_of(request)
+        hits = _search(body.query, body.top_k, body.score_threshold, body.filter, response, principal)
         return schemas.SearchResponse(hits=[_hit_out(h) for h in hits])
 
     # -- helpers -------------------------------------------------------------------------
 
     def _search(
-        query: str, top_k: int | None, threshold: float | None, flt: Any, response: Response
+        query: str,
+        top_k: int | None,
+        threshold: float | None,
+        flt: SearchFilter | None,
+        response: Response,
+        principal: Principal | None = None,
     ) -> list[Hit]:
+        """Search; with ``principal``, only among the labels it may read (a server-side filter
+        the client's own can only narrow)."""
+        if principal is not None:
+            narrowed = within_clearance(flt, principal)
+            if narrowed is None:
+                return []  # the client asked only for labels it may not read
+            flt = narrowed
         started = time.perf_counter()
         try:
             hits = knowledge.search(query, top_k, threshold, flt)
@@ -340,6 +372,24 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
 
     app.include_router(answer_routes(settings, answers, _search, _chunk_url, secured))
     return app
+
+
+def within_clearance(flt: SearchFilter | None, principal: Principal) -> SearchFilter | None:
+    """``flt`` narrowed to the labels ``principal`` may read; None when nothing is left."""
+    readable = principal.readable()
+    if len(readable) == len(Classification):
+        return flt or SearchFilter()
+    wanted = flt.classifications if flt is not None and flt.classifications else readable
+    allowed = [c for c in wanted if c in readable]
+    if not allowed:
+        return None
+    return (flt or SearchFilter()).model_copy(update={"classifications": allowed})
+
+
+def _require(principal: Principal, role: Role) -> None:
+    if not principal.has(role):
+        held = ", ".join(sorted(r.value for r in principal.roles)) or "none"
+        raise HTTPException(403, f"this needs the {role.value} role; {principal.subject!r} has: {held}")
 
 
 def publisher_for(

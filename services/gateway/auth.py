@@ -19,13 +19,18 @@ bearer = HTTPBearer(
 )
 """Declared on the secured endpoints so the OpenAPI description shows the scheme."""
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/redoc"})
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 async def authenticate(request: Request, authenticator: Authenticator) -> JSONResponse | None:
     """Set ``request.state.principal``, or the error response to send instead."""
-    if request.url.path in PUBLIC_PATHS:
+    path, root = request.url.path, request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]  # served under a prefix (behind a proxy): the app's own path
+    if path in PUBLIC_PATHS:
         return None
     try:
         request.state.principal = await authenticator.principal(request.headers.get("authorization"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.auth.keys import KeyStore, KeyStoreError
+from services.auth.keys import KeyStore, KeyStoreError, KeyStoreUnavailable
 from services.auth.principal import Role
 from services.kb.classification import Classification
 
@@ -75,3 +75,25 @@ def test_bad_key_requests_are_refused_with_the_reason(tmp_path: Path) -> None:
     with pytest.raises(KeyStoreError, match="no API key with id or name 'ghost'"):
         store.revoke("ghost")
     assert [r.name for r in store.records()] == ["ingest-bot"]  # nothing else was stored
+
+
+def test_names_cannot_pass_for_ids_and_revoked_names_stay_taken(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys.db")
+    with pytest.raises(KeyStoreError, match="not 12 letters and digits alone"):
+        _create(store, name="7623521d4397")
+    _create(store, name="ci-bot")
+    store.revoke("ci-bot")
+    with pytest.raises(KeyStoreError, match="a key named 'ci-bot' was revoked; names are not reused"):
+        _create(store, name="ci-bot")
+
+
+def test_a_loose_key_file_is_made_private_and_a_corrupt_one_is_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "keys.db"
+    path.touch(mode=0o666)
+    path.chmod(0o666)
+    store = KeyStore(path)
+    key, _ = _create(store)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.write_bytes(b"not a database" * 100)
+    with pytest.raises(KeyStoreUnavailable, match="cannot read the API keys"):
+        store.authenticate(key)

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.auth.oidc import AuthError, OidcValidator, ProviderUnavailable
-from services.auth.principal import Role
+from services.auth.principal import Principal, Role
 from services.config import ConfigError, OidcSettings, load_settings
 from services.kb.classification import Classification
 from tests.idp import AUDIENCE, OidcProvider
@@ -70,14 +70,17 @@ def _reject(validator: OidcValidator, token: str, message: str) -> None:
 
 def test_a_signed_token_becomes_a_principal(idp: OidcProvider) -> None:
     validator = OidcValidator(_settings(idp))
-    token = idp.token("alice", groups=["finance", "kb-writers", "everyone"])
+    token = idp.token("alice", groups=["finance", "everyone"], roles=["kb-writers", "offline"])
     p = _principal(validator, token)
     assert (p.subject, p.kind, p.issuer) == ("alice", "user", idp.issuer)
-    assert p.groups == {"finance", "kb-writers", "everyone"}
+    assert p.groups == {"finance", "everyone"}
     assert p.roles == {Role.CONTRIBUTOR} and p.has(Role.READER) and not p.has(Role.ADMIN)
     assert p.clearance is Classification.CONFIDENTIAL  # the highest of its groups'
-    bob = _principal(validator, idp.token("bob", groups=["sales"]))
+    bob = _principal(validator, idp.token("bob", groups=["sales", "kb-admins", "admin"]))
     assert bob.roles == {Role.READER} and bob.clearance is Classification.PUBLIC  # the defaults
+    # a group's name grants no role, whatever it is called
+    default = OidcValidator(OidcSettings(issuer=idp.issuer, audience=[AUDIENCE]))
+    assert _principal(default, idp.token("eve", groups=["admin"], roles=["admin"])).roles == {Role.READER}
 
 
 def test_claim_names_follow_the_provider(idp: OidcProvider) -> None:
@@ -166,9 +169,11 @@ def test_keys_are_cached_and_a_down_provider_is_a_clear_503_once_they_are_old(
     clock.now += 400  # past half the keys' age: a refresh is tried, fails, the cached keys serve
     assert _principal(validator, token).subject == "grace"
     clock.now += 300  # past their age: no keys to trust
-    with pytest.raises(ProviderUnavailable, match="identity provider unavailable: cannot fetch") as err:
+    with pytest.raises(ProviderUnavailable, match="identity provider unavailable: try again") as err:
         _principal(validator, token)
-    assert err.value.status == 503
+    assert err.value.status == 503 and err.value.detail.startswith("cannot fetch the JWKS from")
+    with pytest.raises(ProviderUnavailable):  # refused at once, the provider is not asked again yet
+        _principal(validator, token)
 
 
 def test_a_rotated_key_is_picked_up_without_a_restart(tmp_path: Path) -> None:
@@ -213,3 +218,74 @@ def test_the_issuer_is_compared_exactly(idp: OidcProvider) -> None:
 def test_bad_oidc_settings_name_the_key(oidc: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(gateway={"api_key": "k", "oidc": oidc})
+
+
+def test_malformed_headers_are_a_401_not_a_crash(idp: OidcProvider) -> None:
+    validator = OidcValidator(_settings(idp))
+    body = _b64(b'{"sub": "x"}')
+    for header in ({"alg": "RS256", "kid": 5}, {"alg": "RS256", "crit": "x\nFAKE LOG LINE"}):
+        _reject(validator, f"{_b64(json.dumps(header).encode())}.{body}.AAAA", "header is not valid")
+    long_alg = {"alg": "A" * 5000}
+    _reject(validator, f"{_b64(json.dumps(long_alg).encode())}.{body}.AAAA", r"algorithm \(unknown\)")
+
+
+class BrokenProvider:
+    """TEST DOUBLE: a provider that answers 500 -- or nothing, for ``hang_s`` -- and counts asks."""
+
+    def __init__(self, hang_s: float = 0.0) -> None:
+        import http.server
+        import threading
+
+        owner = self
+        self.asked = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.asked += 1
+                time.sleep(hang_s)
+                self.send_response(500)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_a_down_provider_is_not_flooded_by_anonymous_requests() -> None:
+    broken = BrokenProvider()
+    try:
+        validator = OidcValidator(OidcSettings(issuer=broken.url, audience=[AUDIENCE]))
+        own = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        junk = jwt.encode({"sub": "x"}, own, algorithm="RS256", headers={"kid": "k"})
+        for _ in range(20):
+            with pytest.raises(ProviderUnavailable):
+                _principal(validator, junk)
+        assert broken.asked == 1  # then refused at once for jwks_refetch_interval_s
+    finally:
+        broken.close()
+
+
+def test_a_hanging_provider_costs_one_deadline_not_one_per_request() -> None:
+    broken = BrokenProvider(hang_s=3)
+    try:
+        settings = OidcSettings(issuer=broken.url, audience=[AUDIENCE], jwks_timeout_s=1)
+        validator = OidcValidator(settings)
+        own = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        junk = jwt.encode({"sub": "x"}, own, algorithm="RS256", headers={"kid": "k"})
+
+        async def many() -> list[BaseException | Principal]:
+            calls = [validator.principal(junk) for _ in range(6)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        started = time.monotonic()
+        results = LOOP.run_until_complete(many())
+        assert all(isinstance(r, ProviderUnavailable) for r in results)
+        assert time.monotonic() - started < 2.5 and broken.asked == 1
+    finally:
+        broken.close()

@@ -18,7 +18,7 @@ from services.gateway.app import create_app
 from services.kb.classification import Classification
 from services.kb.service import KnowledgeBase
 from tests.idp import AUDIENCE, OidcProvider
-from tests.support import serve, wait_ready
+from tests.support import SAMPLES, serve, wait_ready
 
 BOOTSTRAP = "bootstrap-key-0123456789"
 
@@ -114,5 +114,61 @@ def test_a_down_provider_is_a_clear_503_once_its_keys_are_too_old(site, idp: Oid
     idp.stop()
     time.sleep(2.5)  # past jwks_max_age_s
     r = _search(url, token)
-    assert r.status_code == 503 and r.json()["detail"].startswith("identity provider unavailable")
+    assert r.status_code == 503 and r.json()["detail"] == "identity provider unavailable: try again shortly"
     assert _search(url, BOOTSTRAP).status_code == 200  # other credentials do not depend on it
+    assert "http://" not in r.text  # no internal URLs to anonymous clients
+
+
+def test_writing_needs_the_contributor_role(site, idp: OidcProvider) -> None:
+    url, store = site
+    day = timedelta(days=1)
+    reader, _ = store.create("reader-bot", [Role.READER], [], Classification.INTERNAL, day)
+    writer, _ = store.create("writer-bot", [Role.CONTRIBUTOR], [], Classification.INTERNAL, day)
+    files = {"file": ("note.md", b"# Note\n\nThe canteen opens at noon on weekdays.\n")}
+    for who in (reader, idp.token("alice", groups=["everyone"])):  # a signed-in user is a reader
+        headers = {"Authorization": f"Bearer {who}"}
+        r = httpx.post(f"{url}/v1/documents", files=files, headers=headers, timeout=60)
+        assert r.status_code == 403 and "needs the contributor role" in r.json()["detail"], r.text
+        r = httpx.delete(f"{url}/v1/documents/note.md", headers=headers, timeout=60)
+        assert r.status_code == 403
+    headers = {"Authorization": f"Bearer {writer}"}
+    form = {"source": "note.md"}
+    r = httpx.post(f"{url}/v1/documents", files=files, data=form, headers=headers, timeout=60)
+    assert r.status_code == 201, r.text
+    assert httpx.delete(f"{url}/v1/documents/{r.json()['doc_id']}", headers=headers).status_code == 204
+
+
+def test_reads_are_narrowed_to_the_principals_clearance(site) -> None:
+    url, store = site
+    admin = {"Authorization": f"Bearer {BOOTSTRAP}"}
+    rel = "confidential/project-falcon-acquisition.md"
+    r = httpx.post(
+        f"{url}/v1/documents",
+        files={"file": (Path(rel).name, (SAMPLES / rel).read_bytes())},
+        data={"source": rel, "classification": "confidential"},
+        headers=admin,
+        timeout=60,
+    )
+    assert r.status_code == 201, r.text
+    doc = r.json()["doc_id"]
+    chunk = httpx.get(f"{url}/v1/documents/{doc}", headers=admin).json()["chunk_list"][0]["id"]
+    day = timedelta(days=1)
+    low, _ = store.create("low", [Role.CONTRIBUTOR], [], Classification.INTERNAL, day)
+    high, _ = store.create("high", [Role.READER], [], Classification.CONFIDENTIAL, day)
+    q = {"query": "Which company does the Falcon acquisition target?"}
+    for key, sees in ((low, False), (high, True)):
+        h = {"Authorization": f"Bearer {key}"}
+        hits = httpx.post(f"{url}/v1/search", json=q, headers=h, timeout=60).json()["hits"]
+        assert any(x["doc_id"] == doc for x in hits) is sees
+        widened = {**q, "filter": {"classifications": ["confidential"]}}  # the client cannot widen it
+        hits = httpx.post(f"{url}/v1/search", json=widened, headers=h, timeout=60).json()["hits"]
+        assert any(x["doc_id"] == doc for x in hits) is sees
+        listed = httpx.get(f"{url}/v1/documents", headers=h).json()["documents"]
+        assert any(d["doc_id"] == doc for d in listed) is sees
+        for path in (f"/v1/documents/{doc}", f"/v1/documents/{doc}/chunks/{chunk}"):
+            assert httpx.get(f"{url}{path}", headers=h).status_code == (200 if sees else 404)
+        ask = httpx.post(f"{url}/v1/ask", json={"question": q["query"]}, headers=h, timeout=60).json()
+        assert any(c["doc_id"] == doc for c in ask["citations"]) is sees
+    # not readable is not found, for deletes too: the contributor cannot remove what it cannot see
+    r = httpx.delete(f"{url}/v1/documents/{doc}", headers={"Authorization": f"Bearer {low}"})
+    assert r.status_code == 404 and r.json()["detail"] == f"no document {doc!r}"
