@@ -19,17 +19,14 @@ import hmac
 import logging
 from pathlib import Path
 
+from services.auth.errors import AuthError, AuthUnavailable
 from services.auth.keys import PREFIX, KeyStore, KeyStoreUnavailable
-from services.auth.oidc import AuthError, OidcValidator
+from services.auth.oidc import OidcValidator
 from services.auth.principal import Principal, Role
 from services.config import ConfigError, GatewaySettings
 from services.kb.classification import Classification
 
 log = logging.getLogger(__name__)
-
-
-class ServiceUnavailable(AuthError):
-    status = 503
 
 
 BOOTSTRAP = Principal(
@@ -92,7 +89,7 @@ class Authenticator:
                 principal = await asyncio.to_thread(self.keys.authenticate, token)
             except KeyStoreUnavailable as exc:
                 log.error("%s", exc)
-                raise ServiceUnavailable("API keys cannot be checked right now: try again shortly") from None
+                raise AuthUnavailable("API keys cannot be checked right now: try again shortly") from None
             if principal is None:
                 raise AuthError("unknown, expired or revoked API key")
             return principal

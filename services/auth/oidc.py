@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import jwt
 
+from services.auth.errors import AuthError, AuthUnavailable
 from services.auth.principal import Principal, Role
 from services.config import ClaimSettings, OidcSettings, loopback_or_https
 from services.kb.classification import Classification
@@ -37,18 +38,10 @@ from services.kb.classification import Classification
 log = logging.getLogger(__name__)
 
 
-class AuthError(Exception):
-    """A request is not authenticated; ``str()`` is for the client, verbatim."""
-
-    status = 401
-
-
-class ProviderUnavailable(AuthError):
+class ProviderUnavailable(AuthUnavailable):
     """The identity provider's keys cannot be had, and none cached are young enough to use.
 
     Clients get a fixed message; ``detail`` (which URL failed, how) is for the log."""
-
-    status = 503
 
     def __init__(self, detail: str) -> None:
         super().__init__("identity provider unavailable: try again shortly")

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 
 from services.auth.authenticator import Authenticator
-from services.auth.oidc import AuthError
+from services.auth.errors import AuthError
 from services.auth.principal import Principal
 
 bearer = HTTPBearer(

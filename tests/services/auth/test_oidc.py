@@ -18,7 +18,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from services.auth.oidc import AuthError, OidcValidator, ProviderUnavailable
+from services.auth.errors import AuthError
+from services.auth.oidc import OidcValidator, ProviderUnavailable
 from services.auth.principal import Principal, Role
 from services.config import ConfigError, OidcSettings, load_settings
 from services.kb.classification import Classification
