@@ -208,11 +208,12 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         summary="List stored documents",
     )
     def list_documents(request: Request, limit: int = 1000, offset: int = 0) -> schemas.DocumentList:
-        principal = principal_of(request)
-        docs = knowledge.store.list_documents(limit=min(max(limit, 1), 16384), offset=max(offset, 0))
-        return schemas.DocumentList(
-            documents=[_doc_out(d) for d in docs if principal.may_read(d.classification)]
+        docs = knowledge.store.list_documents(
+            limit=min(max(limit, 1), 16384),
+            offset=max(offset, 0),
+            classifications=principal_of(request).readable(),
         )
+        return schemas.DocumentList(documents=[_doc_out(d) for d in docs])
 
     @app.get(
         "/v1/documents/{doc_id}",

@@ -275,12 +275,19 @@ class KnowledgeStore:
         )
         return DocumentRecord.from_row(rows[0]) if rows else None
 
-    def list_documents(self, limit: int = 1000, offset: int = 0) -> list[DocumentRecord]:
+    def list_documents(
+        self, limit: int = 1000, offset: int = 0, classifications: Sequence[Classification] | None = None
+    ) -> list[DocumentRecord]:
+        """A page of the registry; with ``classifications``, of documents with those labels only
+        (filtered in Milvus, so a page is full whenever enough such documents exist)."""
+        expr = f'{schema.DOC_ID} != ""'
+        if classifications is not None:
+            expr += " and " + in_list(schema.CLASSIFICATION, [c.value for c in classifications])
         rows = self._call(
             "query",
             self.client.query,
             self.registry,
-            filter=f'{schema.DOC_ID} != ""',
+            filter=expr,
             output_fields=list(schema.REGISTRY_OUTPUT_FIELDS),
             limit=limit,
             offset=offset,
