@@ -40,6 +40,7 @@ from rich.table import Table
 from dualtrack.local import LOOPBACK, LocalStack
 from services.config import Settings, load_settings
 from services.kb import schema
+from services.kb.access import EVERYONE, EVERYTHING, Acl
 from services.kb.classification import Classification
 from services.kb.service import KnowledgeBase
 from services.kb.store import DocumentRecord, KnowledgeStore
@@ -188,7 +189,11 @@ def bench_ingest(console: Console, base: Settings, copies: int) -> dict[str, Any
                 for stage, seconds in r.timings.items():
                     stages[stage] += seconds
     wall = time.perf_counter() - started
-    texts = [c.text for d in kb.store.list_documents() for c in kb.store.chunks_of(d.doc_id, d.version)]
+    texts = [
+        c.text
+        for d in kb.store.list_documents(reader=EVERYTHING)
+        for c in kb.store.chunks_of(d.doc_id, d.version)
+    ]
     t0 = time.perf_counter()
     kb.embedder.embed_passages(texts)
     embed_only = time.perf_counter() - t0
@@ -275,6 +280,7 @@ def bench_search(console: Console, base: Settings, n: int, efs: list[int], n_que
                     schema.SOURCE: f"synthetic/doc{i // per_doc}",
                     schema.PAGE: 0,
                     schema.METADATA: {},
+                    schema.ACL: [EVERYONE],
                 }
                 for i in range(start, min(n, start + 5000))
             ]
@@ -290,6 +296,7 @@ def bench_search(console: Console, base: Settings, n: int, efs: list[int], n_que
                 per_doc,
                 time.time(),
                 {},
+                Acl.everyone(),
             )
             for d in range((n + per_doc - 1) // per_doc)
         ]
@@ -309,12 +316,12 @@ def bench_search(console: Console, base: Settings, n: int, efs: list[int], n_que
         s = _with(settings, search={"hnsw_ef": ef, "ivf_nprobe": 16})
         store.settings = s.milvus
         for q in queries[:10]:  # warm caches
-            store.search(q, 10)
+            store.search(q, 10, reader=EVERYTHING)
         lat, recall = [], []
         with console.status(f"search {n:,}: ef={ef}..."):
             for q, t in zip(queries, truth, strict=True):
                 t1 = time.perf_counter()
-                hits = store.search(q, 10)[0]
+                hits = store.search(q, 10, reader=EVERYTHING)[0]
                 lat.append(time.perf_counter() - t1)
                 got = {int(h.chunk.id) for h in hits}
                 recall.append(len(got & set(t.tolist())) / 10)

@@ -15,6 +15,7 @@ import sys
 import typer
 from rich.markup import escape
 
+from dualtrack.commands.audit import audit_app
 from dualtrack.commands.bench import bench_app
 from dualtrack.commands.common import err
 from dualtrack.commands.kb import ask_app, kb_app
@@ -34,6 +35,7 @@ app.add_typer(model_repo_app, name="model-repo")
 app.add_typer(onprem_app, name="onprem")
 app.add_typer(sync_app, name="sync")
 app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
 app.registered_commands += ask_app.registered_commands + plan_app.registered_commands
 
 

@@ -58,13 +58,19 @@ class GatewayClient:
         doc_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         title: str | None = None,
+        groups: list[str] | None = None,
+        users: list[str] | None = None,
     ) -> dict[str, Any]:
-        """Upload one file; returns the ingest result (rejections included, not raised)."""
+        """Upload one file; returns the ingest result (rejections and refusals included)."""
         suffix = suffix_of(path.name)
         ctype = CONTENT_TYPES.get(
             suffix, (mimetypes.guess_type(path.name)[0] or "application/octet-stream",)
         )[0]
-        data: dict[str, str] = {"source": source}
+        data: dict[str, str | list[str]] = {"source": source}
+        if groups:
+            data["groups"] = groups
+        if users:
+            data["users"] = users
         if classification:
             data["classification"] = classification
         if doc_id:
@@ -77,7 +83,7 @@ class GatewayClient:
             r = self._request(
                 "POST",
                 "/v1/documents",
-                ok=(200, 201, 413, 415, 422),
+                ok=(200, 201, 403, 413, 415, 422),
                 files={"file": (path.name, fh, ctype)},
                 data=data,
             )
@@ -94,6 +100,9 @@ class GatewayClient:
 
     def delete(self, doc_id: str) -> None:
         self._request("DELETE", f"/v1/documents/{doc_id}", ok=(204,))
+
+    def set_access(self, doc_id: str, **change: Any) -> dict[str, Any]:
+        return self._request("PUT", f"/v1/documents/{doc_id}/access", json=_clean(change)).json()
 
     def documents(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/documents").json()["documents"]

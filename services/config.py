@@ -31,6 +31,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from services.kb.access import Acl, AclError, AclRule
 from services.kb.classification import Classification, PathRule
 
 PACKAGED_MODEL = "packaged:all-MiniLM-L6-v2"
@@ -151,6 +152,77 @@ class ClassificationSettings(_Section):
 
     def rules(self) -> list[PathRule]:
         return [PathRule(r.pattern, r.classification) for r in self.path_rules]
+
+
+class AclRuleSetting(_Section):
+    pattern: str
+    groups: list[str] = []
+    users: list[str] = []
+
+    def rule(self) -> AclRule:
+        where = f"access.path_rules[{self.pattern!r}]"
+        try:
+            return AclRule(self.pattern, Acl.of(self.groups, self.users, where))
+        except AclError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class AccessSettings(_Section):
+    """Who may read documents whose sources state no access list (see ``services.kb.access``)."""
+
+    default_groups: list[str] = Field(
+        ["*"],
+        min_length=1,
+        description='Groups that may read a document no source gave an ACL; "*" is every signed-in '
+        "principal. Uploads by a contributor default to the contributor's own groups instead.",
+    )
+    path_rules: list[AclRuleSetting] = []
+
+    @field_validator("default_groups")
+    @classmethod
+    def _groups(cls, groups: list[str]) -> list[str]:
+        try:
+            Acl.of(groups, where="access.default_groups")
+        except AclError as exc:
+            raise ValueError(str(exc)) from None
+        return groups
+
+    @field_validator("path_rules")
+    @classmethod
+    def _rules(cls, rules: list[AclRuleSetting]) -> list[AclRuleSetting]:
+        for r in rules:
+            r.rule()
+        return rules
+
+    def default(self) -> Acl:
+        return Acl.of(self.default_groups, where="access.default_groups")
+
+    def rules(self) -> list[AclRule]:
+        return [r.rule() for r in self.path_rules]
+
+
+class AuditSettings(_Section):
+    """The audit trail: one hash-chained record per request (``services.audit``)."""
+
+    enabled: bool = Field(True, description="Off only for a throw-away local stack; a site keeps it on.")
+    dir: Path | None = Field(
+        None, description="Where the log lives; default $XDG_STATE_HOME/dualtrack/audit (~/.local/state/...)."
+    )
+    questions: Literal["hash", "text", "none"] = Field(
+        "hash",
+        description="How a question is recorded: its SHA-256 (default: equal questions can be matched, "
+        "the text is not kept), the text itself (opt-in: it may be confidential) or not at all.",
+    )
+    journald: bool = Field(False, description="Also write each record to standard error (the journal).")
+    fsync: bool = Field(False, description="fsync after every record (survives power loss; slower).")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="Rotate the file past this size.")
+    keep: int = Field(90, ge=1, description="Rotated files to keep.")
+
+    def directory(self) -> Path:
+        if self.dir is not None:
+            return self.dir
+        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(state) / "dualtrack" / "audit"
 
 
 class IngestSettings(_Section):
@@ -279,8 +351,13 @@ class GatewaySettings(_Section):
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
-DETECTORS = ("email", "phone", "national_id", "card_number", "iban")
-"""Built-in personal-data detectors (services/llm/router.py)."""
+DLP_ENTITIES = (
+    *("CREDIT_CARD", "IBAN_CODE", "EMAIL_ADDRESS", "PHONE_NUMBER", "US_SSN", "UK_NINO"),
+    *("DE_TAX_ID", "DE_PASSPORT", "DE_ID_CARD", "DE_SOCIAL_SECURITY"),
+    *("BIC_ACCOUNT", "PASSPORT", "DATE_OF_BIRTH", "POSTAL_ADDRESS"),
+)
+"""Personal data the DLP scanner (``services/llm/dlp.py``) looks for: Presidio's entity names and
+the project's own (BIC_ACCOUNT, PASSPORT, DATE_OF_BIRTH, POSTAL_ADDRESS)."""
 
 
 class EndpointSettings(_Section):
@@ -340,18 +417,39 @@ class EndpointSettings(_Section):
 
 
 class RoutingSettings(_Section):
-    """What may go to the cloud. Confidential chunks never do; a query carrying personal data
-    (the detectors) stays local too."""
+    """What may go to the cloud, decided on what would be sent (``services/llm/router.py``):
+    labels of every passage in the prompt and of whatever the knowledge base holds that resembles
+    the question or an earlier turn (found without the client's filter), earlier answers the
+    gateway can vouch for, and a DLP scan of the exact outbound prompt."""
 
-    detectors: list[Literal["email", "phone", "national_id", "card_number", "iban"]] = Field(
-        default_factory=lambda: list(DETECTORS)
+    cloud_classifications: list[Classification] = Field(
+        default_factory=lambda: [Classification.PUBLIC, Classification.INTERNAL],
+        description="Labels that may go to the cloud; never confidential.",
+    )
+    dlp_entities: list[str] = Field(
+        default_factory=lambda: list(DLP_ENTITIES),
+        description="Personal data that keeps a request local (DLP entity names).",
+    )
+    dlp_min_score: float = Field(0.4, ge=0.0, le=1.0, description="A finding at or above this score counts.")
+    dlp_allow: list[str] = Field(
+        default_factory=list,
+        description="Exact values that are not personal data: the organisation's published contacts "
+        "(support@..., a switchboard number) that public documents may carry to the cloud.",
     )
     custom_patterns: dict[str, str] = Field(
         default_factory=dict, description="name -> regular expression; a match keeps the request local."
     )
-    local_classifications: list[Classification] = Field(
-        default_factory=lambda: [Classification.CONFIDENTIAL],
-        description="A retrieved chunk with one of these labels keeps the request local.",
+    probe_k: int = Field(5, ge=1, le=50, description="Chunks the unfiltered probe looks at per text.")
+    probe_score: float = Field(
+        0.5,
+        ge=-1.0,
+        le=1.0,
+        description="Similarity at which a probed chunk counts as carried by the question or a turn.",
+    )
+    conversation_memory: int = Field(
+        50_000,
+        ge=0,
+        description="Answers remembered so a client's earlier assistant turns can be vouched for.",
     )
 
     @field_validator("custom_patterns")
@@ -366,11 +464,19 @@ class RoutingSettings(_Section):
                 raise ValueError(f"pattern {name!r} is not a valid regular expression: {exc}") from None
         return v
 
-    @field_validator("local_classifications")
+    @field_validator("cloud_classifications")
     @classmethod
-    def _confidential_always(cls, v: list[Classification]) -> list[Classification]:
-        if Classification.CONFIDENTIAL not in v:
-            raise ValueError("must include 'confidential': confidential content never leaves the premises")
+    def _never_confidential(cls, v: list[Classification]) -> list[Classification]:
+        if Classification.CONFIDENTIAL in v:
+            raise ValueError("may not include 'confidential': confidential content never leaves the premises")
+        return v
+
+    @field_validator("dlp_entities")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(DLP_ENTITIES))
+        if unknown:
+            raise ValueError(f"unknown entities {unknown}; known: {', '.join(DLP_ENTITIES)}")
         return v
 
 
@@ -569,6 +675,8 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings = EmbeddingSettings()
     chunking: ChunkingSettings = ChunkingSettings()
     classification: ClassificationSettings = ClassificationSettings()
+    access: AccessSettings = AccessSettings()
+    audit: AuditSettings = AuditSettings()
     ingest: IngestSettings = IngestSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     gateway: GatewaySettings = GatewaySettings()

@@ -3,7 +3,9 @@ embedded per test, a Milvus Lite server and a Kafka-protocol broker per session.
 
 from __future__ import annotations
 
+import itertools
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # keep tests independent of a developer's dualtrack.toml / environment
 for _key in [k for k in os.environ if k.startswith("DUALTRACK_")]:
     del os.environ[_key]
+# settings made without make_settings keep their default audit log out of the home directory
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="dualtrack-test-state-")
+
+
+@pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's gateways keep their default audit log in the test's own directory (one writer
+    per log: two gateways of one test name theirs, as make_settings does)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
 
 
 @pytest.fixture(scope="session")
@@ -32,9 +43,13 @@ def embedder() -> Embedder:
 def make_settings(tmp_path: Path) -> Any:
     """Settings with an embedded Milvus Lite database under tmp_path, plus overrides."""
 
+    made = itertools.count()
+
     def make(**overrides: Any) -> Settings:
         milvus = {"uri": str(tmp_path / "kb.db"), **overrides.pop("milvus", {})}
-        return load_settings(milvus=milvus, **overrides)
+        # each gateway its own audit log (one writer per log directory)
+        audit = {"dir": str(tmp_path / f"audit{next(made) or ''}"), **overrides.pop("audit", {})}
+        return load_settings(milvus=milvus, audit=audit, **overrides)
 
     return make
 

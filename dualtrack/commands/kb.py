@@ -59,7 +59,7 @@ def kb_ingest(
 ) -> None:
     """Upload documents to the knowledge base; unchanged ones are skipped.
 
-    Exit code 1 when any file was rejected (the summary says why)."""
+    Exit code 1 when any file was rejected or refused (the summary says why)."""
     files = list(_walk(paths, exclude or []))
     if not files:
         raise fail("no supported files found (" + ", ".join(sorted(CONTENT_TYPES)) + ")")
@@ -95,6 +95,8 @@ def kb_ingest(
                     doc_id=side.doc_id,
                     metadata=side.metadata or None,
                     title=side.title,
+                    groups=side.acl.groups if side.acl else None,
+                    users=side.acl.users if side.acl else None,
                 )
             except SidecarError as exc:
                 result = {"name": source, "status": "rejected", "reason": str(exc), "chunks": 0}
@@ -106,7 +108,7 @@ def kb_ingest(
             elapsed = time.perf_counter() - started
             progress.update(task, advance=1, rate=f"{chunks / elapsed:.1f} chunks/s")
     _ingest_summary(results, time.perf_counter() - started)
-    if any(r["status"] == "rejected" for r in results):
+    if any(r["status"] in ("rejected", "refused") for r in results):
         raise typer.Exit(1)
 
 
@@ -114,7 +116,7 @@ def _ingest_summary(results: list[dict[str, Any]], elapsed: float) -> None:
     table = Table(title="ingest summary")
     for col in ("file", "status", "doc_id", "chunks", "classification", "reason"):
         table.add_column(col)
-    colours = {"ingested": "green", "skipped": "cyan", "rejected": "red"}
+    colours = {"ingested": "green", "skipped": "cyan", "rejected": "red", "refused": "red"}
     for r in results:
         table.add_row(  # Text(): file names and reasons are data, not rich markup
             Text(r["name"]),
@@ -127,8 +129,9 @@ def _ingest_summary(results: list[dict[str, Any]], elapsed: float) -> None:
     console.print(table)
     counts = {s: sum(1 for r in results if r["status"] == s) for s in colours}
     console.print(
-        f"{counts['ingested']} ingested, {counts['skipped']} skipped, {counts['rejected']} rejected "
-        f"in {elapsed:.1f}s"
+        f"{counts['ingested']} ingested, {counts['skipped']} skipped, {counts['rejected']} rejected"
+        + (f", {counts['refused']} refused" if counts["refused"] else "")
+        + f" in {elapsed:.1f}s"
     )
 
 
@@ -173,6 +176,80 @@ def kb_delete(doc_id: str, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
     console.print(f"deleted {doc_id}")
 
 
+@kb_app.command("access")
+def kb_access(
+    doc_id: str,
+    reason: Annotated[str, typer.Option(help="Why (kept in the audit log)")],
+    classification: Annotated[Classification | None, typer.Option(help="The new label")] = None,
+    group: Annotated[
+        list[str] | None, typer.Option(help='Who may read it (repeatable; "*" is everyone)')
+    ] = None,
+    user: Annotated[list[str] | None, typer.Option(help="A user who may read it (repeatable)")] = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Set a document's label and access list (admin). Unlike a re-ingest, this may lower the
+    label or widen the list; the gateway's audit log records who did it and why."""
+    if classification is None and not group and not user:
+        raise fail("nothing to change: give --classification, --group or --user")
+    try:
+        with gateway_client(url, api_key) as client:
+            changed = client.set_access(
+                doc_id,
+                classification=classification.value if classification else None,
+                groups=group or None,
+                users=user or None,
+                reason=reason,
+            )
+    except GatewayError as exc:
+        raise fail(str(exc)) from None
+    before, after = changed["before"], changed["after"]
+    console.print(
+        f"{escape(doc_id)}: {before['classification']} -> {after['classification']}, "
+        f"[{escape(_access(before))}] -> [{escape(_access(after))}]"
+    )
+
+
+def _access(doc: dict[str, Any]) -> str:
+    acc = doc["access"]
+    return ", ".join([*acc["groups"], *(f"user:{u}" for u in acc["users"])])
+
+
+@kb_app.command("migrate")
+def kb_migrate() -> None:
+    """Bring collections created before access lists to the current schema (run on the host,
+    with the gateway and sync consumer stopped). Every row is kept; the originals stay as
+    ``<name>__pre_acl`` until you drop them."""
+    from services.kb.migrate import MigrationError, migrate
+
+    settings = settings_or_fail()
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(f"copying {name}", total=total)
+            progress.update(tasks[name], completed=done)
+
+        try:
+            results = migrate(settings, report)
+        except MigrationError as exc:
+            raise fail(str(exc)) from None
+    for r in results:
+        if r.kept_as:
+            console.print(
+                f"{escape(r.collection)}: {r.rows} rows migrated; the original is {escape(r.kept_as)}"
+            )
+        else:
+            console.print(f"{escape(r.collection)}: up to date ({r.rows} rows)")
+
+
 @kb_app.command("list")
 def kb_list(url: UrlOpt = None, api_key: KeyOpt = None) -> None:
     """List stored documents."""
@@ -182,11 +259,16 @@ def kb_list(url: UrlOpt = None, api_key: KeyOpt = None) -> None:
     except GatewayError as exc:
         raise fail(str(exc)) from None
     table = Table(title=f"{len(docs)} documents")
-    for col in ("doc_id", "title", "classification", "chunks", "source"):
+    for col in ("doc_id", "title", "classification", "access", "chunks", "source"):
         table.add_column(col)
     for d in docs:
         table.add_row(
-            Text(d["doc_id"]), Text(d["title"]), d["classification"], str(d["chunks"]), Text(d["source"])
+            Text(d["doc_id"]),
+            Text(d["title"]),
+            d["classification"],
+            Text(_access(d)),
+            str(d["chunks"]),
+            Text(d["source"]),
         )
     console.print(table)
 

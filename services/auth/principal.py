@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
+from services.kb.access import EVERYONE, Acl, Reader, tokens_of
 from services.kb.classification import Classification
 
 
@@ -46,3 +47,32 @@ class Principal:
     def readable(self) -> list[Classification]:
         """The labels this principal may read, least sensitive first."""
         return [c for c in Classification if self.may_read(c)]
+
+    @property
+    def sees_every_acl(self) -> bool:
+        """The bootstrap admin (and everyone, where sign-in is off) is on every access list."""
+        return self.kind == "bootstrap"
+
+    def tokens(self) -> list[str]:
+        """The access-list entries this principal matches (``services.kb.access``)."""
+        return tokens_of(self.subject, self.groups)
+
+    def reader(self) -> Reader:
+        """What the store lets this principal read: labels up to its clearance, documents
+        whose access list names it, one of its groups or everyone."""
+        return Reader(tuple(self.readable()), None if self.sees_every_acl else tuple(self.tokens()))
+
+    def own_acl(self) -> Acl:
+        """The access list of a document this principal uploads without stating one: its groups,
+        or itself when it has none."""
+        return Acl.of(sorted(self.groups)) if self.groups else Acl.of(users=[self.subject])
+
+    def may_manage(self, acl: Acl) -> bool:
+        """Whether a contributor may replace or delete a document with ``acl``: an admin may any;
+        others one shared with one of their groups or with them by name (not merely with
+        everyone)."""
+        return (
+            self.has(Role.ADMIN)
+            or self.sees_every_acl
+            or not acl.entries.isdisjoint(set(self.tokens()) - {EVERYONE})
+        )

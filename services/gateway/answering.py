@@ -26,14 +26,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.config import Settings
 from services.gateway import schemas
+from services.gateway.audit import AuditEntry, audit_of, passages
 from services.gateway.auth import principal_of
+from services.kb.access import EVERYTHING
 from services.kb.answer import citations_for
+from services.kb.classification import Classification
 from services.kb.models import Citation, Hit
 from services.llm.citations import resolve
+from services.llm.dlp import decode_blobs
 from services.llm.endpoints import LLMError
 from services.llm.output import LinkFilter, LinkPolicy
 from services.llm.prompt import Prompt, PromptTooLong, Turn, build_prompt
 from services.llm.reasoning import Delta
+from services.llm.router import RouteDecision, identifiers
 from services.llm.service import AnswerService, Compose, Outcome, Requested
 from services.llm.tokens import TokenCounter, TokenizerError
 
@@ -51,11 +56,13 @@ def answer_routes(
     settings: Settings,
     service: AnswerService,
     search: Callable[..., list[Hit]],
+    verbatim: Callable[[list[str], list[Classification]], set[Classification]],
     url: Callable[[str, str], str],
     secured: Sequence[Any],
 ) -> APIRouter:
     router = APIRouter()
     llm = settings.llm
+    routing = llm.routing
     links = LinkPolicy([urlsplit(settings.gateway.base_url()).hostname or "", *llm.link_hosts])
 
     def cited(
@@ -94,6 +101,39 @@ def answer_routes(
 
         return compose
 
+    async def screen(
+        turns: Sequence[Turn], hits: Sequence[Hit], requested: Requested = "auto"
+    ) -> RouteDecision:
+        """The route, decided on server-side facts the client cannot shape: the prompt's
+        passages, what an unfiltered probe of the whole knowledge base finds for each turn
+        (neither the client's filter nor its threshold nor the caller's clearance applies), and
+        whether each earlier answer is one this gateway gave for the cloud."""
+        texts = [t for turn in turns for t in (turn.content, *decode_blobs(turn.content).texts)]
+        probed: list[Hit] = []
+        for text in texts:
+            probed += await run_in_threadpool(
+                search, text, routing.probe_k, routing.probe_score, None, Response(), EVERYTHING
+            )
+        # identifiers are looked up verbatim too: a dense probe may not match a bare code
+        barred = [c for c in Classification if c not in service.router.cloud_labels]
+        held = await run_in_threadpool(verbatim, identifiers(texts), barred)
+        vouched = all(service.memory.vouches(t.content) for t in turns[:-1] if t.role == "assistant")
+        labels = [*(h.chunk.classification for h in (*hits, *probed)), *held]
+        return await run_in_threadpool(
+            service.decide, [t.content for t in turns], labels, requested, vouched=vouched
+        )
+
+    def remember(answer: str, outcome: Outcome, decision: RouteDecision) -> None:
+        if outcome.cloud_eligible(decision):
+            service.memory.remember(answer)
+
+    def streamed(
+        stream: _Stream, entry: AuditEntry, outcome: Outcome, prompt: Prompt, decision: RouteDecision
+    ) -> None:
+        _audit_answer(entry, outcome, prompt, stream.citations)
+        if stream.answer is not None:
+            remember(stream.answer, outcome, decision)
+
     @router.post(
         "/v1/ask",
         tags=["answers"],
@@ -109,9 +149,11 @@ def answer_routes(
             body.score_threshold,
             body.filter,
             response,
-            principal_of(request),
+            principal_of(request).reader(),
         )
-        decision = service.decide(body.question, hits)
+        decision = await screen([Turn("user", body.question)], hits)
+        entry = audit_of(request)
+        entry.question, entry.route, entry.route_reason = body.question, decision.target, decision.reason
         compose = composer(body.question, hits)
         try:
             prompt = compose(service.counter(decision.target))
@@ -129,6 +171,7 @@ def answer_routes(
             ) from None
         text = links.clean(text)
         citations, unknown = citations_of(text, outcome, prompt)
+        _audit_answer(entry, outcome, prompt, citations)
         return schemas.AskResponse(
             answer=text,
             reasoning=links.clean("".join(outcome.reasoning))
@@ -182,18 +225,14 @@ def answer_routes(
             )
         question = turns[-1].content
         max_tokens = body.max_completion_tokens or body.max_tokens or llm.max_tokens
-        principal = principal_of(request)
-        hits = await run_in_threadpool(search, question, body.top_k, None, body.filter, response, principal)
-        # Everything the prompt carries is screened, not only the last question: earlier turns for
-        # personal data, and each earlier turn against the knowledge base, so an on-prem answer
-        # that quoted a confidential document keeps the whole conversation on the premises.
-        screened = list(hits)
-        for turn in turns[:-1]:
-            screened += await run_in_threadpool(
-                search, turn.content, HISTORY_PROBE_K, HISTORY_MATCH_SCORE, None, Response()
-            )
-        conversation = "\n".join(t.content for t in turns)
-        decision = service.decide(conversation, screened, mode)
+        reader = principal_of(request).reader()
+        hits = await run_in_threadpool(search, question, body.top_k, None, body.filter, response, reader)
+        # Everything the prompt carries is screened, not only the last question: every turn for
+        # personal data and against the knowledge base, so an on-prem answer that quoted a
+        # confidential document keeps the whole conversation on the premises.
+        decision = await screen(turns, hits, mode)
+        entry = audit_of(request)
+        entry.question, entry.route, entry.route_reason = question, decision.target, decision.reason
         compose = composer(question, hits, turns[:-1])
         try:
             prompt = compose(service.counter(decision.target))
@@ -222,8 +261,13 @@ def answer_routes(
             except StopAsyncIteration:
                 first = None
             stream = _Stream(body.model, completion_id, created, max_tokens, links)
+            entry.deferred = True  # recorded when the stream ends
             return StreamingResponse(
-                stream.events(_prepend(first, deltas), outcome, prompt, citations_of),
+                _audited(
+                    stream.events(_prepend(first, deltas), outcome, prompt, citations_of),
+                    entry,
+                    lambda: streamed(stream, entry, outcome, prompt, decision),
+                ),
                 media_type="text/event-stream",
                 headers={
                     "Cache-Control": "no-cache",
@@ -250,6 +294,8 @@ def answer_routes(
         text = links.clean(text)
         used = outcome.prompt or prompt
         citations, unknown = citations_of(text, outcome, prompt)
+        _audit_answer(entry, outcome, prompt, citations)
+        remember(text, outcome, decision)
         reasoning = links.clean("".join(outcome.reasoning)) or None
         answer_tokens = outcome.completion_tokens - outcome.reasoning_tokens
         return schemas.ChatCompletion(
@@ -272,11 +318,6 @@ def answer_routes(
     return router
 
 
-HISTORY_PROBE_K = 3
-HISTORY_MATCH_SCORE = 0.5
-"""An earlier turn this close to a stored chunk is treated as carrying that chunk's content."""
-
-
 def _finish(tokens: int, limit: int) -> str:
     return "length" if tokens >= limit else "stop"
 
@@ -289,6 +330,33 @@ def _usage(prompt: Prompt, outcome: Outcome) -> schemas.Usage:
         completion_tokens_details=schemas.CompletionDetails(reasoning_tokens=outcome.reasoning_tokens),
         prompt_tokens_exact=prompt.exact,
     )
+
+
+def _audit_answer(
+    entry: AuditEntry, outcome: Outcome, prompt: Prompt, citations: Sequence[schemas.CitationOut]
+) -> None:
+    entry.route, entry.route_reason = outcome.route or entry.route, outcome.reason or entry.route_reason
+    entry.prompt = passages((outcome.prompt or prompt).hits)
+    entry.results = [
+        {"chunk_id": c.chunk_id, "doc_id": c.doc_id, "classification": c.classification.value}
+        for c in citations
+    ]
+
+
+async def _audited(
+    events: AsyncIterator[str], entry: AuditEntry, ended: Callable[[], None]
+) -> AsyncIterator[str]:
+    """A streamed answer's events; its audit record is written when the stream ends, however."""
+    status = 200
+    try:
+        async for event in events:
+            yield event
+    except BaseException:
+        status = 499  # the client went away, or the stream failed mid-way
+        raise
+    finally:
+        ended()
+        entry.finish(status)
 
 
 async def _prepend(first: Delta | None, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
@@ -312,6 +380,9 @@ class _Stream:
     ) -> None:
         self.model, self.id, self.created, self.max_tokens = model, completion_id, created, max_tokens
         self.filters = {"content": LinkFilter(links), "reasoning": LinkFilter(links)}
+        self.answer: str | None = None
+        """The whole answer as the client received it, once the stream completed."""
+        self.citations: list[schemas.CitationOut] = []
 
     def chunk(self, delta: dict, finish: str | None = None, **extra: Any) -> str:
         payload = {
@@ -362,6 +433,7 @@ class _Stream:
             if (event := self._piece(kind, rest)) is not None:
                 yield event
         citations, unknown = citations_of("".join(answer), outcome, prompt)
+        self.answer, self.citations = "".join(answer), citations
         used = outcome.prompt or prompt
         yield self.chunk(
             {},

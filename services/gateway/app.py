@@ -21,20 +21,25 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from services.audit import egress
+from services.audit.log import AuditLog
 from services.auth.authenticator import Authenticator
 from services.auth.principal import Principal, Role
 from services.config import Settings
 from services.gateway import schemas
 from services.gateway.answering import answer_routes
-from services.gateway.auth import authenticate, bearer, principal_of
+from services.gateway.audit import Auditor, audit_of, passages
+from services.gateway.auth import authenticate, bearer, is_public, principal_of
 from services.gateway.metrics import Metrics
+from services.kb.access import Acl, AclError, Reader
 from services.kb.classification import Classification, parse_label
 from services.kb.errors import KBError
 from services.kb.filters import SearchFilter
-from services.kb.ingest import IngestResult, validate_doc_id
+from services.kb.ingest import IngestResult, WriteRefused, validate_doc_id
 from services.kb.loaders import CONTENT_TYPES, suffix_of
 from services.kb.models import Hit
 from services.kb.service import KnowledgeBase
+from services.kb.store import DocumentRecord
 from services.llm.metrics import LLMMetrics
 from services.llm.service import AnswerService
 from services.sync.publisher import Publisher
@@ -47,6 +52,7 @@ _MULTIPART_OVERHEAD = 64 * 1024
 def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     """Build the gateway. ``kb`` may be passed in (tests share one loaded model)."""
     authenticator = Authenticator(settings.gateway)  # a bad sign-in setting fails here, before serving
+    auditor = Auditor(AuditLog(settings.audit) if settings.audit.enabled else None, settings.audit.questions)
     knowledge = kb or KnowledgeBase(settings)
     metrics = Metrics()
     answers = AnswerService(settings.llm, knowledge.answer, LLMMetrics(metrics.registry))
@@ -62,6 +68,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         yield
         await answers.aclose()
         await authenticator.aclose()
+        auditor.close()
         if publisher is not None:
             publisher.close()
         knowledge.close()
@@ -93,16 +100,32 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
 
     writes = [*secured, Depends(contributor)]
 
+    def admin(request: Request) -> None:
+        _require(principal_of(request), Role.ADMIN)
+
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
+        entry = request.state.audit = auditor.begin(request)
+        egress.collecting(entry.egress)
         # from the headers alone: no body is read (or spooled to disk) for an anonymous request
         rejection = await authenticate(request, authenticator) or _upload_gate(request)
         response: Response = rejection or await call_next(request)
         route = request.scope.get("route")
+        route_path = getattr(route, "path", None)
         metrics.request_seconds.labels(
-            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
+            request.method, route_path or "unmatched", str(response.status_code)
         ).observe(time.perf_counter() - started)
+        if not is_public(request):
+            entry.principal = getattr(request.state, "principal", None)
+            entry.route_path, entry.target = route_path, dict(request.scope.get("path_params") or {})
+            if not entry.deferred and not entry.finish(response.status_code):
+                # fail closed: what cannot be recorded is not handed out
+                response = JSONResponse(
+                    {"detail": "the audit log cannot be written: the response was withheld; try again later"},
+                    status_code=503,
+                )
+        response.headers["X-Request-ID"] = entry.request_id
         return response
 
     def _upload_gate(request: Request) -> Response | None:
@@ -176,11 +199,24 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         source: Annotated[str | None, Form(description="path used for rules and citations")] = None,
         metadata: Annotated[str | None, Form(description="JSON object of scalar values")] = None,
         title: Annotated[str | None, Form(max_length=200)] = None,
+        groups: Annotated[
+            list[str] | None, Form(description='who may read it (repeat the field); "*" is everyone')
+        ] = None,
+        users: Annotated[
+            list[str] | None, Form(description="users who may read it (repeat the field)")
+        ] = None,
+        *,
+        request: Request,
     ) -> JSONResponse:
         name = source or file.filename or "upload"
         _check_content_type(name, file.content_type)
         label = _label(classification)
         meta = _metadata(metadata)
+        principal = principal_of(request)
+        try:
+            acl = Acl.of(groups or (), users or (), "upload") if groups or users else None
+        except AclError as exc:
+            raise HTTPException(422, str(exc)) from None
         if doc_id is not None:
             try:
                 validate_doc_id(doc_id)
@@ -192,12 +228,27 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
                 413, f"{name}: upload is over the limit of {max_upload} bytes (ingest.max_file_bytes)"
             )
         result = knowledge.ingestor.ingest_bytes(
-            data, name, doc_id=doc_id, labels=[label], metadata=meta, title=title
+            data,
+            name,
+            doc_id=doc_id,
+            labels=[label],
+            acls=[acl],
+            default_acl=None if principal.has(Role.ADMIN) else principal.own_acl(),
+            metadata=meta,
+            title=title,
+            authorize=lambda new, current: _may_write(principal, new, current),
         )
+        audit_of(request).detail = {
+            "doc_id": result.doc_id,
+            "outcome": result.status,
+            "classification": result.classification.value if result.classification else None,
+            "acl": result.acl.stored() if result.acl else None,
+            **({"reason": result.reason} if result.reason else {}),
+        }
         metrics.ingested_documents.labels(result.status).inc()
         if result.status == "ingested" and result.classification is not None:
             metrics.ingested_chunks.labels(result.classification.value).inc(result.chunks)
-        code = {"ingested": 201, "skipped": 200, "rejected": 422}[result.status]
+        code = {"ingested": 201, "skipped": 200, "rejected": 422, "refused": 403}[result.status]
         return JSONResponse(_ingest_body(result).model_dump(mode="json"), status_code=code)
 
     @app.get(
@@ -211,8 +262,9 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         docs = knowledge.store.list_documents(
             limit=min(max(limit, 1), 16384),
             offset=max(offset, 0),
-            classifications=principal_of(request).readable(),
+            reader=principal_of(request).reader(),
         )
+        audit_of(request).detail = {"documents": len(docs)}
         return schemas.DocumentList(documents=[_doc_out(d) for d in docs])
 
     @app.get(
@@ -225,9 +277,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     )
     def get_document(doc_id: str, request: Request) -> schemas.DocumentDetail:
         _known_shape(doc_id)
-        record = knowledge.store.get_document(doc_id)
-        if record is None or not principal_of(request).may_read(record.classification):
-            raise HTTPException(404, f"no document {doc_id!r}")
+        record = _readable(doc_id, principal_of(request))
         chunks = knowledge.store.chunks_of(doc_id, record.version)
         return schemas.DocumentDetail(
             **_doc_out(record).model_dump(),
@@ -254,7 +304,9 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     def get_chunk(doc_id: str, chunk_id: str, request: Request) -> schemas.ChunkOut:
         _known_shape(doc_id)
         record = knowledge.store.get_document(doc_id)
-        if record is not None and not principal_of(request).may_read(record.classification):
+        if record is not None and not principal_of(request).reader().may_read(
+            record.classification, record.acl
+        ):
             record = None  # not readable is not found: its existence is not disclosed
         chunk = (
             next((c for c in knowledge.store.chunks_of(doc_id, record.version) if c.id == chunk_id), None)
@@ -263,6 +315,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         )
         if chunk is None:
             raise HTTPException(404, f"no chunk {chunk_id!r} in the current version of {doc_id!r}")
+        audit_of(request).results = passages([Hit(chunk, 1.0)])
         return schemas.ChunkOut(
             id=chunk.id,
             doc_id=chunk.doc_id,
@@ -276,6 +329,34 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
             document_url=_url(doc_id, chunk.page or None),
         )
 
+    @app.put(
+        "/v1/documents/{doc_id}/access",
+        tags=["documents"],
+        dependencies=[*secured, Depends(admin)],
+        response_model=schemas.AccessChanged,
+        responses={404: {}},
+        summary="Set a document's label and access list (admin; lowering is allowed and audited)",
+    )
+    def set_access(doc_id: str, body: schemas.AccessChange, request: Request) -> schemas.AccessChanged:
+        _known_shape(doc_id)
+        acl = None
+        if body.groups is not None or body.users is not None:
+            try:
+                acl = Acl.of(body.groups or (), body.users or (), "access")
+            except AclError as exc:
+                raise HTTPException(422, str(exc)) from None
+        changed = knowledge.ingestor.set_access(doc_id, body.classification, acl)
+        if changed is None:
+            raise HTTPException(404, f"no document {doc_id!r}")
+        before, after = changed
+        audit_of(request).detail = {
+            "reason": body.reason,
+            "before": {"classification": before.classification.value, "acl": before.acl.stored()},
+            "after": {"classification": after.classification.value, "acl": after.acl.stored()},
+            "lowered": after.classification.rank < before.classification.rank,
+        }
+        return schemas.AccessChanged(doc_id=doc_id, before=_doc_out(before), after=_doc_out(after))
+
     @app.delete(
         "/v1/documents/{doc_id}",
         tags=["documents"],
@@ -286,9 +367,10 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     )
     def delete_document(doc_id: str, request: Request) -> Response:
         _known_shape(doc_id)
-        record = knowledge.store.get_document(doc_id)
-        if record is not None and not principal_of(request).may_read(record.classification):
-            raise HTTPException(404, f"no document {doc_id!r}")
+        principal = principal_of(request)
+        record = _readable(doc_id, principal)
+        if not principal.may_manage(record.acl):
+            raise HTTPException(403, _unmanaged(principal, record))
         if not knowledge.ingestor.delete(doc_id):
             raise HTTPException(404, f"no document {doc_id!r}")
         return Response(status_code=204)
@@ -303,8 +385,10 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         summary="Semantic search over chunks",
     )
     def search(body: schemas.SearchRequest, request: Request, response: Response) -> schemas.SearchResponse:
-        principal = principal_of(request)
-        hits = _search(body.query, body.top_k, body.score_threshold, body.filter, response, principal)
+        reader = principal_of(request).reader()
+        hits = _search(body.query, body.top_k, body.score_threshold, body.filter, response, reader)
+        entry = audit_of(request)
+        entry.question, entry.results = body.query, passages(hits)
         return schemas.SearchResponse(hits=[_hit_out(h) for h in hits])
 
     # -- helpers -------------------------------------------------------------------------
@@ -315,18 +399,13 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         threshold: float | None,
         flt: SearchFilter | None,
         response: Response,
-        principal: Principal | None = None,
+        reader: Reader,
     ) -> list[Hit]:
-        """Search; with ``principal``, only among the labels it may read (a server-side filter
-        the client's own can only narrow)."""
-        if principal is not None:
-            narrowed = within_clearance(flt, principal)
-            if narrowed is None:
-                return []  # the client asked only for labels it may not read
-            flt = narrowed
+        """Search among what ``reader`` may read: a filter applied in Milvus, which the client's
+        own ``flt`` is ANDed with, so it can only narrow the result."""
         started = time.perf_counter()
         try:
-            hits = knowledge.search(query, top_k, threshold, flt)
+            hits = knowledge.search(query, top_k, threshold, flt, reader=reader)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         elapsed = time.perf_counter() - started
@@ -334,6 +413,9 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         # standard Server-Timing header: lets clients split our latency from Milvus + model time
         response.headers["Server-Timing"] = f"search;dur={elapsed * 1000:.3f}"
         return hits
+
+    def _verbatim(fragments: list[str], among: list[Classification]) -> set[Classification]:
+        return knowledge.store.labels_containing(fragments, among)  # the store exists once the model does
 
     def _url(doc_id: str, page: int | None = None) -> str:
         return f"{base_url}/v1/documents/{doc_id}" + (f"#page={page}" if page else "")
@@ -368,23 +450,43 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
             chunks=d.chunks,
             ingested_at=d.ingested_at,
             metadata=d.metadata,
+            access=schemas.Access.of(d.acl),
             url=_url(d.doc_id),
         )
 
-    app.include_router(answer_routes(settings, answers, _search, _chunk_url, secured))
+    def _readable(doc_id: str, principal: Principal) -> DocumentRecord:
+        """The document's record if ``principal`` may read it; a 404 otherwise, the same as for
+        a document that does not exist, so its existence is not disclosed."""
+        record = knowledge.store.get_document(doc_id)
+        if record is None or not principal.reader().may_read(record.classification, record.acl):
+            raise HTTPException(404, f"no document {doc_id!r}")
+        return record
+
+    def _may_write(principal: Principal, new: DocumentRecord, current: DocumentRecord | None) -> None:
+        if current is not None and not principal.reader().may_read(current.classification, current.acl):
+            raise WriteRefused(
+                f"doc_id {new.doc_id!r} belongs to a document you cannot read; choose another doc_id"
+            )
+        if current is not None and not principal.may_manage(current.acl):
+            raise WriteRefused(_unmanaged(principal, current))
+        added = Acl(new.acl.entries - current.acl.entries) if current is not None else new.acl
+        if not principal.has(Role.ADMIN) and not added.within(principal.tokens()):
+            raise WriteRefused(
+                f"you may give access only to your own groups or yourself; the document's access "
+                f"list would be [{new.acl}], and {principal.subject!r} is in: "
+                f"{', '.join(sorted(principal.groups)) or 'no groups'}"
+            )
+
+    app.include_router(answer_routes(settings, answers, _search, _verbatim, _chunk_url, secured))
     return app
 
 
-def within_clearance(flt: SearchFilter | None, principal: Principal) -> SearchFilter | None:
-    """``flt`` narrowed to the labels ``principal`` may read; None when nothing is left."""
-    readable = principal.readable()
-    if len(readable) == len(Classification):
-        return flt or SearchFilter()
-    wanted = flt.classifications if flt is not None and flt.classifications else readable
-    allowed = [c for c in wanted if c in readable]
-    if not allowed:
-        return None
-    return (flt or SearchFilter()).model_copy(update={"classifications": allowed})
+def _unmanaged(principal: Principal, record: DocumentRecord) -> str:
+    groups = ", ".join(sorted(principal.groups)) or "none"
+    return (
+        f"{record.doc_id!r} is shared with [{record.acl}]: a contributor may change documents shared "
+        f"with one of its groups; {principal.subject!r} is in: {groups}"
+    )
 
 
 def _require(principal: Principal, role: Role) -> None:
@@ -457,6 +559,7 @@ def _ingest_body(result: IngestResult) -> schemas.IngestResponse:
         chunks=result.chunks,
         version=result.version,
         classification=result.classification,
+        access=schemas.Access.of(result.acl) if result.acl is not None else None,
         reason=result.reason,
         timings={k: round(v, 6) for k, v in result.timings.items()},
     )

@@ -25,12 +25,17 @@ PUBLIC_PATHS = frozenset(
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-async def authenticate(request: Request, authenticator: Authenticator) -> JSONResponse | None:
-    """Set ``request.state.principal``, or the error response to send instead."""
+def is_public(request: Request) -> bool:
+    """A probe or the API description: answered without sign-in (and not audited)."""
     path, root = request.url.path, request.scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :]  # served under a prefix (behind a proxy): the app's own path
-    if path in PUBLIC_PATHS:
+    return path in PUBLIC_PATHS
+
+
+async def authenticate(request: Request, authenticator: Authenticator) -> JSONResponse | None:
+    """Set ``request.state.principal``, or the error response to send instead."""
+    if is_public(request):
         return None
     try:
         request.state.principal = await authenticator.principal(request.headers.get("authorization"))

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.kb.access import Acl
 from services.kb.classification import Classification
 from services.kb.filters import SearchFilter
 
@@ -75,13 +76,25 @@ class AskResponse(BaseModel):
     failover: str | None = Field(None, description="Why the cloud was not used although allowed")
 
 
+class Access(BaseModel):
+    """Who may read a document: groups (``*`` is every signed-in principal) and users."""
+
+    groups: list[str]
+    users: list[str]
+
+    @classmethod
+    def of(cls, acl: Acl) -> Access:
+        return cls(groups=acl.groups, users=acl.users)
+
+
 class IngestResponse(BaseModel):
     name: str
-    status: Literal["ingested", "skipped", "rejected"]
+    status: Literal["ingested", "skipped", "rejected", "refused"]
     doc_id: str | None
     chunks: int
     version: str | None
     classification: Classification | None
+    access: Access | None
     reason: str | None
     timings: dict[str, float]
 
@@ -119,7 +132,24 @@ class DocumentOut(BaseModel):
     chunks: int
     ingested_at: float
     metadata: dict[str, object]
+    access: Access
     url: str
+
+
+class AccessChange(_Body):
+    """An admin's change to a document's label or access list; what is left out stays as it is.
+    Unlike a re-ingest, this may lower a label or widen the list, and the audit log records it."""
+
+    classification: Classification | None = None
+    groups: list[str] | None = Field(None, max_length=64)
+    users: list[str] | None = Field(None, max_length=64)
+    reason: str = Field(min_length=1, max_length=500, description="Why: kept in the audit log.")
+
+
+class AccessChanged(BaseModel):
+    doc_id: str
+    before: DocumentOut
+    after: DocumentOut
 
 
 class DocumentDetail(DocumentOut):

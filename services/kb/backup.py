@@ -32,15 +32,15 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pymilvus import MilvusClient, MilvusException
 
-from services.config import ConfigError, MilvusSettings, load_settings
+from services.config import AccessSettings, ConfigError, MilvusSettings, load_settings
 from services.kb import schema
 from services.kb.errors import KBError
+from services.kb.rows import plain, rows
 
 FORMAT = "dualtrack-kb-backup/1"
 PREFIX = "kb-"
@@ -84,28 +84,6 @@ def _state(client: MilvusClient, names: list[str], registry: str) -> tuple[dict[
     return counts, hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
 
 
-def _rows(client: MilvusClient, name: str) -> Iterator[dict[str, Any]]:
-    iterator = client.query_iterator(name, batch_size=BATCH, filter="", output_fields=["*"])
-    try:
-        while batch := iterator.next():
-            yield from batch
-    finally:
-        iterator.close()
-
-
-def _plain(value: Any) -> Any:
-    """Milvus returns numpy floats and protobuf-backed lists; JSON wants plain values."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "__iter__") and not isinstance(value, str | bytes):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as data:
@@ -119,8 +97,8 @@ def _export(client: MilvusClient, names: list[str], target: Path) -> dict[str, i
     for name in names:
         n = 0
         with gzip.open(target / f"{name}.jsonl.gz", "wt", encoding="utf-8") as out:
-            for row in _rows(client, name):
-                out.write(json.dumps(_plain(row), ensure_ascii=False) + "\n")
+            for row in rows(client, name, BATCH):
+                out.write(json.dumps(plain(row), ensure_ascii=False) + "\n")
                 n += 1
         counts[name] = n
     return counts
@@ -206,9 +184,17 @@ def verify(backup: Path) -> dict[str, Any]:
     return manifest
 
 
-def restore(settings: MilvusSettings, backup: Path, dest: Path) -> dict[str, int]:
-    """Replace the knowledge base with ``backup`` (verified first; the current one is kept)."""
+def restore(
+    settings: MilvusSettings, backup: Path, dest: Path, access: AccessSettings | None = None
+) -> dict[str, int]:
+    """Replace the knowledge base with ``backup`` (verified first; the current one is kept).
+    Rows of a snapshot taken before documents carried access lists get the ones ``access``
+    gives them, as ``dualtrack kb migrate`` would."""
+    from services.kb.migrate import legacy_acl
     from services.kb.store import KnowledgeStore
+
+    access = access or AccessSettings()
+    with_acl = {settings.collection, schema.registry_name(settings.collection)}
 
     manifest = verify(backup)
     if manifest["collection"] != settings.collection:
@@ -232,7 +218,10 @@ def restore(settings: MilvusSettings, backup: Path, dest: Path) -> dict[str, int
             batch: list[dict[str, Any]] = []
             with gzip.open(backup / f"{name}.jsonl.gz", "rt", encoding="utf-8") as data:
                 for line in data:
-                    batch.append(json.loads(line))
+                    row = json.loads(line)
+                    if name in with_acl and schema.ACL not in row:
+                        row[schema.ACL] = legacy_acl(row[schema.SOURCE], access).stored()
+                    batch.append(row)
                     if len(batch) >= BATCH:
                         client.insert(name, batch)
                         batch = []
@@ -268,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             for snap in snapshots(args.dest):
                 print(snap.name)
             return 0
-        settings = load_settings().milvus
+        site = load_settings()
+        settings = site.milvus
         if args.command == "create":
             path = create(settings, args.dest, args.keep)
             print(json.dumps({"backup": str(path), **verify(path)["counts"]}))
@@ -280,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         if chosen not in available:
             known = ", ".join(p.name for p in available)
             raise BackupError(f"no snapshot {args.name!r} under {args.dest}; available: {known}")
-        counts = restore(settings, chosen, args.dest)
+        counts = restore(settings, chosen, args.dest, site.access)
         print(json.dumps({"restored": chosen.name, **counts}))
         return 0
     except (BackupError, ConfigError, KBError) as exc:

@@ -51,9 +51,13 @@ def labels_from_rules(path: str, rules: Sequence[PathRule]) -> list[Classificati
     """Labels of every rule whose glob matches ``path`` or any trailing part of it,
     so ``confidential/*`` covers ``confidential/a.md`` and ``/srv/docs/confidential/a.md``
     alike, whichever folder an operator happened to ingest from."""
+    return [r.classification for r in rules if path_matches(path, r.pattern)]
+
+
+def path_matches(path: str, pattern: str) -> bool:
+    """Whether the glob ``pattern`` matches ``path`` or any trailing part of it."""
     parts = [p for p in path.replace("\\", "/").split("/") if p]
-    tails = ["/".join(parts[i:]) for i in range(len(parts))]
-    return [r.classification for r in rules if any(fnmatchcase(t, r.pattern) for t in tails)]
+    return any(fnmatchcase("/".join(parts[i:]), pattern) for i in range(len(parts)))
 
 
 def most_restrictive(labels: Iterable[Classification | None], default: Classification) -> Classification:

@@ -16,7 +16,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from services.config import Settings
+from services.kb.access import Acl, AclError, acls_from_rules, combine
 from services.kb.chunker import chunk_blocks
 from services.kb.classification import Classification, labels_from_rules, most_restrictive
 from services.kb.embedder import Embedder
@@ -42,7 +43,20 @@ SCHEMA_VERSION = 1
 
 _DOC_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-Status = Literal["ingested", "skipped", "rejected"]
+Status = Literal["ingested", "skipped", "rejected", "refused"]
+"""``rejected``: the document cannot be stored; ``refused``: the writer may not store it."""
+
+
+class WriteRefused(Exception):
+    """Raised by an ingest's ``authorize`` check: this writer may not write this document."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+Authorize = Callable[["DocumentRecord", "DocumentRecord | None"], None]
+"""Checks a prepared document (and the stored one it replaces) before anything is written."""
 
 
 @dataclass
@@ -55,6 +69,7 @@ class IngestResult:
     chunks: int = 0
     version: str | None = None
     classification: Classification | None = None
+    acl: Acl | None = None
     reason: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -145,6 +160,7 @@ class Ingestor:
             source,
             doc_id=kwargs.pop("doc_id", None) or sidecar.doc_id,
             labels=[sidecar.classification, kwargs.pop("classification", None)],
+            acls=[sidecar.acl, kwargs.pop("acl", None)],
             title=sidecar.title,
             metadata=metadata,
         )
@@ -156,25 +172,47 @@ class Ingestor:
         *,
         doc_id: str | None = None,
         labels: list[Classification | None] | None = None,
+        acls: list[Acl | None] | None = None,
+        default_acl: Acl | None = None,
         title: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        authorize: Authorize | None = None,
     ) -> IngestResult:
         """Ingest ``data`` named ``source`` (a relative path or upload filename).
 
-        ``labels`` are operator-given classifications (flag, sidecar); the stored
-        label is the most restrictive of those, the document's own and the path rules.
+        ``labels`` are operator-given classifications (flag, sidecar); the stored label is the
+        most restrictive of those, the document's own, the path rules and the label the stored
+        version already has: a label only goes up on re-ingest (lowering one is
+        :meth:`set_access`). ``acls`` likewise: the stored ACL is what all of them and the
+        stored version's allow, so a re-ingest can narrow who may read, never widen it.
+        ``authorize`` may refuse the write once the outcome is known, before anything is written.
         """
-        prepared = self.prepare(data, source, doc_id=doc_id, labels=labels, title=title, metadata=metadata)
-        if isinstance(prepared, IngestResult):
-            return prepared
-        timings = prepared.timings
-        doc_id, version, label = (
-            prepared.record.doc_id,
-            prepared.record.version,
-            prepared.record.classification,
-        )
-        with self._doc_lock(doc_id):
-            current = self.store.get_document(doc_id)
+        target = doc_id or doc_id_for(source)
+        with self._doc_lock(target):
+            current = self.store.get_document(target) if _DOC_ID.match(target) else None
+            prepared = self.prepare(
+                data,
+                source,
+                doc_id=doc_id,
+                labels=[*(labels or []), current.classification if current else None],
+                acls=[*(acls or []), current.acl if current else None],
+                default_acl=default_acl,
+                title=title,
+                metadata=metadata,
+            )
+            if isinstance(prepared, IngestResult):
+                return prepared
+            timings = prepared.timings
+            doc_id, version, label = (
+                prepared.record.doc_id,
+                prepared.record.version,
+                prepared.record.classification,
+            )
+            if authorize is not None:
+                try:
+                    authorize(prepared.record, current)
+                except WriteRefused as exc:
+                    return IngestResult(name=source, status="refused", doc_id=doc_id, reason=exc.reason)
             if (
                 current is not None
                 and current.version == version
@@ -189,6 +227,7 @@ class Ingestor:
                     chunks=current.chunks,
                     version=version,
                     classification=label,
+                    acl=prepared.record.acl,
                     reason="unchanged",
                     timings=timings,
                 )
@@ -211,6 +250,7 @@ class Ingestor:
             chunks=len(chunks),
             version=version,
             classification=label,
+            acl=prepared.record.acl,
             timings=timings,
         )
 
@@ -221,6 +261,8 @@ class Ingestor:
         *,
         doc_id: str | None = None,
         labels: list[Classification | None] | None = None,
+        acls: list[Acl | None] | None = None,
+        default_acl: Acl | None = None,
         title: str | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> PreparedDocument | IngestResult:
@@ -251,6 +293,14 @@ class Ingestor:
             [*(labels or []), doc.declared, *labels_from_rules(source, rules)],
             self.settings.classification.default,
         )
+        try:
+            acl = combine(
+                [*(acls or []), doc.declared_acl, *acls_from_rules(source, self.settings.access.rules())],
+                default_acl or self.settings.access.default(),
+                source,
+            )
+        except AclError as exc:
+            return _rejected(source, str(exc), doc_id)
         started = time.perf_counter()
         drafts = chunk_blocks(doc.blocks, self.settings.chunking)
         timings["chunk"] = time.perf_counter() - started
@@ -269,9 +319,10 @@ class Ingestor:
             return _rejected(source, "metadata must be JSON-serialisable", doc_id)
         doc_title = title or doc.title or PurePosixPath(source).stem
         content_hash = hashlib.sha256(data).hexdigest()
-        version = self._version(content_hash, label, doc_title, meta)
+        version = self._version(content_hash, label, acl, doc_title, meta)
         chunks = [
-            self._chunk(doc_id, version, n, d, label, source, doc_title, meta) for n, d in enumerate(drafts)
+            self._chunk(doc_id, version, n, d, label, acl, source, doc_title, meta)
+            for n, d in enumerate(drafts)
         ]
         record = DocumentRecord(
             doc_id=doc_id,
@@ -283,8 +334,47 @@ class Ingestor:
             chunks=len(chunks),
             ingested_at=time.time(),
             metadata=meta,
+            acl=acl,
         )
         return PreparedDocument(record=record, chunks=chunks, timings=timings)
+
+    def set_access(
+        self, doc_id: str, classification: Classification | None = None, acl: Acl | None = None
+    ) -> tuple[DocumentRecord, DocumentRecord] | None:
+        """Set a stored document's label and/or access list exactly, lower or wider included:
+        the admin action (callers audit it). The chunks are rewritten as a new version with the
+        same text and vectors, by the same protocol as an ingest, so readers never see a mix.
+        ``(before, after)``, or ``None`` when there is no such document. A later re-ingest
+        still applies every source's label: a lowered label sticks only if its sources agree."""
+        with self._doc_lock(doc_id):
+            current = self.store.get_document(doc_id)
+            if current is None:
+                return None
+            label = classification or current.classification
+            access = acl or current.acl
+            if label == current.classification and access == current.acl:
+                return current, current
+            basis = json.dumps([current.version, label.value, access.stored()])
+            version = hashlib.sha256(basis.encode()).hexdigest()[:32]
+            chunks = [
+                replace(
+                    c,
+                    id=chunk_id(doc_id, version, c.chunk_no),
+                    version=version,
+                    classification=label,
+                    acl=access,
+                )
+                for c in self.store.chunks_of(doc_id, current.version)
+            ]
+            vectors = self.store.vectors_of(doc_id, current.version)
+            record = replace(
+                current, version=version, classification=label, acl=access, ingested_at=time.time()
+            )
+            self.store.write_chunks(chunks, vectors, batch=self.settings.ingest.insert_batch)
+            self.store.activate(record)
+            self.store.purge_stale(doc_id, version)
+            self._tell("document_written", record, chunks, vectors)
+            return current, record
 
     def delete(self, doc_id: str) -> bool:
         with self._doc_lock(doc_id):
@@ -306,7 +396,9 @@ class Ingestor:
                 what,
             )
 
-    def _version(self, content_hash: str, label: Classification, title: str, meta: Mapping[str, Any]) -> str:
+    def _version(
+        self, content_hash: str, label: Classification, acl: Acl, title: str, meta: Mapping[str, Any]
+    ) -> str:
         """Everything that changes stored rows goes into the version, so a new
         label, title, metadata, chunking or model re-ingests the document."""
         basis = json.dumps(
@@ -314,6 +406,7 @@ class Ingestor:
                 SCHEMA_VERSION,
                 content_hash,
                 label.value,
+                acl.stored(),
                 title,
                 meta,
                 self.settings.chunking.model_dump(),
@@ -331,6 +424,7 @@ class Ingestor:
         n: int,
         draft: ChunkDraft,
         label: Classification,
+        acl: Acl,
         source: str,
         title: str,
         meta: Mapping[str, Any],
@@ -344,6 +438,7 @@ class Ingestor:
             classification=label,
             source=source,
             page=draft.page or 0,
+            acl=acl,
             metadata={
                 **meta,
                 "title": title,

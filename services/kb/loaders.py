@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from services.kb.access import Acl, AclError
 from services.kb.classification import Classification, parse_label
 from services.kb.cleaning import clean_text, strip_repeated_lines
 from services.kb.errors import DocumentRejected
@@ -151,6 +152,27 @@ def declared_label(meta: dict[str, Any], name: str, where: str) -> Classificatio
         raise DocumentRejected(name, str(exc).split(": ", 1)[1]) from None
 
 
+def declared_acl(meta: dict[str, Any], name: str, where: str) -> Acl | None:
+    """The ``groups``/``users`` a file states for itself, if any."""
+    if "groups" not in meta and "users" not in meta:
+        return None
+    try:
+        return Acl.of(names(meta.get("groups"), "groups"), names(meta.get("users"), "users"), where)
+    except AclError as exc:
+        raise DocumentRejected(name, str(exc)) from None
+
+
+def names(value: object, key: str) -> list[str]:
+    """A list of names from YAML/JSON: a string or a list of strings (``None``: empty)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise AclError(f"{key} must be a name or a list of names, not {value!r}")
+
+
 def load_markdown(data: bytes, name: str) -> LoadedDocument:
     """Markdown with optional YAML front-matter (title, classification, metadata)."""
     meta, body = split_front_matter(decode_text(data, name), name)
@@ -166,12 +188,13 @@ def load_markdown(data: bytes, name: str) -> LoadedDocument:
         else:
             sections[-1][1].append(raw if in_fence else _md_inline(raw))
     title = meta.get("title") or next((s for s, _ in sections if s), None)
-    extra = {k: v for k, v in meta.items() if k not in ("title", "classification")}
+    extra = {k: v for k, v in meta.items() if k not in ("title", "classification", "groups", "users")}
     return LoadedDocument(
         name=name,
         blocks=_blocks(sections),
         title=str(title) if title else None,
         declared=declared_label(meta, name, "front-matter"),
+        declared_acl=declared_acl(meta, name, "front-matter"),
         metadata=_scalar_metadata(extra),
     )
 

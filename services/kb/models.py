@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.kb.access import Acl
 from services.kb.classification import Classification
 
 
@@ -20,12 +21,14 @@ class Block:
 @dataclass(slots=True)
 class LoadedDocument:
     """A parsed document before chunking. ``declared`` holds labels the file
-    itself states (front-matter); the ingest step adds sidecars and rules."""
+    itself states (front-matter), ``declared_acl`` who it says may read it; the ingest step
+    adds sidecars and rules."""
 
     name: str
     blocks: list[Block]
     title: str | None = None
     declared: Classification | None = None
+    declared_acl: Acl | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -57,6 +60,8 @@ class Chunk:
     source: str
     page: int
     metadata: dict[str, Any]
+    acl: Acl
+    """Who may read it: the document's access list, stored on every chunk."""
 
     @property
     def sections(self) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from services.config import RetrievalSettings
+from services.kb.access import Reader
 from services.kb.embedder import Embedder
 from services.kb.filters import SearchFilter
 from services.kb.models import Hit
@@ -23,9 +24,11 @@ class Retriever:
         top_k: int | None = None,
         score_threshold: float | None = None,
         flt: SearchFilter | None = None,
+        *,
+        reader: Reader,
     ) -> list[Hit]:
         if not query.strip():
             raise ValueError("query is empty")
         vector = self.embedder.embed_query(query)
         threshold = score_threshold if score_threshold is not None else self.settings.score_threshold
-        return self.store.search(vector, top_k or self.settings.top_k, flt, threshold)[0]
+        return self.store.search(vector, top_k or self.settings.top_k, flt, threshold, reader=reader)[0]

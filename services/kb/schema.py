@@ -21,11 +21,12 @@ The vector field is called ``embedding`` so the seed's ORM code
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from pymilvus import CollectionSchema, DataType, MilvusClient
 
-from services.config import IndexSettings, SearchSettings
+if TYPE_CHECKING:  # config imports the access model, which imports this module
+    from services.config import IndexSettings, SearchSettings
 
 # chunk collection fields
 ID: Final = "id"
@@ -38,8 +39,20 @@ CLASSIFICATION: Final = "classification"
 SOURCE: Final = "source"
 PAGE: Final = "page"
 METADATA: Final = "metadata"
+ACL: Final = "acl"  # who may read: an array of access-list entries (services.kb.access)
 
-CHUNK_OUTPUT_FIELDS: Final = (ID, DOC_ID, VERSION, CHUNK_NO, TEXT, CLASSIFICATION, SOURCE, PAGE, METADATA)
+CHUNK_OUTPUT_FIELDS: Final = (
+    ID,
+    DOC_ID,
+    VERSION,
+    CHUNK_NO,
+    TEXT,
+    CLASSIFICATION,
+    SOURCE,
+    PAGE,
+    METADATA,
+    ACL,
+)
 
 # document registry fields (DOC_ID, VERSION, CLASSIFICATION, SOURCE, METADATA shared)
 CONTENT_HASH: Final = "content_hash"
@@ -59,6 +72,7 @@ REGISTRY_OUTPUT_FIELDS: Final = (
     CHUNKS,
     INGESTED_AT,
     METADATA,
+    ACL,
 )
 
 # sync ledger fields (DOC_ID, VERSION, MARKER shared): the newest change applied per document
@@ -73,6 +87,8 @@ LEDGER_OUTPUT_FIELDS: Final = (DOC_ID, REVISION, ORIGIN, VERSION, DELETED, WRITI
 MAX_TEXT_BYTES: Final = 65535
 MAX_DOC_ID: Final = 256
 MAX_SOURCE: Final = 1024
+ACL_CAPACITY: Final = 64
+ACL_ENTRY_BYTES: Final = 256
 
 
 def registry_name(collection: str) -> str:
@@ -95,6 +111,7 @@ def chunk_schema(dim: int) -> CollectionSchema:
     schema.add_field(SOURCE, DataType.VARCHAR, max_length=MAX_SOURCE)
     schema.add_field(PAGE, DataType.INT64)
     schema.add_field(METADATA, DataType.JSON)
+    _add_acl(schema)
     return schema
 
 
@@ -109,8 +126,19 @@ def registry_schema() -> CollectionSchema:
     schema.add_field(CHUNKS, DataType.INT64)
     schema.add_field(INGESTED_AT, DataType.INT64)
     schema.add_field(METADATA, DataType.JSON)
+    _add_acl(schema)
     schema.add_field(MARKER, DataType.FLOAT_VECTOR, dim=MARKER_DIM)
     return schema
+
+
+def _add_acl(schema: CollectionSchema) -> None:
+    schema.add_field(
+        ACL,
+        DataType.ARRAY,
+        element_type=DataType.VARCHAR,
+        max_capacity=ACL_CAPACITY,
+        max_length=ACL_ENTRY_BYTES,
+    )
 
 
 def ledger_schema() -> CollectionSchema:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.config import Settings
+from services.kb.access import EVERYTHING, Reader
 from services.kb.answer import Answerer, ExtractiveAnswerer
 from services.kb.embedder import Embedder
 from services.kb.errors import KBError, StoreUnavailable
@@ -117,9 +118,13 @@ class KnowledgeBase:
         top_k: int | None = None,
         score_threshold: float | None = None,
         flt: SearchFilter | None = None,
+        *,
+        reader: Reader = EVERYTHING,
     ) -> list[Hit]:
+        """Hits ``reader`` may read. The default is the host operator's view (the CLI, benchmarks);
+        the gateway always passes the signed-in principal's."""
         return Retriever(self.embedder, self.store, self.settings.retrieval).search(
-            query, top_k, score_threshold, flt
+            query, top_k, score_threshold, flt, reader=reader
         )
 
     def answer(self, question: str, hits: Sequence[Hit]) -> Answer:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,12 +29,15 @@ from pymilvus.exceptions import MilvusException
 
 from services.config import MilvusSettings
 from services.kb import schema
+from services.kb.access import Acl, Reader
 from services.kb.classification import Classification
 from services.kb.errors import KBError, SchemaMismatch, StoreUnavailable
 from services.kb.filters import SearchFilter, in_list, literal
 from services.kb.models import Chunk, Hit
 
 log = logging.getLogger(__name__)
+
+_FRAGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{2,62}[A-Za-z0-9]$")
 
 _NOT_LOADED = 101
 """Milvus error code for a search/query on a released collection."""
@@ -52,6 +56,7 @@ class DocumentRecord:
     chunks: int
     ingested_at: float
     metadata: dict[str, Any]
+    acl: Acl
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> DocumentRecord:
@@ -65,6 +70,7 @@ class DocumentRecord:
             chunks=int(row[schema.CHUNKS]),
             ingested_at=row[schema.INGESTED_AT] / 1000.0,
             metadata=_json(row.get(schema.METADATA)),
+            acl=Acl.from_stored(row.get(schema.ACL)),
         )
 
 
@@ -88,6 +94,7 @@ def _chunk(row: dict[str, Any]) -> Chunk:
         source=entity[schema.SOURCE],
         page=int(entity[schema.PAGE]),
         metadata=_json(entity.get(schema.METADATA)),
+        acl=Acl.from_stored(entity.get(schema.ACL)),
     )
 
 
@@ -183,39 +190,46 @@ class KnowledgeStore:
     # -- schema ------------------------------------------------------------------------------
 
     def _ensure_collections(self, client: MilvusClient) -> None:
-        idx = self.settings.index
         names = self._call("list_collections", client.list_collections)
         if self.collection in names:
             self._validate_existing(client)
         else:
-            params = client.prepare_index_params()
-            params.add_index(
-                field_name=schema.VECTOR,
-                index_type=idx.type,
-                metric_type=idx.metric,
-                params={"params": schema.index_build_params(idx)} if idx.type != "FLAT" else {},
-            )
-            self._call(
-                "create_collection",
-                client.create_collection,
-                self.collection,
-                schema=schema.chunk_schema(self.dimension),
-                index_params=params,
-                consistency_level="Session",  # a client always reads its own writes (the registry flip)
-            )
+            self.create_chunk_collection(client, self.collection)
         if self.registry not in names:
-            params = client.prepare_index_params()
-            params.add_index(field_name=schema.MARKER, index_type="FLAT", metric_type="L2")
-            self._call(
-                "create_collection",
-                client.create_collection,
-                self.registry,
-                schema=schema.registry_schema(),
-                index_params=params,
-                consistency_level="Session",
-            )
+            self.create_registry_collection(client, self.registry)
         for name in (self.collection, self.registry):
             self._call("load_collection", client.load_collection, name)
+
+    def create_chunk_collection(self, client: MilvusClient, name: str) -> None:
+        """An empty chunk collection with the configured index (also the migration's target)."""
+        idx = self.settings.index
+        params = client.prepare_index_params()
+        params.add_index(
+            field_name=schema.VECTOR,
+            index_type=idx.type,
+            metric_type=idx.metric,
+            params={"params": schema.index_build_params(idx)} if idx.type != "FLAT" else {},
+        )
+        self._call(
+            "create_collection",
+            client.create_collection,
+            name,
+            schema=schema.chunk_schema(self.dimension),
+            index_params=params,
+            consistency_level="Session",  # a client always reads its own writes (the registry flip)
+        )
+
+    def create_registry_collection(self, client: MilvusClient, name: str) -> None:
+        params = client.prepare_index_params()
+        params.add_index(field_name=schema.MARKER, index_type="FLAT", metric_type="L2")
+        self._call(
+            "create_collection",
+            client.create_collection,
+            name,
+            schema=schema.registry_schema(),
+            index_params=params,
+            consistency_level="Session",
+        )
 
     def ensure_ledger(self) -> str:
         """Create the sync ledger collection (``<collection>_sync``) if missing; its name."""
@@ -244,6 +258,12 @@ class KnowledgeStore:
                 f"collection {self.collection!r} exists but was not created by dualtrack "
                 f"(no {schema.VECTOR!r}/{schema.DOC_ID!r} fields); set milvus.collection to another name"
             )
+        if schema.ACL not in fields or not self._registry_has_acl(client):
+            raise SchemaMismatch(
+                f"collection {self.collection!r} in Milvus at {self.where} was created before documents "
+                f"carried access lists (no {schema.ACL!r} field); migrate it once with "
+                "`dualtrack kb migrate` (it keeps every document and a copy of the old collections)"
+            )
         dim = int(vector.get("params", {}).get("dim", 0))
         if dim != self.dimension:
             raise SchemaMismatch(
@@ -263,6 +283,12 @@ class KnowledgeStore:
                     "ingest into a new collection"
                 )
 
+    def _registry_has_acl(self, client: MilvusClient) -> bool:
+        if self.registry not in self._call("list_collections", client.list_collections):
+            return True  # created next, with the current schema
+        desc = self._call("describe_collection", client.describe_collection, self.registry)
+        return any(f["name"] == schema.ACL for f in desc["fields"])
+
     # -- registry ----------------------------------------------------------------------------
 
     def get_document(self, doc_id: str) -> DocumentRecord | None:
@@ -275,14 +301,10 @@ class KnowledgeStore:
         )
         return DocumentRecord.from_row(rows[0]) if rows else None
 
-    def list_documents(
-        self, limit: int = 1000, offset: int = 0, classifications: Sequence[Classification] | None = None
-    ) -> list[DocumentRecord]:
-        """A page of the registry; with ``classifications``, of documents with those labels only
-        (filtered in Milvus, so a page is full whenever enough such documents exist)."""
-        expr = f'{schema.DOC_ID} != ""'
-        if classifications is not None:
-            expr += " and " + in_list(schema.CLASSIFICATION, [c.value for c in classifications])
+    def list_documents(self, *, reader: Reader, limit: int = 1000, offset: int = 0) -> list[DocumentRecord]:
+        """A page of the registry, of the documents ``reader`` may read (filtered in Milvus, so a
+        page is full whenever enough such documents exist)."""
+        expr = f'{schema.DOC_ID} != "" and {reader.expression()}'
         rows = self._call(
             "query",
             self.client.query,
@@ -336,6 +358,7 @@ class KnowledgeStore:
                 schema.CHUNKS: r.chunks,
                 schema.INGESTED_AT: int(r.ingested_at * 1000),
                 schema.METADATA: r.metadata,
+                schema.ACL: r.acl.stored(),
                 schema.MARKER: [0.0] * schema.MARKER_DIM,
             }
             for r in records
@@ -361,6 +384,7 @@ class KnowledgeStore:
                     schema.SOURCE: c.source,
                     schema.PAGE: c.page,
                     schema.METADATA: c.metadata,
+                    schema.ACL: c.acl.stored(),
                 }
                 for i, c in enumerate(chunks[start : start + batch])
             ]
@@ -456,6 +480,26 @@ class KnowledgeStore:
         rows = sorted(rows, key=lambda r: int(r[schema.CHUNK_NO]))
         return np.array([r[schema.VECTOR] for r in rows], dtype=np.float32).reshape(len(rows), self.dimension)
 
+    def labels_containing(
+        self, fragments: Sequence[str], among: Sequence[Classification]
+    ) -> set[Classification]:
+        """The labels (of ``among``) of chunks whose text holds one of ``fragments`` verbatim:
+        identifiers (a project code, an account id) that a dense probe may not match. Fragments
+        must be letters, digits and hyphens, so they mean themselves in a LIKE pattern."""
+        usable = [f for f in fragments if _FRAGMENT.match(f)]
+        if not usable or not among:
+            return set()
+        likes = " or ".join(f'{schema.TEXT} like "%{f}%"' for f in usable)
+        rows = self._call(
+            "query",
+            self.client.query,
+            self.collection,
+            filter=f"{in_list(schema.CLASSIFICATION, [c.value for c in among])} and ({likes})",
+            output_fields=[schema.CLASSIFICATION],
+            limit=16,
+        )
+        return {Classification(r[schema.CLASSIFICATION]) for r in rows}
+
     # -- search ------------------------------------------------------------------------------
 
     def search(
@@ -464,8 +508,11 @@ class KnowledgeStore:
         limit: int,
         flt: SearchFilter | None = None,
         score_threshold: float | None = None,
+        *,
+        reader: Reader,
     ) -> list[list[Hit]]:
-        """Top ``limit`` hits per query vector, active versions only, best first."""
+        """Top ``limit`` hits per query vector that ``reader`` may read, active versions only,
+        best first. ``flt`` (the client's) is ANDed with the reader's scope: it only narrows."""
         if vectors.ndim == 1:
             vectors = vectors[None, :]
         if vectors.shape[1] != self.dimension:
@@ -477,7 +524,9 @@ class KnowledgeStore:
             self.collection,
             data=vectors.tolist(),
             limit=fetch,
-            filter=flt.expression() if flt else "",
+            filter=" and ".join(
+                f"({e})" for e in (flt.expression() if flt else "", reader.expression()) if e
+            ),
             output_fields=list(schema.CHUNK_OUTPUT_FIELDS),
             search_params=schema.search_params(self.settings.index, self.settings.search, fetch),
         )

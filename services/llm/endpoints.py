@@ -31,7 +31,9 @@ from typing import Literal, Protocol
 
 import httpx
 
+from services.audit import egress
 from services.config import EndpointSettings
+from services.kb.store import display_uri
 from services.llm.pace import Pace
 from services.llm.prompt import Prompt
 from services.llm.reasoning import Delta
@@ -122,6 +124,7 @@ class _Base:
             base_url=settings.url.rstrip("/"),
             timeout=_timeout(settings, settings.first_token_timeout_s),
             auth=BearerFromSettings(settings),
+            event_hooks={"request": [egress.count_request]},
             limits=LIMITS,
             transport=httpx.AsyncHTTPTransport(retries=0, limits=LIMITS),
         )
@@ -134,8 +137,13 @@ class _Base:
     async def stream(
         self, prompt: Prompt, max_tokens: int, temperature: float | None = None
     ) -> AsyncIterator[Delta]:
-        """The answer as typed deltas; counted in flight (the measured deadlines see the queue)."""
-        with self._counted():
+        """The answer as typed deltas; counted in flight (the measured deadlines see the queue)
+        and in the request's audit record (what was sent where, never the text)."""
+        leaves = self.name == "cloud"
+        with (
+            self._counted(),
+            egress.calling(self.name, display_uri(self.settings.url), prompt.tokens, leaves),
+        ):
             async with contextlib.aclosing(self._stream(prompt, max_tokens, temperature)) as deltas:  # type: ignore[type-var]
                 async for delta in deltas:
                     yield delta

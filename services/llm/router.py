@@ -1,117 +1,117 @@
-"""Sensitivity routing: may this request go to the cloud?
+"""Sensitivity routing: may this request go to the cloud? It fails closed.
 
-Decided per request from the query and the classification of the retrieved
-chunks. Any chunk labelled with a local-only classification (always
-``confidential``) or a query carrying personal data keeps the request on the
-premises. The decision carries its reason, which is returned with the answer
-and counted in metrics -- never the matched personal data itself.
+Two checks, both on what would actually leave the premises:
+
+:meth:`SensitivityRouter.decide`, before a prompt exists: the labels of every chunk the request
+involves (the prompt's passages *and* what an unfiltered probe of the knowledge base finds for
+the question and each earlier turn, so a client's filter or threshold cannot hide a
+confidential match), whether every earlier answer is one the gateway gave (a client cannot
+forge "earlier turns were public"), and a DLP scan of every turn.
+
+:meth:`SensitivityRouter.outbound`, on the composed cloud prompt itself: its passages' labels
+and a DLP scan of every message, system prompt and passages included, exactly as they would be
+sent. A finding, an unknown label or a scanner failure keeps the request local.
+
+Only labels in ``llm.routing.cloud_classifications`` may go (never confidential). The decision
+carries its reason, returned with the answer, counted in metrics and audited -- never the
+matched personal data itself.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from services.config import RoutingSettings
-from services.kb.models import Hit
+from services.kb.classification import Classification
+from services.llm.dlp import Scanner, decode_blobs
+from services.llm.prompt import Prompt
+
+log = logging.getLogger(__name__)
 
 Target = Literal["cloud", "local"]
 
-_CARD_CANDIDATE = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
-BUILTIN: dict[str, re.Pattern[str]] = {
-    "email": re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
-    # +CC international, (area) local, North-American 3-3-4, or a national number with a 0 trunk prefix
-    "phone": re.compile(
-        r"(?<![\w+])\+\d{1,3}[ .-]?\d[\d .-]{6,14}\d(?!\d)"
-        r"|\(\d{2,5}\)\s?\d{3,4}[ .-]?\d{3,5}\b"
-        r"|\b\d{3}[ .-]\d{3}[ .-]\d{4}\b"
-        r"|\b0\d{2,4}[ /-]\d{3,8}\b"
-    ),
-    # US SSN, UK National Insurance number, German tax id style 11 digits with separators
-    # US SSN (with dashes, spaces or bare -- a bare 9-digit number errs on the safe side),
-    # UK National Insurance number
-    "national_id": re.compile(
-        r"(?<![\d-])\d{3}[- ]?\d{2}[- ]?\d{4}(?![\d-])"
-        r"|\b[A-CEGHJ-PR-TW-Z]{2}\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b",
-        re.IGNORECASE,
-    ),
-}
+
+_IDENTIFIER = re.compile(
+    r"(?<![A-Za-z0-9-])(?=[A-Za-z0-9-]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9][A-Za-z0-9-]{6,62}[A-Za-z0-9](?![A-Za-z0-9-])"
+)
+MAX_IDENTIFIERS = 16
 
 
-_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:\s?[A-Z0-9]){11,30}\b")
-
-
-def iban_ok(candidate: str) -> bool:
-    """ISO 13616 mod-97 check (so a random code is not taken for an account number)."""
-    compact = candidate.replace(" ", "").upper()
-    rearranged = compact[4:] + compact[:4]
-    digits = "".join(str(int(ch, 36)) for ch in rearranged)
-    return len(compact) >= 15 and int(digits) % 97 == 1
-
-
-def _iban(text: str) -> bool:
-    return any(iban_ok(m.group()) for m in _IBAN.finditer(text))
-
-
-def luhn_ok(digits: str) -> bool:
-    total, parity = 0, len(digits) % 2
-    for i, ch in enumerate(digits):
-        d = int(ch)
-        if i % 2 == parity:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
-
-
-def _card(text: str) -> bool:
-    for match in _CARD_CANDIDATE.finditer(text):
-        digits = re.sub(r"\D", "", match.group())
-        if 13 <= len(digits) <= 19 and luhn_ok(digits):
-            return True
-    return False
+def identifiers(texts: Iterable[str]) -> list[str]:
+    """Code-like words (8-64 letters, digits and hyphens, with both a letter and a digit: a
+    project code, an account or ticket id) to look up verbatim in the knowledge base."""
+    found = dict.fromkeys(m.group() for t in texts for m in _IDENTIFIER.finditer(t))
+    return list(found)[:MAX_IDENTIFIERS]
 
 
 @dataclass(frozen=True)
 class RouteDecision:
     target: Target
     reason: str
-    """Why: ``no-sensitive-content``, ``confidential-context``, ``personal-data:<detector>``,
-    ``forced-local`` (the caller asked), ``no-cloud-endpoint``."""
+    """Why: ``no-sensitive-content``, ``<label>-context`` (a chunk with a label that may not go),
+    ``personal-data:<entity>``, ``opaque-content`` (base64 that decodes to no text),
+    ``unverified-assistant-turn``, ``dlp-unavailable``,
+    ``requested-local`` (the caller asked), ``no-cloud-endpoint``."""
 
 
 class SensitivityRouter:
-    """Stateless and cheap: regexes over the query, labels over the hits."""
-
-    def __init__(self, settings: RoutingSettings) -> None:
-        self.local_labels = set(settings.local_classifications)
-        # most specific first: a card or national id must not be reported as a phone number
-        order = ("card_number", "iban", "national_id", "email", "phone")
-        checks = {"card_number": _card, "iban": _iban}
-        self.detectors: dict[str, re.Pattern[str] | None] = {
-            name: BUILTIN.get(name) for name in order if name in settings.detectors
-        }
-        self._checks = {name: checks[name] for name in self.detectors if name in checks}
-        self.detectors.update({name: re.compile(p) for name, p in settings.custom_patterns.items()})
+    def __init__(self, settings: RoutingSettings, scanner: Scanner | None = None) -> None:
+        self.cloud_labels = frozenset(settings.cloud_classifications)
+        self.scanner = scanner or Scanner(
+            settings.dlp_entities, settings.dlp_min_score, settings.custom_patterns, settings.dlp_allow
+        )
 
     def personal_data(self, text: str) -> str | None:
-        """The first detector that matches ``text`` (its name only), or None."""
-        for name, pattern in self.detectors.items():
-            if (pattern is None and self._checks[name](text)) or (
-                pattern is not None and pattern.search(text)
-            ):
-                return name
+        """``personal-data:<entity>`` for the strongest finding in ``text`` or in base64 it
+        carries, ``opaque-content`` for base64 that is not text, ``dlp-unavailable`` when the
+        scanner failed, or None."""
+        hidden = decode_blobs(text)
+        if hidden.opaque:
+            return "opaque-content"
+        try:
+            for part in (text, *hidden.texts):
+                entity = self.scanner.first(part)
+                if entity:
+                    return f"personal-data:{entity.lower()}"
+        except Exception:  # an undetermined scan is a reason to stay local, never to go
+            log.exception("DLP scan failed: keeping the request local")
+            return "dlp-unavailable"
         return None
 
-    def decide(self, query: str, hits: Sequence[Hit], *, cloud_available: bool = True) -> RouteDecision:
-        if any(h.chunk.classification in self.local_labels for h in hits):
-            return RouteDecision("local", "confidential-context")
-        detector = self.personal_data(query)
-        if detector is not None:
-            return RouteDecision("local", f"personal-data:{detector}")
+    def _labels(self, labels: Iterable[Classification]) -> str | None:
+        barred = sorted({c for c in labels if c not in self.cloud_labels}, key=lambda c: -c.rank)
+        return f"{barred[0].value}-context" if barred else None
+
+    def decide(
+        self,
+        texts: Sequence[str],
+        labels: Iterable[Classification],
+        *,
+        vouched: bool = True,
+        cloud_available: bool = True,
+    ) -> RouteDecision:
+        """``texts``: the question and every turn; ``labels``: of every chunk they involve;
+        ``vouched``: every earlier assistant turn is an answer this gateway gave for the cloud."""
+        barred = self._labels(labels)
+        if barred:
+            return RouteDecision("local", barred)
+        for text in texts:
+            found = self.personal_data(text)
+            if found:
+                return RouteDecision("local", found)
+        if not vouched:
+            return RouteDecision("local", "unverified-assistant-turn")
         if not cloud_available:
             return RouteDecision("local", "no-cloud-endpoint")
         return RouteDecision("cloud", "no-sensitive-content")
+
+    def outbound(self, prompt: Prompt) -> str | None:
+        """Why the composed cloud ``prompt`` must not be sent, or None when it may."""
+        barred = self._labels(h.chunk.classification for h in prompt.hits)
+        if barred:
+            return barred
+        return self.personal_data("\n".join(m.content for m in prompt.messages))

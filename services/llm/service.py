@@ -19,13 +19,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from services.config import EndpointSettings, LLMSettings
+from services.kb.classification import Classification
 from services.kb.models import Answer, Citation, Hit
 from services.llm.breaker import CircuitBreaker, State
+from services.llm.conversation import AnswerMemory
 from services.llm.endpoints import Endpoint, LLMError, endpoint
 from services.llm.metrics import BREAKER_STATES, LLMMetrics
 from services.llm.prompt import Prompt, build_prompt
@@ -56,6 +58,13 @@ class Outcome:
     citations: list[Citation] | None = None
     """Set when the extractive answerer answered: it cites only the passages it quotes."""
     reasoning: list[str] = field(default_factory=list)
+    held_back: bool = False
+    """The composed cloud prompt failed the outbound check: answered on the premises."""
+
+    def cloud_eligible(self, decision: RouteDecision) -> bool:
+        """Whether this answer's inputs could have gone to the cloud (so a later turn quoting it
+        may, too)."""
+        return decision.target == "cloud" and not self.held_back
 
 
 class AnswerService:
@@ -64,6 +73,7 @@ class AnswerService:
     ) -> None:
         self.settings = settings
         self.router = SensitivityRouter(settings.routing)
+        self.memory = AnswerMemory(settings.routing.conversation_memory)
         self.extractive = extractive
         self.metrics = metrics
         self.cloud: Endpoint | None = endpoint(settings.cloud, "cloud") if settings.cloud else None
@@ -163,8 +173,16 @@ class AnswerService:
             "dualtrack-cloud": "RAG; the cloud model when the router allows (never for sensitive requests)",
         }
 
-    def decide(self, question: str, hits: Sequence[Hit], requested: Requested = "auto") -> RouteDecision:
-        decision = self.router.decide(question, hits, cloud_available=self.cloud is not None)
+    def decide(
+        self,
+        texts: Sequence[str],
+        labels: Iterable[Classification],
+        requested: Requested = "auto",
+        *,
+        vouched: bool = True,
+    ) -> RouteDecision:
+        """Route on the question and turns (``texts``) and the labels of every chunk involved."""
+        decision = self.router.decide(texts, labels, vouched=vouched, cloud_available=self.cloud is not None)
         if requested == "local" and decision.target == "cloud":
             decision = RouteDecision("local", "requested-local")
         self.metrics.decisions.labels(decision.target, decision.reason.split(":")[0]).inc()
@@ -309,10 +327,18 @@ class AnswerService:
         outcome.reason = decision.reason
         started = time.perf_counter()
         sent: list[Delta] = []
-        if self._cloud_allowed(decision, outcome):
+        cloud_prompt = compose(self.counter("cloud")) if decision.target == "cloud" and self.cloud else None
+        if cloud_prompt is not None:
+            # the last gate: the exact prompt, system message and passages included
+            held = await asyncio.to_thread(self.router.outbound, cloud_prompt)
+            if held is not None:
+                outcome.reason, outcome.held_back = held, True
+                self.metrics.decisions.labels("local", held.split(":")[0]).inc()
+                cloud_prompt = None
+        if cloud_prompt is not None and self._cloud_allowed(decision, outcome):
             assert self.cloud is not None
             settled = False  # the breaker heard how this attempt ended (a half-open trial must end)
-            prompt = compose(self.counter("cloud"))
+            prompt = cloud_prompt
             try:
                 for attempt in range(self.settings.transport_retries + 1):
                     held: list[Delta] = []

@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 
 from services.config import Settings
+from services.kb.access import Acl
 from services.kb.classification import Classification
 from services.kb.embedder import Embedder
 from services.kb.errors import KBError
@@ -171,10 +172,11 @@ class Applier:
                     for e in upserts
                 ]
             )
-            chunks = [c for e in upserts for c in _chunks(e)]
+            default_acl = self.settings.access.default()
+            chunks = [c for e in upserts for c in _chunks(e, default_acl)]
             vectors = self._vectors(upserts, chunks)
             self.store.write_chunks(chunks, vectors, batch=self.settings.ingest.insert_batch)
-            self.store.activate(*(_record(e) for e in upserts))
+            self.store.activate(*(_record(e, default_acl) for e in upserts))
             self.store.delete_chunks(_superseded(upserts, registered, before))
         if deletes:
             self.store.delete_documents(deletes)
@@ -248,7 +250,8 @@ def _entry(event: Event) -> LedgerEntry:
     )
 
 
-def _chunks(event: DocumentUpsert) -> list[Chunk]:
+def _chunks(event: DocumentUpsert, default_acl: Acl) -> list[Chunk]:
+    acl = event.access(default_acl)
     return [
         Chunk(
             id=chunk_id(event.doc_id, event.version, c.chunk_no),
@@ -260,12 +263,13 @@ def _chunks(event: DocumentUpsert) -> list[Chunk]:
             source=event.source,
             page=c.page,
             metadata={**c.metadata, "title": c.metadata.get("title", event.title)},
+            acl=acl,
         )
         for c in event.chunks
     ]
 
 
-def _record(event: DocumentUpsert) -> DocumentRecord:
+def _record(event: DocumentUpsert, default_acl: Acl) -> DocumentRecord:
     return DocumentRecord(
         doc_id=event.doc_id,
         version=event.version,
@@ -276,4 +280,5 @@ def _record(event: DocumentUpsert) -> DocumentRecord:
         chunks=len(event.chunks),
         ingested_at=event.occurred_at,
         metadata={**event.metadata, SYNCED_FROM: event.origin},
+        acl=event.access(default_acl),
     )

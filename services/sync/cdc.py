@@ -103,6 +103,7 @@ def translate(
         source=record.source,
         title=record.title,
         metadata=record.metadata,
+        acl=record.acl.stored(),
         chunks=[
             EventChunk(chunk_no=c.chunk_no, text=c.text, page=c.page, metadata=c.metadata)
             for c in prepared.chunks

@@ -40,6 +40,8 @@ from pydantic import (
     model_validator,
 )
 
+from services.kb import schema
+from services.kb.access import Acl, AclError
 from services.kb.classification import Classification
 from services.kb.ingest import validate_doc_id
 from services.kb.schema import MAX_SOURCE, MAX_TEXT_BYTES
@@ -113,6 +115,12 @@ class DocumentUpsert(_Event):
     source: str = Field(min_length=1)
     title: str = Field(max_length=1000)
     metadata: dict[str, Any] = {}
+    acl: list[str] | None = Field(
+        None,
+        max_length=schema.ACL_CAPACITY,
+        description="Who may read it (access-list entries: *, group:<name>, user:<subject>); "
+        "absent: the receiver's access.default_groups.",
+    )
     chunks: list[EventChunk] = Field(min_length=1, max_length=MAX_CHUNKS)
     embedding: Embedding | None = None
 
@@ -122,6 +130,21 @@ class DocumentUpsert(_Event):
         if len(v.encode()) > MAX_SOURCE:
             raise ValueError(f"is over {MAX_SOURCE} bytes (UTF-8)")
         return v
+
+    @field_validator("acl")
+    @classmethod
+    def _acl(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        try:
+            Acl.parse_stored(v)
+        except AclError as exc:
+            raise ValueError(str(exc)) from None
+        return sorted(set(v))
+
+    def access(self, default: Acl) -> Acl:
+        """The document's access list, or ``default`` when the origin stated none."""
+        return Acl.parse_stored(self.acl) if self.acl is not None else default
 
     @model_validator(mode="after")
     def _consistent(self) -> DocumentUpsert:

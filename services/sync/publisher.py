@@ -85,6 +85,7 @@ class Publisher:
             source=record.source,
             title=record.title[:1000],
             metadata=record.metadata,
+            acl=record.acl.stored(),
             chunks=[
                 events.EventChunk(
                     chunk_no=c.chunk_no,

@@ -111,7 +111,7 @@ def test_example_config_file_loads(monkeypatch) -> None:
     example = Path(__file__).resolve().parents[2] / "dualtrack.example.toml"
     monkeypatch.setenv("DUALTRACK_CONFIG", str(example))
     settings = load_settings()
-    assert settings.llm.routing.detectors == ["email", "phone", "national_id", "card_number", "iban"]
+    assert settings.llm.routing.cloud_classifications == ["public", "internal"]
     assert settings.llm.cloud is None and settings.llm.breaker.failure_threshold == 3
 
 

@@ -5,46 +5,17 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 
-from services.auth.keys import KeyStore
 from services.auth.principal import Role
-from services.gateway.app import create_app
 from services.kb.classification import Classification
-from services.kb.service import KnowledgeBase
-from tests.idp import AUDIENCE, OidcProvider
-from tests.support import SAMPLES, serve, wait_ready
-
-BOOTSTRAP = "bootstrap-key-0123456789"
-
-
-@pytest.fixture
-def idp(tmp_path: Path) -> Iterator[OidcProvider]:
-    provider = OidcProvider(tmp_path).start()
-    try:
-        yield provider
-    finally:
-        provider.stop()
-
-
-@pytest.fixture
-def site(make_settings, embedder, idp: OidcProvider, tmp_path: Path) -> Iterator[tuple[str, KeyStore]]:
-    store = KeyStore(tmp_path / "keys.db")
-    settings = make_settings(
-        gateway={
-            "api_key": BOOTSTRAP,
-            "keys_file": str(store.path),
-            "oidc": {"issuer": idp.issuer, "audience": [AUDIENCE], "jwks_max_age_s": 2},
-        }
-    )
-    with serve(create_app(settings, KnowledgeBase(settings, embedder=embedder))) as url:
-        wait_ready(url)
-        yield url, store
+from tests.idp import OidcProvider
+from tests.services.gateway.conftest import BOOTSTRAP
+from tests.support import SAMPLES
 
 
 def _search(url: str, credential: str | None) -> httpx.Response:

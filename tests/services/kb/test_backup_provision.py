@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.kb import backup, provision
+from services.kb.access import EVERYTHING
 from services.kb.service import KnowledgeBase
 from tests.support import ingest_samples
 
@@ -22,7 +23,7 @@ def _snapshot_of(kb: KnowledgeBase) -> dict[str, tuple]:
 def test_backup_restore_round_trip_keeps_every_chunk(kb: KnowledgeBase, tmp_path: Path) -> None:
     ingest_samples(kb)
     before = _snapshot_of(kb)
-    docs_before = {d.doc_id for d in kb.store.list_documents()}
+    docs_before = {d.doc_id for d in kb.store.list_documents(reader=EVERYTHING)}
     assert len(before) > 20
     dest = tmp_path / "backups"
     snap = backup.create(kb.settings.milvus, dest, keep=3)
@@ -38,7 +39,7 @@ def test_backup_restore_round_trip_keeps_every_chunk(kb: KnowledgeBase, tmp_path
     assert counts[kb.store.collection] == len(before)
     kb.store.close()
     assert _snapshot_of(kb) == before
-    assert {d.doc_id for d in kb.store.list_documents()} == docs_before
+    assert {d.doc_id for d in kb.store.list_documents(reader=EVERYTHING)} == docs_before
     hits = kb.search("What is the code name of the planned acquisition?", top_k=1)
     assert hits[0].chunk.doc_id == "confidential--project-falcon-acquisition.md"
     (pre,) = dest.glob("pre-restore-*")  # what the restore replaced is kept

@@ -8,6 +8,7 @@ from pymilvus import MilvusClient
 
 from services.config import ConfigError, load_settings
 from services.kb import schema
+from services.kb.access import EVERYTHING
 from services.kb.classification import Classification
 from services.kb.errors import SchemaMismatch, StoreUnavailable
 from services.kb.filters import SearchFilter
@@ -34,7 +35,7 @@ def ingest_samples(kb: KnowledgeBase) -> dict[str, int]:
 def test_embedded_ingest_search_and_labels(kb: KnowledgeBase) -> None:
     chunks = ingest_samples(kb)
     assert kb.store.count_chunks() == sum(chunks.values())
-    docs = {d.doc_id: d for d in kb.store.list_documents()}
+    docs = {d.doc_id: d for d in kb.store.list_documents(reader=EVERYTHING)}
     assert docs["confidential--project-falcon-acquisition.md"].classification is Classification.CONFIDENTIAL
     assert docs["products--robot-fleet-faq.md"].classification is Classification.PUBLIC
     assert docs["policies--travel-and-expense-policy.pdf"].classification is Classification.INTERNAL
@@ -149,7 +150,7 @@ def test_milvus_down_is_a_clear_error_and_not_ready(embedder, make_settings) -> 
 
 def test_search_rejects_wrong_query_dimension(kb: KnowledgeBase) -> None:
     with pytest.raises(ValueError, match="query vectors are 8-d; the store holds 384-d"):
-        kb.store.search(np.zeros(8, dtype=np.float32), 3)
+        kb.store.search(np.zeros(8, dtype=np.float32), 3, reader=EVERYTHING)
 
 
 def test_schema_is_defined_once() -> None:
@@ -165,6 +166,7 @@ def test_schema_is_defined_once() -> None:
         schema.SOURCE,
         schema.PAGE,
         schema.METADATA,
+        schema.ACL,
     ]
 
 

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from services.kb.access import Acl
 from services.kb.answer import citations_for
 from services.kb.classification import Classification
 from services.kb.models import Chunk, Hit
@@ -52,10 +53,24 @@ def test_unterminated_reasoning_is_an_error() -> None:
             splitter.finish()
 
 
+EVERYONE = Acl.everyone()
+
+
 def _hits(*texts: str) -> list[Hit]:
     return [
         Hit(
-            Chunk(f"c{i}", f"d{i}", "v", 0, t, Classification.INTERNAL, f"s{i}.md", 0, {"title": f"T{i}"}),
+            Chunk(
+                f"c{i}",
+                f"d{i}",
+                "v",
+                0,
+                t,
+                Classification.INTERNAL,
+                f"s{i}.md",
+                0,
+                {"title": f"T{i}"},
+                EVERYONE,
+            ),
             0.9,
         )
         for i, t in enumerate(texts, 1)

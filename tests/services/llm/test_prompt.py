@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.kb.access import Acl
 from services.kb.classification import Classification
 from services.kb.models import Chunk, Hit
 from services.llm.prompt import PromptTooLong, Turn, build_prompt
@@ -35,6 +36,7 @@ def _hit(n: int, words: int, text: str | None = None) -> Hit:
         source=f"src{n}.md",
         page=0,
         metadata={"title": f"Doc {n}", "sections": ["Intro"]},
+        acl=Acl.everyone(),
     )
     return Hit(chunk=chunk, score=1.0 - n / 10)
 

@@ -188,13 +188,14 @@ def test_a_half_written_version_overtaken_after_a_crash_leaves_no_rows(
     but neither the registry flip nor the final ledger entry happened; then v3 arrives."""
     from dataclasses import replace
 
+    from services.kb.access import Acl
     from services.sync.apply import _chunks
 
     v1, v2, v3 = (upsert("doc", r, [f"rev {r} a.", f"rev {r} b.", f"rev {r} c."][: 4 - r]) for r in (1, 2, 3))
     applier.apply([v1])
     entry = applier.ledger.get(["doc"])["doc"]
     applier.ledger.put([replace(entry, writing=v2.version, writing_chunks=len(v2.chunks))])
-    rows = _chunks(v2)
+    rows = _chunks(v2, Acl.everyone())
     kb.store.write_chunks(rows, unit_vectors(len(rows), kb.store.dimension, seed=5))
     assert kb.store.count_chunks("doc") == len(v1.chunks) + len(v2.chunks)
     assert applier.apply([v3])[0].status == "applied"

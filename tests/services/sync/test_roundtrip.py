@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from services.config import GatewaySettings, Settings
+from services.kb.access import EVERYTHING
 from services.kb.classification import Classification
 from services.kb.embedder import Embedder
 from services.kb.service import KnowledgeBase
@@ -54,12 +55,14 @@ def test_site_b_answers_like_site_a(
     kb_a, publisher = site_a
     documents = ingest_samples(kb_a)
     assert publisher.drain(30)
-    shared = [d for d in kb_a.store.list_documents() if d.classification.value != "confidential"]
+    shared = [
+        d for d in kb_a.store.list_documents(reader=EVERYTHING) if d.classification.value != "confidential"
+    ]
     assert len(shared) == documents - 1 and published(publisher, "upsert") == len(shared)
 
     with running_consumer(sync_settings("b"), embedder) as (consumer, kb_b):
         wait_for(lambda: counter(consumer, "applied") >= len(shared), what="site A's documents applied on B")
-        assert {d.doc_id: d.version for d in kb_b.store.list_documents()} == {
+        assert {d.doc_id: d.version for d in kb_b.store.list_documents(reader=EVERYTHING)} == {
             d.doc_id: d.version for d in shared
         }
         for query in QUERIES:
@@ -182,7 +185,7 @@ def test_publish_existing_sends_what_a_site_already_holds(
     kb = KnowledgeBase(settings, embedder=embedder)  # ingested before publishing was turned on
     kb.start()
     ingest_samples(kb)
-    stored = {d.doc_id: d for d in kb.store.list_documents()}
+    stored = {d.doc_id: d for d in kb.store.list_documents(reader=EVERYTHING)}
     shareable = {d for d, r in stored.items() if r.classification.value != "confidential"}
     vectors = {d: kb.store.vectors_of(d, stored[d].version) for d in shareable}
     kb.close()
