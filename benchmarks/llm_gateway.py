@@ -46,7 +46,7 @@ from services.kb.service import KnowledgeBase  # noqa: E402
 from services.llm.prompt import build_prompt  # noqa: E402
 from tests.support import free_port, ingest_samples, render_test_repo, triton_with_cpu_backend  # noqa: E402
 
-KEY = "bench-key"
+KEY = "bench-key-0123456789"
 QUESTION = "How many vacation days do full-time employees get per year?"
 
 

@@ -19,6 +19,12 @@ import uvicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "docs" / "samples"
+SAMPLE_CONTACTS = [
+    *("support@northwind-robotics.example", "security@northwind-robotics.example"),
+    *("travel@northwind-robotics.example", "+49 341 555 0100"),
+]
+"""The sample company's published role addresses and switchboard number: public documents carry
+them, and they are not personal data (``llm.routing.dlp_allow``)."""
 
 
 def free_port() -> int:

@@ -71,7 +71,7 @@ def records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         for n, line in enumerate(data, 1):
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise AuditError(f"{path}:{n}: not a JSON record (truncated or altered)") from None
             if not isinstance(record, dict):
                 raise AuditError(f"{path}:{n}: not a JSON record (truncated or altered)")
@@ -89,8 +89,21 @@ def verify(directory: Path) -> Verified:
     genesis = False
     count = 0
     for path in paths:
+        segment = _SEGMENT.match(path.name)
+        opened = True
         for n, record in records(path):
             where = f"{path}:{n}"
+            if opened and segment and record.get("seq") != int(segment.group(1)):
+                raise AuditError(
+                    f"{where}: the segment is named for seq {int(segment.group(1))} but starts at "
+                    f"{record.get('seq')}: records were removed from its start"
+                )
+            if opened and prev is None and not segment and record.get("seq") != 1:
+                raise AuditError(
+                    f"{where}: the log was never rotated but starts at seq {record.get('seq')}: "
+                    "records were removed from its start"
+                )
+            opened = False
             got_seq, got_prev, got_hash = record.get("seq"), record.get("prev"), record.get("hash")
             if not isinstance(got_seq, int) or not isinstance(got_prev, str) or not isinstance(got_hash, str):
                 raise AuditError(f"{where}: the record lacks seq, prev or hash")
@@ -100,7 +113,11 @@ def verify(directory: Path) -> Verified:
                 raise AuditError(f"{where}: seq {got_seq} follows {seq}: records were removed or reordered")
             elif got_prev != prev:
                 raise AuditError(f"{where}: seq {got_seq} does not link to the record before it")
-            if seal(record, got_prev)["hash"] != got_hash:
+            try:
+                intact = seal(record, got_prev)["hash"] == got_hash
+            except (UnicodeEncodeError, ValueError, RecursionError):
+                intact = False
+            if not intact:
                 raise AuditError(f"{where}: seq {got_seq} was altered (its hash does not match its content)")
             prev, seq = got_hash, got_seq
             count += 1

@@ -43,7 +43,7 @@ AUTH_DISABLED = Principal(
 def load_bootstrap_key(settings: GatewaySettings) -> str | None:
     """The bootstrap admin key, from ``gateway.api_key`` or ``gateway.api_key_file``, if set."""
     if settings.api_key is not None and settings.api_key.get_secret_value().strip():
-        return settings.api_key.get_secret_value().strip()
+        return _long_enough(settings.api_key.get_secret_value().strip(), "gateway.api_key")
     if settings.api_key_file is not None:
         path = Path(settings.api_key_file)
         try:
@@ -52,8 +52,21 @@ def load_bootstrap_key(settings: GatewaySettings) -> str | None:
             raise ConfigError(f"gateway.api_key_file = {str(path)!r}: cannot read: {exc.strerror}") from None
         if not key:
             raise ConfigError(f"gateway.api_key_file = {str(path)!r}: file is empty")
-        return key
+        return _long_enough(key, f"gateway.api_key_file = {str(path)!r}")
     return None
+
+
+MIN_BOOTSTRAP_KEY = 16
+
+
+def _long_enough(key: str, where: str) -> str:
+    """The bootstrap key has every right: one short enough to guess is refused at start-up."""
+    if len(key) < MIN_BOOTSTRAP_KEY:
+        raise ConfigError(
+            f"{where}: the bootstrap admin key is {len(key)} characters; use at least "
+            f"{MIN_BOOTSTRAP_KEY} (e.g. `openssl rand -hex 24`)"
+        )
+    return key
 
 
 class Authenticator:

@@ -54,8 +54,9 @@ class Principal:
         return self.kind == "bootstrap"
 
     def tokens(self) -> list[str]:
-        """The access-list entries this principal matches (``services.kb.access``)."""
-        return tokens_of(self.subject, self.groups)
+        """The access-list entries this principal matches (``services.kb.access``). A subject or
+        group no entry can hold (control characters) matches nothing, rather than failing."""
+        return [t for t in tokens_of(self.subject, self.groups) if t.isprintable()]
 
     def reader(self) -> Reader:
         """What the store lets this principal read: labels up to its clearance, documents

@@ -33,7 +33,7 @@ from services.kb.answer import citations_for
 from services.kb.classification import Classification
 from services.kb.models import Citation, Hit
 from services.llm.citations import resolve
-from services.llm.dlp import decode_blobs
+from services.llm.dlp import decode_blobs, normalise
 from services.llm.endpoints import LLMError
 from services.llm.output import LinkFilter, LinkPolicy
 from services.llm.prompt import Prompt, PromptTooLong, Turn, build_prompt
@@ -108,7 +108,7 @@ def answer_routes(
         passages, what an unfiltered probe of the whole knowledge base finds for each turn
         (neither the client's filter nor its threshold nor the caller's clearance applies), and
         whether each earlier answer is one this gateway gave for the cloud."""
-        texts = [t for turn in turns for t in (turn.content, *decode_blobs(turn.content).texts)]
+        texts = [t for turn in turns for t in (turn.content, *decode_blobs(normalise(turn.content)).texts)]
         probed: list[Hit] = []
         for text in texts:
             probed += await run_in_threadpool(
@@ -261,7 +261,12 @@ def answer_routes(
             except StopAsyncIteration:
                 first = None
             stream = _Stream(body.model, completion_id, created, max_tokens, links)
-            entry.deferred = True  # recorded when the stream ends
+            entry.deferred = True  # recorded when the stream ends; its start before it goes out
+            if not entry.begin():
+                await deltas.aclose()  # type: ignore[attr-defined]
+                return openai_error(
+                    503, "the audit log cannot be written: the answer was withheld", "server_error"
+                )
             return StreamingResponse(
                 _audited(
                     stream.events(_prepend(first, deltas), outcome, prompt, citations_of),

@@ -17,6 +17,8 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, Response, UploadFile, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -110,7 +112,16 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         egress.collecting(entry.egress)
         # from the headers alone: no body is read (or spooled to disk) for an anonymous request
         rejection = await authenticate(request, authenticator) or _upload_gate(request)
-        response: Response = rejection or await call_next(request)
+        if rejection is None and _mutates(request):
+            entry.principal = getattr(request.state, "principal", None)
+            if not entry.begin():
+                rejection = _unrecorded()  # fail closed: nothing is changed that cannot be recorded
+        try:
+            response: Response = rejection or await call_next(request)
+        except Exception:
+            entry.principal = getattr(request.state, "principal", None)
+            entry.finish(500)  # a crash is recorded too
+            raise
         route = request.scope.get("route")
         route_path = getattr(route, "path", None)
         metrics.request_seconds.labels(
@@ -120,11 +131,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
             entry.principal = getattr(request.state, "principal", None)
             entry.route_path, entry.target = route_path, dict(request.scope.get("path_params") or {})
             if not entry.deferred and not entry.finish(response.status_code):
-                # fail closed: what cannot be recorded is not handed out
-                response = JSONResponse(
-                    {"detail": "the audit log cannot be written: the response was withheld; try again later"},
-                    status_code=503,
-                )
+                response = _unrecorded()  # fail closed: what cannot be recorded is not handed out
         response.headers["X-Request-ID"] = entry.request_id
         return response
 
@@ -152,6 +159,15 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
                 status_code=status.HTTP_413_CONTENT_TOO_LARGE,
             )
         return None
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # the problems without the offending input: it may be confidential, or not encodable
+        problems = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": jsonable_encoder(problems)}, status_code=422)
 
     @app.exception_handler(KBError)
     async def kb_error(request: Request, exc: KBError) -> JSONResponse:
@@ -243,8 +259,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
             "outcome": result.status,
             "classification": result.classification.value if result.classification else None,
             "acl": result.acl.stored() if result.acl else None,
-            **({"reason": result.reason} if result.reason else {}),
-        }
+        }  # not the reason: a parser's message may quote the document
         metrics.ingested_documents.labels(result.status).inc()
         if result.status == "ingested" and result.classification is not None:
             metrics.ingested_chunks.labels(result.classification.value).inc(result.chunks)
@@ -462,13 +477,15 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
             raise HTTPException(404, f"no document {doc_id!r}")
         return record
 
-    def _may_write(principal: Principal, new: DocumentRecord, current: DocumentRecord | None) -> None:
+    def _may_write(principal: Principal, new: DocumentRecord | None, current: DocumentRecord | None) -> None:
         if current is not None and not principal.reader().may_read(current.classification, current.acl):
             raise WriteRefused(
-                f"doc_id {new.doc_id!r} belongs to a document you cannot read; choose another doc_id"
+                f"doc_id {current.doc_id!r} belongs to a document you cannot read; choose another doc_id"
             )
         if current is not None and not principal.may_manage(current.acl):
             raise WriteRefused(_unmanaged(principal, current))
+        if new is None:
+            return
         added = Acl(new.acl.entries - current.acl.entries) if current is not None else new.acl
         if not principal.has(Role.ADMIN) and not added.within(principal.tokens()):
             raise WriteRefused(
@@ -479,6 +496,20 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
 
     app.include_router(answer_routes(settings, answers, _search, _verbatim, _chunk_url, secured))
     return app
+
+
+def _mutates(request: Request) -> bool:
+    """An upload, a delete or an access change: recorded before it acts, too."""
+    return request.method in ("PUT", "PATCH", "DELETE") or (
+        request.method == "POST" and request.url.path.endswith("/v1/documents")
+    )
+
+
+def _unrecorded() -> JSONResponse:
+    return JSONResponse(
+        {"detail": "the audit log cannot be written: the request was not carried out; try again later"},
+        status_code=503,
+    )
 
 
 def _unmanaged(principal: Principal, record: DocumentRecord) -> str:

@@ -77,9 +77,19 @@ class AuditEntry:
     def action(self) -> str:
         return ACTIONS.get((self.method, self.route_path or ""), "other")
 
-    def record(self, status: int, questions: str) -> dict[str, Any]:
+    def record(self, status: int | None, questions: str) -> dict[str, Any]:
+        """The record; ``status`` None for the one written as a write or stream begins."""
         p = self.principal
         action = "signin" if status == 401 else self.action
+        if status is None:
+            return {
+                "ts": self.started,
+                "request_id": self.request_id,
+                "phase": "begin",
+                "principal": {"subject": p.subject, "kind": p.kind, "issuer": p.issuer} if p else None,
+                "method": self.method,
+                "path": self.path,
+            }
         target = self.target if action != "other" else {"path": self.path, **self.target}
         rec: dict[str, Any] = {
             "ts": self.started,
@@ -108,6 +118,13 @@ class AuditEntry:
                 rec[key] = value
         return rec
 
+    def begin(self) -> bool:
+        """Record that a write (or a streamed answer) starts, before it acts: if even that
+        cannot be recorded, it must not happen. False when the log could not take it."""
+        if self._sink is None:
+            return True
+        return self._sink(self, None)
+
     def finish(self, status: int) -> bool:
         """Write the record once; False when the audit log could not take it."""
         with self._lock:
@@ -129,7 +146,7 @@ class Auditor:
         entry._sink = self._write if self.log is not None else None
         return entry
 
-    def _write(self, entry: AuditEntry, status: int) -> bool:
+    def _write(self, entry: AuditEntry, status: int | None) -> bool:
         try:
             assert self.log is not None
             self.log.write(entry.record(status, self.questions))

@@ -40,7 +40,11 @@ class AclError(ValueError):
 
 def _name(value: object, what: str, where: str) -> str:
     text = str(value).strip()
-    if not _NAME.match(text) or len(text.encode()) > _NAME_BYTES:
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:  # a lone surrogate
+        size = _NAME_BYTES + 1
+    if not _NAME.match(text) or size > _NAME_BYTES:
         raise AclError(
             f"{where}: {what} {value!r} must be 1-{_NAME_BYTES} bytes without commas or control characters"
         )

@@ -55,8 +55,9 @@ class WriteRefused(Exception):
         self.reason = reason
 
 
-Authorize = Callable[["DocumentRecord", "DocumentRecord | None"], None]
-"""Checks a prepared document (and the stored one it replaces) before anything is written."""
+Authorize = Callable[["DocumentRecord | None", "DocumentRecord | None"], None]
+"""Checks the stored version a write would replace (``new`` None: called before the document is
+even parsed), then the prepared document, before anything is written."""
 
 
 @dataclass
@@ -190,6 +191,11 @@ class Ingestor:
         target = doc_id or doc_id_for(source)
         with self._doc_lock(target):
             current = self.store.get_document(target) if _DOC_ID.match(target) else None
+            if authorize is not None and current is not None:
+                try:  # before anything about the stored version can show (its ACL in an error)
+                    authorize(None, current)
+                except WriteRefused as exc:
+                    return IngestResult(name=source, status="refused", doc_id=target, reason=exc.reason)
             prepared = self.prepare(
                 data,
                 source,
@@ -314,9 +320,11 @@ class Ingestor:
             )
         meta = {**doc.metadata, **dict(metadata or {})}
         try:
-            json.dumps(meta)
+            json.dumps([meta, title, doc.title], ensure_ascii=False).encode()
         except (TypeError, ValueError):
             return _rejected(source, "metadata must be JSON-serialisable", doc_id)
+        except UnicodeEncodeError:
+            return _rejected(source, "the title or metadata is not valid Unicode (a lone surrogate)", doc_id)
         doc_title = title or doc.title or PurePosixPath(source).stem
         content_hash = hashlib.sha256(data).hexdigest()
         version = self._version(content_hash, label, acl, doc_title, meta)

@@ -495,10 +495,17 @@ class KnowledgeStore:
             self.client.query,
             self.collection,
             filter=f"{in_list(schema.CLASSIFICATION, [c.value for c in among])} and ({likes})",
-            output_fields=[schema.CLASSIFICATION],
-            limit=16,
+            output_fields=[schema.CLASSIFICATION, schema.TEXT],
+            limit=64,
         )
-        return {Classification(r[schema.CLASSIFICATION]) for r in rows}
+        # whole words only: a prefix of a stored code must not match (no guessing it a character
+        # at a time from the route)
+        words = [re.compile(rf"(?<![A-Za-z0-9-]){re.escape(f)}(?![A-Za-z0-9-])") for f in usable]
+        return {
+            Classification(r[schema.CLASSIFICATION])
+            for r in rows
+            if any(w.search(r[schema.TEXT]) for w in words)
+        }
 
     # -- search ------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import re
 import threading
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -149,6 +150,19 @@ def recognizers() -> list[EntityRecognizer]:
     ]
 
 
+_INVISIBLE = dict.fromkeys(
+    map(ord, "\u00ad\u034f\u180e\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064\ufeff")
+)
+_HEX = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}){16,}(?![0-9A-Fa-f])")
+
+
+def normalise(text: str) -> str:
+    """``text`` as a reader sees it: compatibility forms folded (fullwidth digits and at signs,
+    no-break and thin spaces), invisible characters removed, so they cannot split what the
+    recognizers look for."""
+    return unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
+
+
 _BLOB = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{20,}={0,2}(?![A-Za-z0-9+/=_-])")
 
 
@@ -162,7 +176,7 @@ class Decoded:
 
 
 def decode_blobs(text: str) -> Decoded:
-    """Base64 (standard or URL-safe) inside ``text``, decoded, so content cannot slip past the
+    """Base64 (standard or URL-safe) and hex inside ``text``, decoded, so content cannot slip past the
     screening encoded. A run counts as base64 only when it mixes upper case, lower case and
     digits, as encoded text does and words, hex ids and hashes do not."""
     texts: list[str] = []
@@ -188,6 +202,13 @@ def decode_blobs(text: str) -> Decoded:
             texts.append(decoded)
         else:
             opaque = True
+    for match in _HEX.finditer(text):  # hex that spells text (hashes and ids do not)
+        try:
+            decoded = bytes.fromhex(match.group()).decode("utf-8")
+        except ValueError:
+            continue
+        if sum(ch.isprintable() or ch.isspace() for ch in decoded) / len(decoded) >= 0.9:
+            texts.append(decoded)
     return Decoded(texts, opaque)
 
 
@@ -229,6 +250,7 @@ class Scanner:
 
     def scan(self, text: str) -> list[Finding]:
         """Findings at or above ``min_score``, most specific (highest score) first."""
+        text = normalise(text)
         if not text.strip():
             return []
         results = self._engine.analyze(

@@ -27,7 +27,7 @@ from typing import Literal
 
 from services.config import RoutingSettings
 from services.kb.classification import Classification
-from services.llm.dlp import Scanner, decode_blobs
+from services.llm.dlp import Scanner, decode_blobs, normalise
 from services.llm.prompt import Prompt
 
 log = logging.getLogger(__name__)
@@ -38,14 +38,18 @@ Target = Literal["cloud", "local"]
 _IDENTIFIER = re.compile(
     r"(?<![A-Za-z0-9-])(?=[A-Za-z0-9-]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9][A-Za-z0-9-]{6,62}[A-Za-z0-9](?![A-Za-z0-9-])"
 )
-MAX_IDENTIFIERS = 16
+MAX_IDENTIFIERS = 32
 
 
 def identifiers(texts: Iterable[str]) -> list[str]:
     """Code-like words (8-64 letters, digits and hyphens, with both a letter and a digit: a
-    project code, an account or ticket id) to look up verbatim in the knowledge base."""
-    found = dict.fromkeys(m.group() for t in texts for m in _IDENTIFIER.finditer(t))
-    return list(found)[:MAX_IDENTIFIERS]
+    project code, an account or ticket id) to look up verbatim in the knowledge base, as
+    written and in upper case, after Unicode normalisation (zero-width characters dropped).
+    Longest first: decoys cannot crowd a real code out of the ``MAX_IDENTIFIERS`` looked up."""
+    found = dict.fromkeys(
+        v for t in texts for m in _IDENTIFIER.finditer(normalise(t)) for v in (m.group(), m.group().upper())
+    )
+    return sorted(found, key=len, reverse=True)[:MAX_IDENTIFIERS]
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class SensitivityRouter:
         """``personal-data:<entity>`` for the strongest finding in ``text`` or in base64 it
         carries, ``opaque-content`` for base64 that is not text, ``dlp-unavailable`` when the
         scanner failed, or None."""
-        hidden = decode_blobs(text)
+        hidden = decode_blobs(normalise(text))
         if hidden.opaque:
             return "opaque-content"
         try:

@@ -28,6 +28,7 @@ from services.gateway.app import create_app
 from services.kb.service import KnowledgeBase
 from services.tritonserver import TritonServer
 from tests.support import (
+    SAMPLE_CONTACTS,
     SAMPLES,
     cite_prefix_ids,
     ingest_samples,
@@ -38,15 +39,10 @@ from tests.support import (
     wait_ready,
 )
 
-KEY = "llm-test-key"
+KEY = "llm-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PUBLIC_Q = "How many vacation days do full-time employees get per year?"
 CONFIDENTIAL_Q = "What enterprise value does management propose for Kestrel Vision?"
-PUBLISHED_CONTACTS = [
-    *("support@northwind-robotics.example", "security@northwind-robotics.example"),
-    *("travel@northwind-robotics.example", "+49 341 555 0100"),
-]
-"""The sample company's published role addresses and switchboard number: not personal data."""
 
 
 class Site:
@@ -108,7 +104,7 @@ def gateway(sites: dict[str, Site], tmp_path_factory: pytest.TempPathFactory, em
             "local": {"url": sites["local"].server.url, "model": "local_fallback"},
             "max_tokens": 24,
             "breaker": {"failure_threshold": 2, "reset_timeout_s": 2.0, "probe_interval_s": 0.2},
-            "routing": {"dlp_allow": PUBLISHED_CONTACTS},
+            "routing": {"dlp_allow": SAMPLE_CONTACTS},
         },
     )
     kb = KnowledgeBase(settings, embedder=embedder)

@@ -26,6 +26,7 @@ from services.kb.service import KnowledgeBase
 from services.llamacpp import LlamaServer, LlamaServerError, check_gguf
 from tests.support import (
     ROOT,
+    SAMPLE_CONTACTS,
     cite_prefix_ids,
     free_port,
     gemma_gguf,
@@ -36,7 +37,7 @@ from tests.support import (
     wait_ready,
 )
 
-KEY = "local-model-key"
+KEY = "local-model-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PUBLIC_Q = "How many vacation days do full-time employees get per year?"
 CONFIDENTIAL_Q = "What enterprise value does management propose for Kestrel Vision?"
@@ -96,6 +97,7 @@ def gateway(llama: LlamaServer, cloud, tmp_path_factory: pytest.TempPathFactory,
                 "request_timeout_s": 60,
             },
             "max_tokens": 32,
+            "routing": {"dlp_allow": SAMPLE_CONTACTS},
             "temperature": 0,  # a base model sampled at random can end at once; greedy is repeatable
             "breaker": {"failure_threshold": 2, "reset_timeout_s": 2.0, "probe_interval_s": 0.2},
         },

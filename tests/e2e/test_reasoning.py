@@ -23,7 +23,7 @@ from services.gateway.app import create_app
 from services.kb.service import KnowledgeBase
 from tests.support import SAMPLES, deepseek_gguf_header, serve, wait_ready
 
-KEY = "reasoning-key"
+KEY = "reasoning-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 Q = "How many vacation days do full-time employees get per year?"
 R1 = (

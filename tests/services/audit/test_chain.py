@@ -49,8 +49,11 @@ def test_records_chain_and_resume_after_a_restart(tmp_path: Path) -> None:
         (lambda ls: [ls[0], ls[2], ls[1], *ls[3:]], "seq 3 follows 1"),
         (lambda ls: [*ls[:2], ls[1], *ls[2:]], "seq 2 follows 2"),
         (lambda ls: [ls[0], "not json\n", *ls[1:]], ":2: not a JSON record"),
+        (lambda ls: [ls[0], "[" * 100_000 + "\n", *ls[1:]], ":2: not a JSON record"),
+        (lambda ls: ls[2:], "never rotated but starts at seq 3"),
+        (lambda ls: [ls[0].replace('"c0"', '"\\ud800"'), *ls[1:]], "seq 1 was altered"),
     ],
-    ids=["altered", "removed", "reordered", "inserted", "garbage"],
+    ids=["altered", "removed", "reordered", "inserted", "garbage", "deep", "head-cut", "surrogate"],
 )
 def test_tampering_is_found_and_named(tmp_path: Path, tamper, message: str) -> None:
     log = _log(tmp_path)
@@ -91,6 +94,16 @@ def test_rotation_keeps_the_chain_across_files_and_prunes_the_oldest(tmp_path: P
     _write(log, 1)
     log.close()
     assert verify(tmp_path / "audit").last_seq == 61
+
+
+def test_records_cut_from_a_rotated_segment_are_found(tmp_path: Path) -> None:
+    log = _log(tmp_path, max_bytes=4096, keep=5)
+    _write(log, 30)
+    log.close()
+    oldest = files(tmp_path / "audit")[0]
+    oldest.write_text("".join(_lines(oldest)[1:]))
+    with pytest.raises(AuditError, match="named for seq 1 but starts at 2"):
+        verify(tmp_path / "audit")
 
 
 def test_a_torn_last_record_stops_the_writer(tmp_path: Path) -> None:

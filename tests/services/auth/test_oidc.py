@@ -218,7 +218,7 @@ def test_the_issuer_is_compared_exactly(idp: OidcProvider) -> None:
 )
 def test_bad_oidc_settings_name_the_key(oidc: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_settings(gateway={"api_key": "k", "oidc": oidc})
+        load_settings(gateway={"api_key": "bootstrap-key-0123456789", "oidc": oidc})
 
 
 def test_malformed_headers_are_a_401_not_a_crash(idp: OidcProvider) -> None:

@@ -68,7 +68,13 @@ def test_every_request_is_recorded_without_its_text(site, idp: OidcProvider, tmp
     assert httpx.put(f"{url}/v1/documents/escrow.md/access", json=change, headers=boss).status_code == 200
     httpx.get(f"{url}/healthz")  # probes are not audited
 
-    records = _records(audit)
+    everything = _records(audit)
+    begun = [x for x in everything if x.get("phase") == "begin"]  # writes are recorded before they act
+    assert [(x["method"], x["path"]) for x in begun] == [
+        ("POST", "/v1/documents"),
+        ("PUT", "/v1/documents/escrow.md/access"),
+    ]
+    records = [x for x in everything if "phase" not in x]
     assert [(x["action"], x["status"]) for x in records] == [
         ("upload", 201),
         ("search", 200),
@@ -95,12 +101,21 @@ def test_every_request_is_recorded_without_its_text(site, idp: OidcProvider, tmp
     assert "QX-7731" not in raw and "Halvorsen" not in raw  # neither passages nor questions
     assert r.headers["X-Request-ID"] == found["request_id"]
 
+    # bad input is a 422 without the input echoed (a lone surrogate, here), and still recorded
+    r = httpx.post(
+        f"{url}/v1/search",
+        content=b'{"query": "\\ud800 escrow", "top_k": 0}',
+        headers={**boss, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422 and "ud800" not in r.text
+    assert _records(audit)[-1]["status"] == 422
+
     ok = _verify(audit)
-    assert ok.returncode == 0 and "6 records intact, from the first record to seq 6" in ok.stdout, ok.stderr
+    assert ok.returncode == 0 and "9 records intact, from the first record to seq 9" in ok.stdout, ok.stderr
     path = audit / "audit.jsonl"
     path.write_text(path.read_text().replace('"status":404', '"status":200'))
     bad = _verify(audit)
-    assert bad.returncode == 1 and "audit.jsonl:5: seq 5 was altered" in bad.stderr
+    assert bad.returncode == 1 and "audit.jsonl:6: seq 6 was altered" in bad.stderr
 
 
 def test_questions_are_kept_as_text_only_where_a_site_opts_in(make_settings, embedder, tmp_path) -> None:

@@ -107,6 +107,8 @@ def test_contributors_write_within_their_groups(gw) -> None:
     assert theirs.status_code == 201
     r = _upload(url, writer, "theirs.md", CANARY_A, doc_id="theirs.md")  # overwrite B's document
     assert r.status_code == 403 and "belongs to a document you cannot read" in r.json()["reason"]
+    r = _upload(url, writer, "theirs.md", CANARY_A, doc_id="theirs.md", groups=["a"])
+    assert r.status_code == 403 and "group:b" not in r.text  # its access list is not disclosed
     stored = httpx.get(f"{url}/v1/documents/theirs.md", headers=_as(BOOTSTRAP)).json()
     assert stored["version"] == theirs.json()["version"]  # intact
     assert _upload(url, BOOTSTRAP, "shared.md", CANARY_B, groups=["*"]).status_code == 201

@@ -143,3 +143,17 @@ def test_reads_are_narrowed_to_the_principals_clearance(site) -> None:
     # not readable is not found, for deletes too: the contributor cannot remove what it cannot see
     r = httpx.delete(f"{url}/v1/documents/{doc}", headers={"Authorization": f"Bearer {low}"})
     assert r.status_code == 404 and r.json()["detail"] == f"no document {doc!r}"
+
+
+def test_a_short_bootstrap_key_is_refused_at_start_up(tmp_path: Path) -> None:
+    from services.auth.authenticator import Authenticator
+    from services.config import ConfigError, GatewaySettings
+
+    with pytest.raises(
+        ConfigError, match="gateway.api_key: the bootstrap admin key is 6 characters; use at least 16"
+    ):
+        Authenticator(GatewaySettings(api_key="secret"))
+    short = tmp_path / "key"
+    short.write_text("abc\n")
+    with pytest.raises(ConfigError, match="api_key_file = .*: the bootstrap admin key is 3 characters"):
+        Authenticator(GatewaySettings(api_key_file=short))

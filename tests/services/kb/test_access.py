@@ -127,3 +127,14 @@ def test_set_access_lowers_and_widens_by_rewriting_every_chunk(kb: KnowledgeBase
 def test_an_empty_label_list_reads_nothing(kb: KnowledgeBase, tmp_path: Path) -> None:
     kb.ingestor.ingest_bytes(_doc('groups: ["*"]'), "all.md", labels=[Classification.PUBLIC])
     assert _ids(kb, Reader((), None)) == set()
+
+
+def test_the_verbatim_lookup_matches_whole_codes_only(kb: KnowledgeBase) -> None:
+    """A prefix of a stored code must not match: the route would let a caller guess it."""
+    kb.ingestor.ingest_bytes(
+        b"# Vault\n\nThe vault code is OWL-7781-ZX.\n", "vault.md", labels=[Classification.CONFIDENTIAL]
+    )
+    among = [Classification.CONFIDENTIAL]
+    assert kb.store.labels_containing(["OWL-7781-ZX"], among) == {Classification.CONFIDENTIAL}
+    assert kb.store.labels_containing(["OWL-7781-Z", "WL-7781-ZX"], among) == set()
+    assert kb.store.labels_containing(['x" or 1==1'], among) == set()  # not a code: not looked up

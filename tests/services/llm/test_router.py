@@ -144,3 +144,22 @@ def test_base64_cannot_smuggle_content_past_the_scan(router: SensitivityRouter) 
     # hex ids, hashes and long words are not base64 text
     ordinary = "chunk 4653e9b9a76a6f1704d5604d95e5f99e, internationalization, sha 9f86d081884c7d659a2feaa0"
     assert router.decide([ordinary], []).target == "cloud"
+
+
+def test_hex_and_invisible_characters_do_not_hide_content(router: SensitivityRouter) -> None:
+    from services.llm.dlp import decode_blobs
+    from services.llm.router import identifiers
+
+    memo = "Project Nightjar buys Borealis Dynamics"
+    assert decode_blobs(f"the memo: {memo.encode().hex()}").texts == [memo]
+    assert decode_blobs("sha 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08").texts == []
+    for text in (
+        "mail anna\u200b@corp.example",
+        "mail anna\uff20corp.example",
+        "card 4111\u00a01111\u00a01111\u00a01111",
+    ):
+        assert router.decide([text], []).target == "local", text
+    assert "OWL-7781-ZX" in identifiers(["what is owl-7781-zx"])
+    assert "OWL-7781-ZX" in identifiers(["what is OWL\u200b-7781-ZX"])
+    decoys = " ".join(f"AB{i:02d}-0000" for i in range(40))
+    assert "CANARY-NJ-5D81C2E7" in identifiers([f"{decoys} CANARY-NJ-5d81c2e7"])

@@ -152,8 +152,8 @@ def test_the_gateway_publishes_when_configured(
     from tests.support import serve, wait_ready
 
     settings = sync_settings("a", publish=True)
-    settings = settings.model_copy(update={"gateway": GatewaySettings(api_key="test-key")})
-    auth = {"Authorization": "Bearer test-key"}
+    settings = settings.model_copy(update={"gateway": GatewaySettings(api_key="test-key-0123456789")})
+    auth = {"Authorization": "Bearer test-key-0123456789"}
     kb = KnowledgeBase(settings, embedder=embedder)
     with serve(create_app(settings, kb)) as url:
         wait_ready(url)
