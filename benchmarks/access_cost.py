@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -27,17 +28,20 @@ from pathlib import Path
 
 import httpx
 
-from services.audit.log import AuditLog
-from services.auth.authenticator import Authenticator
-from services.auth.keys import KeyStore
-from services.auth.principal import Role
-from services.config import load_settings
-from services.gateway.app import create_app
-from services.kb.access import EVERYTHING, Reader, tokens_of
-from services.kb.classification import Classification
-from services.kb.service import KnowledgeBase
-from services.llm.dlp import Scanner
-from tests.support import SAMPLES, serve, wait_ready
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the tests' helpers (sample corpus, in-process server)
+
+from services.audit.log import AuditLog  # noqa: E402
+from services.auth.authenticator import Authenticator  # noqa: E402
+from services.auth.keys import KeyStore  # noqa: E402
+from services.auth.principal import Role  # noqa: E402
+from services.config import load_settings  # noqa: E402
+from services.gateway.app import create_app  # noqa: E402
+from services.kb.access import EVERYTHING, Reader, tokens_of  # noqa: E402
+from services.kb.classification import Classification  # noqa: E402
+from services.kb.service import KnowledgeBase  # noqa: E402
+from services.llm.dlp import Scanner  # noqa: E402
+from tests.support import SAMPLES, serve, wait_ready  # noqa: E402
 
 QUERIES = [
     "How many vacation days do full-time employees get?",
