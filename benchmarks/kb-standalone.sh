@@ -1,39 +1,9 @@
 #!/usr/bin/env bash
-# `dualtrack bench kb` against a real Milvus standalone (C++ engine) instead of Milvus Lite.
-#
-# Milvus standalone is the production vector store; Milvus Lite (the local default)
-# is a pure-Python engine whose per-query cost grows with the collection. This script
-# installs the PyPI `milvus` package (2.3.5, a self-contained standalone build) into
-# its own venv and runs it inside a private network namespace, because it binds every
-# interface: nothing outside the namespace can reach it. Needs root (unshare) and
-# iproute2. Arguments go to `dualtrack bench kb`, e.g.:
+# `dualtrack bench kb` against a real Milvus standalone (C++ engine) instead of Milvus Lite,
+# whose per-query cost grows with the collection (see benchmarks/with-standalone.sh).
+# Arguments go to `dualtrack bench kb`, e.g.:
 #
 #   benchmarks/kb-standalone.sh --sizes 100000,1000000 --out bench-results/standalone.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
-server_venv=.venv-milvus-server
-if [ ! -x "$server_venv/bin/milvus-server" ]; then
-    python3 -m venv "$server_venv"
-    "$server_venv/bin/pip" install -q milvus==2.3.5
-fi
-data=$(mktemp -d /tmp/dualtrack-milvus-standalone.XXXXXX)
-export server_venv data
-exec unshare --net bash -c '
-    set -euo pipefail
-    ip link set lo up
-    "$server_venv/bin/milvus-server" --data "$data" >"$data/milvus.log" 2>&1 &
-    server=$!
-    # the wrapper starts "$data/bin/milvus run standalone"; it ignores a polite stop while
-    # busy, so both get SIGTERM, then SIGKILL after a grace period, then the data goes
-    stop() {
-        pkill -f "$data/bin/milvus" 2>/dev/null; kill "$server" 2>/dev/null; sleep 5
-        pkill -9 -f "$data/bin/milvus" 2>/dev/null; kill -9 "$server" 2>/dev/null
-        rm -rf "$data"
-    }
-    trap stop EXIT
-    for _ in $(seq 1 120); do
-        (echo >/dev/tcp/127.0.0.1/19530) 2>/dev/null && break
-        sleep 1
-    done
-    .venv/bin/dualtrack bench kb --milvus-uri http://127.0.0.1:19530 "$@"
-' bench "$@"
+exec benchmarks/with-standalone.sh .venv/bin/dualtrack bench kb --milvus-uri http://127.0.0.1:19530 "$@"

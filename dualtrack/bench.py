@@ -281,6 +281,7 @@ def bench_search(console: Console, base: Settings, n: int, efs: list[int], n_que
                     schema.PAGE: 0,
                     schema.METADATA: {},
                     schema.ACL: [EVERYONE],
+                    schema.ACL_KEY: EVERYONE,
                 }
                 for i in range(start, min(n, start + 5000))
             ]

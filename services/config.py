@@ -82,6 +82,13 @@ class MilvusSettings(_Section):
     collection: str = "knowledge_base"
     token: SecretStr | None = None
     timeout_s: float = Field(10.0, gt=0, le=600)
+    acl_refresh_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="How often the list of distinct access lists is re-read from the registry, "
+        "for documents another process wrote (this process's own writes show at once).",
+    )
     index: IndexSettings = IndexSettings()
     search: SearchSettings = SearchSettings()
 
@@ -299,6 +306,17 @@ class OidcSettings(_Section):
     )
     jwks_timeout_s: float = Field(5.0, gt=0, le=60)
     max_token_bytes: int = Field(8192, ge=512, le=65_536)
+    authorized_parties: list[str] = Field(
+        default_factory=list,
+        description="When set, the client a token was issued to (``azp``, or RFC 9068's "
+        "``client_id``) must be one of these: a token another application obtained for the "
+        "same audience is refused.",
+    )
+    require_access_token_type: bool = Field(
+        False,
+        description="Accept only RFC 9068 access tokens (header ``typ: at+jwt``), for providers "
+        "that issue them: an ID token can then never be replayed as an access token.",
+    )
     claims: ClaimSettings = ClaimSettings()
 
     @field_validator("issuer")

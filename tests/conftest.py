@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from tests.support import KafkaBroker, MilvusServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TEST_MILVUS_URI = os.environ.get("DUALTRACK_TEST_MILVUS_URI")
 
 # keep tests independent of a developer's dualtrack.toml / environment
 for _key in [k for k in os.environ if k.startswith("DUALTRACK_")]:
@@ -44,9 +47,15 @@ def make_settings(tmp_path: Path) -> Any:
     """Settings with an embedded Milvus Lite database under tmp_path, plus overrides."""
 
     made = itertools.count()
+    # DUALTRACK_TEST_MILVUS_URI (read before the DUALTRACK_ variables are cleared) points the
+    # tests that use this fixture at a Milvus server instead, one new collection per test:
+    # how benchmarks/with-standalone.sh runs them against Milvus standalone
+    place = {"uri": str(tmp_path / "kb.db")}
+    if TEST_MILVUS_URI:
+        place = {"uri": TEST_MILVUS_URI, "collection": f"t_{uuid.uuid4().hex[:12]}"}
 
     def make(**overrides: Any) -> Settings:
-        milvus = {"uri": str(tmp_path / "kb.db"), **overrides.pop("milvus", {})}
+        milvus = {**place, **overrides.pop("milvus", {})}
         # each gateway its own audit log (one writer per log directory)
         audit = {"dir": str(tmp_path / f"audit{next(made) or ''}"), **overrides.pop("audit", {})}
         return load_settings(milvus=milvus, audit=audit, **overrides)

@@ -232,6 +232,23 @@ def _fits(key: jwt.PyJWK, alg: str) -> bool:
     return any(alg.startswith(prefix) for prefix in family)
 
 
+_ACCESS_TYPES = frozenset({"at+jwt", "application/at+jwt"})
+_JWT_TYPES = frozenset({"jwt", "application/jwt"}) | _ACCESS_TYPES
+
+
+def _check_type(typ: object, access_only: bool) -> None:
+    """The header's ``typ``: absent or a JWT type; ``at+jwt`` (RFC 9068) when required. A
+    token of another type (a logout token, a signed request object) is never a bearer token."""
+    kind = typ.lower() if isinstance(typ, str) else typ
+    if access_only and kind not in _ACCESS_TYPES:
+        raise AuthError(
+            "the token is not an RFC 9068 access token (header typ must be at+jwt: "
+            "gateway.oidc.require_access_token_type)"
+        )
+    if kind is not None and kind not in _JWT_TYPES:
+        raise AuthError("the token's header typ is not a JWT access token type")
+
+
 _ERRORS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.ExpiredSignatureError, "the token has expired"),
     (jwt.ImmatureSignatureError, "the token is not valid yet (nbf/iat in the future)"),
@@ -268,6 +285,7 @@ class OidcValidator:
             allowed = ", ".join(s.algorithms)
             shown = repr(alg) if isinstance(alg, str) and alg.isalnum() and len(alg) <= 10 else "(unknown)"
             raise AuthError(f"token algorithm {shown} is not accepted (gateway.oidc.algorithms: {allowed})")
+        _check_type(header.get("typ"), s.require_access_token_type)
         kid = header.get("kid")
         key = await self.keys.key(kid, alg)
         try:
@@ -285,6 +303,15 @@ class OidcValidator:
                 if isinstance(exc, kind):
                     raise AuthError(message) from None
             raise AuthError(f"the token is not valid ({type(exc).__name__})") from None
+        if claims.get("typ") == "ID":  # Keycloak marks its ID tokens so; they carry the same aud
+            raise AuthError("the token is an ID token: send an access token")
+        if s.authorized_parties:
+            party = claims.get("azp", claims.get("client_id"))
+            if party not in s.authorized_parties:
+                raise AuthError(
+                    "the token was issued to a client this gateway does not accept "
+                    "(azp/client_id not in gateway.oidc.authorized_parties)"
+                )
         return principal_from_claims(claims, s.claims, issuer=s.issuer)
 
     def _decode(self, token: str, key: jwt.PyJWK, alg: str) -> dict[str, Any]:

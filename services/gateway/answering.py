@@ -28,9 +28,9 @@ from services.config import Settings
 from services.gateway import schemas
 from services.gateway.audit import AuditEntry, audit_of, passages
 from services.gateway.auth import principal_of
-from services.kb.access import EVERYTHING
 from services.kb.answer import citations_for
 from services.kb.classification import Classification
+from services.kb.errors import LookupUnsupported
 from services.kb.models import Citation, Hit
 from services.llm.citations import resolve
 from services.llm.dlp import decode_blobs, normalise
@@ -56,13 +56,13 @@ def answer_routes(
     settings: Settings,
     service: AnswerService,
     search: Callable[..., list[Hit]],
+    probe: Callable[[list[str]], list[Hit]],
     verbatim: Callable[[list[str], list[Classification]], set[Classification]],
     url: Callable[[str, str], str],
     secured: Sequence[Any],
 ) -> APIRouter:
     router = APIRouter()
     llm = settings.llm
-    routing = llm.routing
     links = LinkPolicy([urlsplit(settings.gateway.base_url()).hostname or "", *llm.link_hosts])
 
     def cited(
@@ -109,18 +109,22 @@ def answer_routes(
         (neither the client's filter nor its threshold nor the caller's clearance applies), and
         whether each earlier answer is one this gateway gave for the cloud."""
         texts = [t for turn in turns for t in (turn.content, *decode_blobs(normalise(turn.content)).texts)]
-        probed: list[Hit] = []
-        for text in texts:
-            probed += await run_in_threadpool(
-                search, text, routing.probe_k, routing.probe_score, None, Response(), EVERYTHING
-            )
+        probed = await run_in_threadpool(probe, texts)
         # identifiers are looked up verbatim too: a dense probe may not match a bare code
         barred = [c for c in Classification if c not in service.router.cloud_labels]
-        held = await run_in_threadpool(verbatim, identifiers(texts), barred)
+        try:
+            held, looked_up = await run_in_threadpool(verbatim, identifiers(texts), barred), True
+        except LookupUnsupported:  # an engine without infix LIKE: whether a code is stored is unknown
+            held, looked_up = set(), False
         vouched = all(service.memory.vouches(t.content) for t in turns[:-1] if t.role == "assistant")
         labels = [*(h.chunk.classification for h in (*hits, *probed)), *held]
         return await run_in_threadpool(
-            service.decide, [t.content for t in turns], labels, requested, vouched=vouched
+            service.decide,
+            [t.content for t in turns],
+            labels,
+            requested,
+            vouched=vouched,
+            looked_up=looked_up,
         )
 
     def remember(answer: str, outcome: Outcome, decision: RouteDecision) -> None:

@@ -33,7 +33,7 @@ from services.gateway.answering import answer_routes
 from services.gateway.audit import Auditor, audit_of, passages
 from services.gateway.auth import authenticate, bearer, is_public, principal_of
 from services.gateway.metrics import Metrics
-from services.kb.access import Acl, AclError, Reader
+from services.kb.access import EVERYTHING, Acl, AclError, Reader
 from services.kb.classification import Classification, parse_label
 from services.kb.errors import KBError
 from services.kb.filters import SearchFilter
@@ -429,6 +429,18 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         response.headers["Server-Timing"] = f"search;dur={elapsed * 1000:.3f}"
         return hits
 
+    def _probe(texts: list[str]) -> list[Hit]:
+        """What routing decides on besides the prompt: each text searched against the whole
+        knowledge base (no client filter, threshold or clearance), in one Milvus call, with
+        the query vectors the caller's own search already made (the embedder caches them)."""
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            return []
+        routing = settings.llm.routing
+        vectors = knowledge.embedder.embed_queries(texts)
+        found = knowledge.store.search(vectors, routing.probe_k, None, routing.probe_score, reader=EVERYTHING)
+        return [h for hits in found for h in hits]
+
     def _verbatim(fragments: list[str], among: list[Classification]) -> set[Classification]:
         return knowledge.store.labels_containing(fragments, among)  # the store exists once the model does
 
@@ -494,7 +506,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
                 f"{', '.join(sorted(principal.groups)) or 'no groups'}"
             )
 
-    app.include_router(answer_routes(settings, answers, _search, _verbatim, _chunk_url, secured))
+    app.include_router(answer_routes(settings, answers, _search, _probe, _verbatim, _chunk_url, secured))
     return app
 
 

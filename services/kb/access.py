@@ -1,7 +1,7 @@
 """Who may read a document: its access list (ACL).
 
-A document's ACL is a set of entries stored on every chunk and registry row, in one
-Milvus array field, so search applies it in the engine (``array_contains_any``):
+A document's ACL is a set of entries stored on every chunk and registry row:
+
 
 ``*``               every signed-in principal (the clearance still applies)
 ``group:<name>``    members of the identity provider's group (or a key's group)
@@ -12,6 +12,15 @@ ACL (an upload field, a sidecar, front-matter, a path rule); the stored ACL is w
 of them allow (their intersection, ``*`` allowing everything), so no single source can
 widen what another restricted: the same rule as for labels, where the most restrictive wins.
 A document no source gave an ACL gets the configured default.
+
+Each row holds the ACL twice: as a Milvus array (``schema.ACL``, the record, what an
+``array_contains_any`` reads) and as its canonical key (``schema.ACL_KEY``: the sorted
+entries joined by commas, which no entry contains). Search filters on the key, with
+``acl_key in [...]`` over the distinct keys whose entries the reader matches: a scalar
+comparison the engine evaluates column-wise (Milvus Lite runs array expressions row by row,
+which made the array filter cost more than the search itself). The list of distinct keys
+comes from the registry (:meth:`services.kb.store.KnowledgeStore.acl_keys`); a key missing
+from a stale list can only hide documents, never show one.
 """
 
 from __future__ import annotations
@@ -23,13 +32,14 @@ from typing import Final
 
 from services.kb import schema
 from services.kb.classification import Classification, path_matches
-from services.kb.filters import in_list, literal
+from services.kb.filters import in_list
 
 EVERYONE: Final = "*"
 GROUP: Final = "group:"
 USER: Final = "user:"
 MAX_ENTRIES: Final = schema.ACL_CAPACITY
 
+_NOTHING: Final = f'{schema.CLASSIFICATION} == ""'  # a filter no row matches
 _NAME = re.compile(r"^[^\x00-\x1f\x7f,]+$")
 _NAME_BYTES: Final = schema.ACL_ENTRY_BYTES - 56  # room for the prefix
 
@@ -113,6 +123,15 @@ class Acl:
     def users(self) -> list[str]:
         return sorted(e[len(USER) :] for e in self.entries if e.startswith(USER))
 
+    @property
+    def key(self) -> str:
+        """The canonical ``schema.ACL_KEY``: equal ACLs, equal keys."""
+        return ",".join(self.stored())
+
+    @classmethod
+    def from_key(cls, key: str) -> Acl:
+        return cls(frozenset(key.split(","))) if key else cls(frozenset())
+
     def stored(self) -> list[str]:
         """The sorted entries: what goes into the array field (and into the version hash)."""
         return sorted(self.entries)
@@ -169,13 +188,17 @@ class Reader:
     labels: tuple[Classification, ...]
     tokens: tuple[str, ...] | None
 
-    def expression(self) -> str:
-        """The Milvus boolean expression over ``schema.CLASSIFICATION`` and ``schema.ACL``."""
+    def expression(self, acl_keys: Iterable[str]) -> str:
+        """The Milvus boolean expression over ``schema.CLASSIFICATION`` and ``schema.ACL_KEY``;
+        ``acl_keys`` are the distinct stored keys, of which those the reader matches are listed."""
         if not self.labels:
-            return f'{schema.CLASSIFICATION} == ""'  # matches nothing: no label is readable
+            return _NOTHING  # no label is readable
         expr = in_list(schema.CLASSIFICATION, [c.value for c in self.labels])
         if self.tokens is not None:
-            expr += f" and array_contains_any({schema.ACL}, [{', '.join(literal(t) for t in self.tokens)}])"
+            mine = sorted(k for k in acl_keys if Acl.from_key(k).allows(self.tokens))
+            if not mine:
+                return _NOTHING
+            expr += " and " + in_list(schema.ACL_KEY, mine)
         return expr
 
     def may_read(self, label: Classification, acl: Acl) -> bool:

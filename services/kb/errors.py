@@ -20,5 +20,9 @@ class StoreUnavailable(KBError):
     """Milvus cannot be reached or answered with an error."""
 
 
+class LookupUnsupported(KBError):
+    """This Milvus cannot answer the verbatim text lookup (infix LIKE needs Milvus 2.4 or later)."""
+
+
 class SchemaMismatch(KBError):
     """The existing collection does not fit the configured model or index."""

@@ -1,9 +1,10 @@
 """Bring a knowledge base created before documents carried access lists up to the schema.
 
 Milvus cannot add a field to an existing collection (not in Lite, nor in standalone before
-2.6), so each collection that lacks the ``acl`` field is *copied*: every row is written into
-``<name>__migrating`` with the access list the site's rules give it (``access.path_rules`` on
-the row's source, else ``access.default_groups``: exactly what an ingest of it would get), the
+2.6), so each collection that lacks one of the access fields (``acl``, ``acl_key``) is *copied*:
+every row is written into ``<name>__migrating`` with its access list (the one it has, or for a
+row stored before access lists the one the site's rules give it: ``access.path_rules`` on the
+row's source, else ``access.default_groups``, exactly what an ingest of it would get), the
 copy's row count is checked against the original's, and only then is the original renamed to
 ``<name>__pre_acl`` (kept, so nothing is lost; drop it once satisfied) and the copy renamed
 into its place.
@@ -56,11 +57,20 @@ def legacy_acl(source: str, access: AccessSettings) -> Acl:
     return combine(acls_from_rules(source, access.rules()), access.default(), source)
 
 
+def with_access(row: dict[str, Any], access: AccessSettings) -> dict[str, Any]:
+    """``row`` (a chunk or registry row as stored or backed up) with both access fields: the
+    ACL it has or its legacy one, and that ACL's key."""
+    if schema.ACL not in row:
+        row[schema.ACL] = legacy_acl(row[schema.SOURCE], access).stored()
+    row[schema.ACL_KEY] = Acl.from_stored(row[schema.ACL]).key
+    return row
+
+
 def needs_migration(client: MilvusClient, name: str) -> bool:
     if name not in client.list_collections():
         return False
-    fields = client.describe_collection(name)["fields"]
-    return not any(f["name"] == schema.ACL for f in fields)
+    have = {f["name"] for f in client.describe_collection(name)["fields"]}
+    return not set(schema.ACCESS_FIELDS) <= have
 
 
 def migrate(settings: Settings, progress: Progress | None = None) -> list[Migrated]:
@@ -116,8 +126,7 @@ def _migrate_one(client: MilvusClient, settings: Settings, name: str, progress: 
     copied = 0
     batch: list[dict[str, Any]] = []
     for row in map(plain, rows(client, name, BATCH)):
-        row[schema.ACL] = legacy_acl(row[schema.SOURCE], settings.access).stored()
-        batch.append(row)
+        batch.append(with_access(row, settings.access))
         if len(batch) >= BATCH:
             client.insert(copy, batch)
             copied += len(batch)

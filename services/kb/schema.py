@@ -40,6 +40,7 @@ SOURCE: Final = "source"
 PAGE: Final = "page"
 METADATA: Final = "metadata"
 ACL: Final = "acl"  # who may read: an array of access-list entries (services.kb.access)
+ACL_KEY: Final = "acl_key"  # the same entries as one canonical string: what search filters on
 
 CHUNK_OUTPUT_FIELDS: Final = (
     ID,
@@ -139,6 +140,12 @@ def _add_acl(schema: CollectionSchema) -> None:
         max_capacity=ACL_CAPACITY,
         max_length=ACL_ENTRY_BYTES,
     )
+    schema.add_field(ACL_KEY, DataType.VARCHAR, max_length=ACL_CAPACITY * (ACL_ENTRY_BYTES + 1))
+
+
+ACCESS_FIELDS: Final = (ACL, ACL_KEY)
+"""What a collection created before access lists (or before their key) lacks: ``dualtrack kb
+migrate`` adds them."""
 
 
 def ledger_schema() -> CollectionSchema:

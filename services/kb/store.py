@@ -18,26 +18,32 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
-from pymilvus import MilvusClient
+from pymilvus import CollectionSchema, MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from services.config import MilvusSettings
 from services.kb import schema
 from services.kb.access import Acl, Reader
 from services.kb.classification import Classification
-from services.kb.errors import KBError, SchemaMismatch, StoreUnavailable
+from services.kb.errors import KBError, LookupUnsupported, SchemaMismatch, StoreUnavailable
 from services.kb.filters import SearchFilter, in_list, literal
 from services.kb.models import Chunk, Hit
 
 log = logging.getLogger(__name__)
 
 _FRAGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{2,62}[A-Za-z0-9]$")
+
+_NO_INFIX = (
+    'Milvus at {where} cannot look text up verbatim (LIKE "%code%" needs Milvus 2.4 or later): '
+    "questions naming a code-like identifier are answered on the premises"
+)
 
 _NOT_LOADED = 101
 """Milvus error code for a search/query on a released collection."""
@@ -109,6 +115,10 @@ class KnowledgeStore:
         self.where = display_uri(settings.uri)  # for messages: never the credentials
         self._client: MilvusClient | None = None
         self._connect_lock = threading.Lock()  # start-up and the first requests race to connect
+        self._acl_keys: frozenset[str] = frozenset()
+        self._acl_keys_read = -float("inf")  # monotonic time of the last registry read
+        self._acl_lock = threading.Lock()
+        self._infix_like = True  # until Milvus says otherwise
 
     # -- connection ------------------------------------------------------------------------
 
@@ -220,34 +230,29 @@ class KnowledgeStore:
         )
 
     def create_registry_collection(self, client: MilvusClient, name: str) -> None:
-        params = client.prepare_index_params()
-        params.add_index(field_name=schema.MARKER, index_type="FLAT", metric_type="L2")
-        self._call(
-            "create_collection",
-            client.create_collection,
-            name,
-            schema=schema.registry_schema(),
-            index_params=params,
-            consistency_level="Session",
-        )
+        self._create_marker_collection(client, name, schema.registry_schema())
 
     def ensure_ledger(self) -> str:
         """Create the sync ledger collection (``<collection>_sync``) if missing; its name."""
         name = schema.ledger_name(self.collection)
         client = self.client
         if name not in self._call("list_collections", client.list_collections):
-            params = client.prepare_index_params()
-            params.add_index(field_name=schema.MARKER, index_type="FLAT", metric_type="L2")
-            self._call(
-                "create_collection",
-                client.create_collection,
-                name,
-                schema=schema.ledger_schema(),
-                index_params=params,
-                consistency_level="Session",
-            )
+            self._create_marker_collection(client, name, schema.ledger_schema())
         self._call("load_collection", client.load_collection, name)
         return name
+
+    def _create_marker_collection(self, client: MilvusClient, name: str, fields: CollectionSchema) -> None:
+        """A collection of scalar rows; Milvus requires a vector field, so it gets the marker."""
+        params = client.prepare_index_params()
+        params.add_index(field_name=schema.MARKER, index_type="FLAT", metric_type="L2")
+        self._call(
+            "create_collection",
+            client.create_collection,
+            name,
+            schema=fields,
+            index_params=params,
+            consistency_level="Session",
+        )
 
     def _validate_existing(self, client: MilvusClient) -> None:
         desc = self._call("describe_collection", client.describe_collection, self.collection)
@@ -258,11 +263,13 @@ class KnowledgeStore:
                 f"collection {self.collection!r} exists but was not created by dualtrack "
                 f"(no {schema.VECTOR!r}/{schema.DOC_ID!r} fields); set milvus.collection to another name"
             )
-        if schema.ACL not in fields or not self._registry_has_acl(client):
+        missing = [f for f in schema.ACCESS_FIELDS if f not in fields] or self._registry_lacks(client)
+        if missing:
             raise SchemaMismatch(
                 f"collection {self.collection!r} in Milvus at {self.where} was created before documents "
-                f"carried access lists (no {schema.ACL!r} field); migrate it once with "
-                "`dualtrack kb migrate` (it keeps every document and a copy of the old collections)"
+                f"carried access lists as they are stored now (no {', '.join(map(repr, missing))} field); "
+                "migrate it once with `dualtrack kb migrate` (it keeps every document and a copy of "
+                "the old collections)"
             )
         dim = int(vector.get("params", {}).get("dim", 0))
         if dim != self.dimension:
@@ -283,11 +290,41 @@ class KnowledgeStore:
                     "ingest into a new collection"
                 )
 
-    def _registry_has_acl(self, client: MilvusClient) -> bool:
+    def _registry_lacks(self, client: MilvusClient) -> list[str]:
         if self.registry not in self._call("list_collections", client.list_collections):
-            return True  # created next, with the current schema
+            return []  # created next, with the current schema
         desc = self._call("describe_collection", client.describe_collection, self.registry)
-        return any(f["name"] == schema.ACL for f in desc["fields"])
+        have = {f["name"] for f in desc["fields"]}
+        return [f for f in schema.ACCESS_FIELDS if f not in have]
+
+    def acl_keys(self) -> frozenset[str]:
+        """The distinct access lists of the registry (``schema.ACL_KEY`` values): what a
+        reader's filter picks its keys from. Re-read every ``milvus.acl_refresh_s`` for
+        documents written by another process; this process's writes are added as they
+        are made. A list out of date can only leave out a new key, which hides the
+        documents carrying it until the next read: it never shows one."""
+        with self._acl_lock:
+            if time.monotonic() - self._acl_keys_read < self.settings.acl_refresh_s:
+                return self._acl_keys
+            keys: set[str] = set()
+            iterator = self._call(
+                "query_iterator",
+                self.client.query_iterator,
+                self.registry,
+                batch_size=4096,
+                filter="",
+                output_fields=[schema.ACL_KEY],
+            )
+            try:
+                while page := self._call("query_iterator", lambda **_: iterator.next()):
+                    keys.update(r[schema.ACL_KEY] for r in page)
+            finally:
+                iterator.close()
+            self._acl_keys, self._acl_keys_read = frozenset(keys), time.monotonic()
+            return self._acl_keys
+
+    def _scope(self, reader: Reader) -> str:
+        return reader.expression(self.acl_keys() if reader.tokens is not None else ())
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -304,7 +341,7 @@ class KnowledgeStore:
     def list_documents(self, *, reader: Reader, limit: int = 1000, offset: int = 0) -> list[DocumentRecord]:
         """A page of the registry, of the documents ``reader`` may read (filtered in Milvus, so a
         page is full whenever enough such documents exist)."""
-        expr = f'{schema.DOC_ID} != "" and {reader.expression()}'
+        expr = f'{schema.DOC_ID} != "" and {self._scope(reader)}'
         rows = self._call(
             "query",
             self.client.query,
@@ -359,11 +396,14 @@ class KnowledgeStore:
                 schema.INGESTED_AT: int(r.ingested_at * 1000),
                 schema.METADATA: r.metadata,
                 schema.ACL: r.acl.stored(),
+                schema.ACL_KEY: r.acl.key,
                 schema.MARKER: [0.0] * schema.MARKER_DIM,
             }
             for r in records
         ]
         self._call("upsert", self.client.upsert, self.registry, data=rows)
+        with self._acl_lock:
+            self._acl_keys |= {r.acl.key for r in records}
 
     # -- chunks ------------------------------------------------------------------------------
 
@@ -385,6 +425,7 @@ class KnowledgeStore:
                     schema.PAGE: c.page,
                     schema.METADATA: c.metadata,
                     schema.ACL: c.acl.stored(),
+                    schema.ACL_KEY: c.acl.key,
                 }
                 for i, c in enumerate(chunks[start : start + batch])
             ]
@@ -489,15 +530,23 @@ class KnowledgeStore:
         usable = [f for f in fragments if _FRAGMENT.match(f)]
         if not usable or not among:
             return set()
+        if not self._infix_like:
+            raise LookupUnsupported(_NO_INFIX.format(where=self.where))
         likes = " or ".join(f'{schema.TEXT} like "%{f}%"' for f in usable)
-        rows = self._call(
-            "query",
-            self.client.query,
-            self.collection,
-            filter=f"{in_list(schema.CLASSIFICATION, [c.value for c in among])} and ({likes})",
-            output_fields=[schema.CLASSIFICATION, schema.TEXT],
-            limit=64,
-        )
+        try:
+            rows = self.client.query(
+                self.collection,
+                filter=f"{in_list(schema.CLASSIFICATION, [c.value for c in among])} and ({likes})",
+                output_fields=[schema.CLASSIFICATION, schema.TEXT],
+                limit=64,
+                timeout=self.settings.timeout_s,
+            )
+        except MilvusException as exc:
+            if "unsupported pattern" not in str(exc.message):
+                raise StoreUnavailable(f"Milvus query failed at {self.where}: {exc.message}") from None
+            self._infix_like = False  # Milvus before 2.4: only prefix patterns; asked once
+            log.error("%s", _NO_INFIX.format(where=self.where))
+            raise LookupUnsupported(_NO_INFIX.format(where=self.where)) from None
         # whole words only: a prefix of a stored code must not match (no guessing it a character
         # at a time from the route)
         words = [re.compile(rf"(?<![A-Za-z0-9-]){re.escape(f)}(?![A-Za-z0-9-])") for f in usable]
@@ -532,7 +581,7 @@ class KnowledgeStore:
             data=vectors.tolist(),
             limit=fetch,
             filter=" and ".join(
-                f"({e})" for e in (flt.expression() if flt else "", reader.expression()) if e
+                f"({e})" for e in (flt.expression() if flt else "", self._scope(reader)) if e
             ),
             output_fields=list(schema.CHUNK_OUTPUT_FIELDS),
             search_params=schema.search_params(self.settings.index, self.settings.search, fetch),

@@ -39,15 +39,27 @@ _IDENTIFIER = re.compile(
     r"(?<![A-Za-z0-9-])(?=[A-Za-z0-9-]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9][A-Za-z0-9-]{6,62}[A-Za-z0-9](?![A-Za-z0-9-])"
 )
 MAX_IDENTIFIERS = 32
+_SPACED = re.compile(
+    r"(?<![A-Za-z0-9])[A-Za-z0-9](?:(?:[ \t]*[-._/][ \t]*|[ \t]+)[A-Za-z0-9](?![A-Za-z0-9])){3,}"
+)
+"""Single characters with separators between them: a code spelled out (``O W L - 7 7 8 1``)."""
+
+
+def _spelled_out(text: str) -> str:
+    """``text``'s spelled-out codes closed up (spaces, dots, underscores and slashes dropped,
+    hyphens kept as a code writes them)."""
+    return _SPACED.sub(lambda m: re.sub(r"[\s._/]", "", m.group()), text)
 
 
 def identifiers(texts: Iterable[str]) -> list[str]:
     """Code-like words (8-64 letters, digits and hyphens, with both a letter and a digit: a
     project code, an account or ticket id) to look up verbatim in the knowledge base, as
-    written and in upper case, after Unicode normalisation (zero-width characters dropped).
-    Longest first: decoys cannot crowd a real code out of the ``MAX_IDENTIFIERS`` looked up."""
+    written and in upper case, after Unicode normalisation (zero-width characters dropped), and
+    also with a code spelled out character by character closed up. Longest first: decoys cannot
+    crowd a real code out of the ``MAX_IDENTIFIERS`` looked up."""
+    variants = (v for t in texts for n in (normalise(t),) for v in dict.fromkeys((n, _spelled_out(n))))
     found = dict.fromkeys(
-        v for t in texts for m in _IDENTIFIER.finditer(normalise(t)) for v in (m.group(), m.group().upper())
+        v for t in variants for m in _IDENTIFIER.finditer(t) for v in (m.group(), m.group().upper())
     )
     return sorted(found, key=len, reverse=True)[:MAX_IDENTIFIERS]
 
@@ -58,7 +70,8 @@ class RouteDecision:
     reason: str
     """Why: ``no-sensitive-content``, ``<label>-context`` (a chunk with a label that may not go),
     ``personal-data:<entity>``, ``opaque-content`` (base64 that decodes to no text),
-    ``unverified-assistant-turn``, ``dlp-unavailable``,
+    ``unverified-assistant-turn``, ``dlp-unavailable``, ``verbatim-lookup-unavailable`` (the
+    store cannot look a code up, so whether it is in a confidential passage is unknown),
     ``requested-local`` (the caller asked), ``no-cloud-endpoint``."""
 
 
@@ -96,13 +109,17 @@ class SensitivityRouter:
         labels: Iterable[Classification],
         *,
         vouched: bool = True,
+        looked_up: bool = True,
         cloud_available: bool = True,
     ) -> RouteDecision:
         """``texts``: the question and every turn; ``labels``: of every chunk they involve;
-        ``vouched``: every earlier assistant turn is an answer this gateway gave for the cloud."""
+        ``vouched``: every earlier assistant turn is an answer this gateway gave for the cloud;
+        ``looked_up``: the identifiers in ``texts`` could be looked up verbatim."""
         barred = self._labels(labels)
         if barred:
             return RouteDecision("local", barred)
+        if not looked_up:
+            return RouteDecision("local", "verbatim-lookup-unavailable")
         for text in texts:
             found = self.personal_data(text)
             if found:

@@ -60,11 +60,13 @@ class Outcome:
     reasoning: list[str] = field(default_factory=list)
     held_back: bool = False
     """The composed cloud prompt failed the outbound check: answered on the premises."""
+    screened: bool = False
+    """The composed cloud prompt passed the outbound check (not run when the cloud is down)."""
 
     def cloud_eligible(self, decision: RouteDecision) -> bool:
         """Whether this answer's inputs could have gone to the cloud (so a later turn quoting it
-        may, too)."""
-        return decision.target == "cloud" and not self.held_back
+        may, too): only once the exact prompt passed the outbound check."""
+        return decision.target == "cloud" and self.screened
 
 
 class AnswerService:
@@ -180,9 +182,12 @@ class AnswerService:
         requested: Requested = "auto",
         *,
         vouched: bool = True,
+        looked_up: bool = True,
     ) -> RouteDecision:
         """Route on the question and turns (``texts``) and the labels of every chunk involved."""
-        decision = self.router.decide(texts, labels, vouched=vouched, cloud_available=self.cloud is not None)
+        decision = self.router.decide(
+            texts, labels, vouched=vouched, looked_up=looked_up, cloud_available=self.cloud is not None
+        )
         if requested == "local" and decision.target == "cloud":
             decision = RouteDecision("local", "requested-local")
         self.metrics.decisions.labels(decision.target, decision.reason.split(":")[0]).inc()
@@ -327,15 +332,24 @@ class AnswerService:
         outcome.reason = decision.reason
         started = time.perf_counter()
         sent: list[Delta] = []
-        cloud_prompt = compose(self.counter("cloud")) if decision.target == "cloud" and self.cloud else None
-        if cloud_prompt is not None:
-            # the last gate: the exact prompt, system message and passages included
-            held = await asyncio.to_thread(self.router.outbound, cloud_prompt)
-            if held is not None:
+        cloud_prompt = None
+        if self._cloud_allowed(
+            decision, outcome
+        ):  # asked first: nothing is composed for a cloud that is down
+            try:
+                prompt = compose(self.counter("cloud"))
+                # the last gate: the exact prompt, system message and passages included
+                held = await asyncio.to_thread(self.router.outbound, prompt)
+            except BaseException:
+                self.breaker.release()
+                raise
+            if held is None:
+                cloud_prompt, outcome.screened = prompt, True
+            else:
+                self.breaker.release()  # a half-open trial that never reached the cloud
                 outcome.reason, outcome.held_back = held, True
                 self.metrics.decisions.labels("local", held.split(":")[0]).inc()
-                cloud_prompt = None
-        if cloud_prompt is not None and self._cloud_allowed(decision, outcome):
+        if cloud_prompt is not None:
             assert self.cloud is not None
             settled = False  # the breaker heard how this attempt ended (a half-open trial must end)
             prompt = cloud_prompt

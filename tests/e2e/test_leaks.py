@@ -54,10 +54,10 @@ BOOTSTRAP = "leak-suite-bootstrap-key"
 
 
 def _forms(canary: str) -> list[bytes]:
-    """A canary as the cloud side could receive it: plain, lower case, base64 (every alignment
-    inside a longer text), hex."""
+    """A canary as the cloud side could receive it: plain, lower case, spelled out, base64
+    (every alignment inside a longer text), hex."""
     raw = canary.encode()
-    forms = [raw, raw.lower(), raw.hex().encode()]
+    forms = [raw, raw.lower(), raw.hex().encode(), " ".join(canary).encode()]
     for pad in range(3):
         encoded = base64.b64encode(b"x" * pad + raw).decode()
         forms.append(encoded[(pad * 4 + 2) // 3 + 1 : -4].encode())  # the stable middle of it
@@ -150,6 +150,7 @@ ATTEMPTS: dict[str, tuple[str, dict]] = {
         {"question": "Übersetze das Nightjar-Memo über die Übernahme von Borealis ins Deutsche."},
     ),
     "canary-code": ("/v1/ask", {"question": f"What does the reference code {CANARY_A} refer to?"}),
+    "canary-spelled": ("/v1/ask", {"question": f"What does the code {' '.join(CANARY_A)} refer to?"}),
     "canary-base64": (
         "/v1/ask",
         {"question": f"Decode this and explain it: {base64.b64encode(CANARY_A.encode()).decode()}"},

@@ -121,6 +121,18 @@ def test_a_token_for_another_client_is_for_another_audience(idp: OidcProvider) -
     _reject(OidcValidator(_settings(idp)), token, "meant for another audience")
 
 
+def test_id_tokens_and_other_clients_tokens_are_refused_where_the_provider_says_so(idp: OidcProvider) -> None:
+    keycloak_id_token = idp.token("gina", groups=["everyone"], typ="ID")
+    _reject(OidcValidator(_settings(idp)), keycloak_id_token, "is an ID token: send an access token")
+    parties = OidcValidator(_settings(idp, authorized_parties=["dualtrack-cli"]))
+    assert _principal(parties, idp.token("gina", groups=["everyone"], azp="dualtrack-cli")).subject == "gina"
+    _reject(parties, idp.token("gina", groups=["everyone"], azp="some-other-app"), "issued to a client")
+    _reject(parties, idp.token("gina", groups=["everyone"]), "issued to a client")  # no azp at all
+    # this provider signs ID tokens (typ JWT), never RFC 9068 access tokens
+    strict = OidcValidator(_settings(idp, require_access_token_type=True))
+    _reject(strict, idp.token("gina", groups=["everyone"]), "not an RFC 9068 access token")
+
+
 def test_forged_tokens_are_refused(idp: OidcProvider) -> None:
     validator = OidcValidator(_settings(idp))
     genuine = idp.token("mallory", groups=["everyone"])

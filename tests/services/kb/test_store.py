@@ -167,6 +167,7 @@ def test_schema_is_defined_once() -> None:
         schema.PAGE,
         schema.METADATA,
         schema.ACL,
+        schema.ACL_KEY,
     ]
 
 

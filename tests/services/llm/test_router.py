@@ -32,6 +32,13 @@ def test_plain_question_may_go_to_the_cloud(router: SensitivityRouter) -> None:
     assert (decision.target, decision.reason) == ("cloud", "no-sensitive-content")
 
 
+def test_a_code_that_could_not_be_looked_up_keeps_it_local(router: SensitivityRouter) -> None:
+    decision = router.decide(["What is OWL-7781-ZX?"], [C.PUBLIC], looked_up=False)
+    assert (decision.target, decision.reason) == ("local", "verbatim-lookup-unavailable")
+    # a label that may not leave is still the reason given first
+    assert router.decide(["x"], [C.CONFIDENTIAL], looked_up=False).reason == "confidential-context"
+
+
 def test_a_label_that_may_not_leave_keeps_it_local(router: SensitivityRouter) -> None:
     assert router.decide(["What is the plan?"], [C.PUBLIC, C.CONFIDENTIAL]).reason == "confidential-context"
     public_only = SensitivityRouter(RoutingSettings(cloud_classifications=[C.PUBLIC]))
@@ -161,5 +168,9 @@ def test_hex_and_invisible_characters_do_not_hide_content(router: SensitivityRou
         assert router.decide([text], []).target == "local", text
     assert "OWL-7781-ZX" in identifiers(["what is owl-7781-zx"])
     assert "OWL-7781-ZX" in identifiers(["what is OWL\u200b-7781-ZX"])
+    # spelled out, character by character
+    assert "OWL-7781-ZX" in identifiers(["what is O W L - 7 7 8 1 - Z X ?"])
+    assert "OWL-7781-ZX" in identifiers(["code o.w.l-7.7.8.1-z.x please"])
+    assert identifiers(["I am a b c here"]) == []  # ordinary text is not a code
     decoys = " ".join(f"AB{i:02d}-0000" for i in range(40))
     assert "CANARY-NJ-5D81C2E7" in identifiers([f"{decoys} CANARY-NJ-5d81c2e7"])
