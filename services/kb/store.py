@@ -118,6 +118,8 @@ class KnowledgeStore:
         self._acl_keys: frozenset[str] = frozenset()
         self._acl_keys_read = -float("inf")  # monotonic time of the last registry read
         self._acl_lock = threading.Lock()
+        self._acl_refreshing = False
+        self._written_keys: set[str] = set()  # written since the background read began
         self._infix_like = True  # until Milvus says otherwise
 
     # -- connection ------------------------------------------------------------------------
@@ -162,7 +164,19 @@ class KnowledgeStore:
             self._client = None
 
     def ping(self) -> str | None:
-        """``None`` when Milvus answers and the collections are there, else why not."""
+        """``None`` when Milvus answers and the collections are there, else why not. Never
+        waits for a connection another thread is opening (creating and loading collections can
+        take seconds on a server): a readiness probe answers within its own deadline."""
+        if self._client is None:
+            if not self._connect_lock.acquire(blocking=False):
+                return f"connecting to Milvus at {self.where}"
+            try:
+                if self._client is None:
+                    self._connect()
+            except KBError as exc:
+                return str(exc)
+            finally:
+                self._connect_lock.release()
         try:
             names = self.client.list_collections(timeout=min(self.settings.timeout_s, 3.0))
         except KBError as exc:
@@ -299,29 +313,50 @@ class KnowledgeStore:
 
     def acl_keys(self) -> frozenset[str]:
         """The distinct access lists of the registry (``schema.ACL_KEY`` values): what a
-        reader's filter picks its keys from. Re-read every ``milvus.acl_refresh_s`` for
-        documents written by another process; this process's writes are added as they
-        are made. A list out of date can only leave out a new key, which hides the
-        documents carrying it until the next read: it never shows one."""
+        reader's filter picks its keys from. The first call reads them; after that they are
+        re-read in the background every ``milvus.acl_refresh_s``, for documents written by
+        another process, while requests go on with the list they have. This process's writes
+        are added as they are made. A list out of date can only leave out a new key, which
+        hides the documents carrying it until the next read: it never shows one."""
         with self._acl_lock:
-            if time.monotonic() - self._acl_keys_read < self.settings.acl_refresh_s:
-                return self._acl_keys
-            keys: set[str] = set()
-            iterator = self._call(
-                "query_iterator",
-                self.client.query_iterator,
-                self.registry,
-                batch_size=4096,
-                filter="",
-                output_fields=[schema.ACL_KEY],
-            )
-            try:
-                while page := self._call("query_iterator", lambda **_: iterator.next()):
-                    keys.update(r[schema.ACL_KEY] for r in page)
-            finally:
-                iterator.close()
-            self._acl_keys, self._acl_keys_read = frozenset(keys), time.monotonic()
+            if self._acl_keys_read == -float("inf"):  # nothing to go on with yet: read now
+                self._acl_keys, self._acl_keys_read = self._read_acl_keys(), time.monotonic()
+            elif (
+                not self._acl_refreshing
+                and time.monotonic() - self._acl_keys_read >= self.settings.acl_refresh_s
+            ):
+                self._acl_refreshing, self._written_keys = True, set()
+                threading.Thread(target=self._refresh_acl_keys, name="acl-keys", daemon=True).start()
             return self._acl_keys
+
+    def _refresh_acl_keys(self) -> None:
+        keys: frozenset[str] | None = None
+        try:
+            keys = self._read_acl_keys()  # no lock held: requests go on meanwhile
+        except KBError as exc:  # the old list stays (it can only hide); tried again after the interval
+            log.warning("the access lists could not be re-read: %s", exc)
+        finally:
+            with self._acl_lock:
+                if keys is not None:  # with what this process wrote while it was read
+                    self._acl_keys = keys | self._written_keys
+                self._acl_keys_read, self._acl_refreshing = time.monotonic(), False
+
+    def _read_acl_keys(self) -> frozenset[str]:
+        keys: set[str] = set()
+        iterator = self._call(
+            "query_iterator",
+            self.client.query_iterator,
+            self.registry,
+            batch_size=4096,
+            filter="",
+            output_fields=[schema.ACL_KEY],
+        )
+        try:
+            while page := self._call("query_iterator", lambda **_: iterator.next()):
+                keys.update(r[schema.ACL_KEY] for r in page)
+        finally:
+            iterator.close()
+        return frozenset(keys)
 
     def _scope(self, reader: Reader) -> str:
         return reader.expression(self.acl_keys() if reader.tokens is not None else ())
@@ -404,6 +439,7 @@ class KnowledgeStore:
         self._call("upsert", self.client.upsert, self.registry, data=rows)
         with self._acl_lock:
             self._acl_keys |= {r.acl.key for r in records}
+            self._written_keys |= {r.acl.key for r in records}  # kept across a read under way
 
     # -- chunks ------------------------------------------------------------------------------
 
@@ -526,35 +562,42 @@ class KnowledgeStore:
     ) -> set[Classification]:
         """The labels (of ``among``) of chunks whose text holds one of ``fragments`` verbatim:
         identifiers (a project code, an account id) that a dense probe may not match. Fragments
-        must be letters, digits and hyphens, so they mean themselves in a LIKE pattern."""
+        must be letters, digits and hyphens, so they mean themselves in a LIKE pattern; they are
+        looked up 32 at a time, every one of them."""
         usable = [f for f in fragments if _FRAGMENT.match(f)]
         if not usable or not among:
             return set()
         if not self._infix_like:
             raise LookupUnsupported(_NO_INFIX.format(where=self.where))
-        likes = " or ".join(f'{schema.TEXT} like "%{f}%"' for f in usable)
-        try:
-            rows = self.client.query(
-                self.collection,
-                filter=f"{in_list(schema.CLASSIFICATION, [c.value for c in among])} and ({likes})",
-                output_fields=[schema.CLASSIFICATION, schema.TEXT],
-                limit=64,
-                timeout=self.settings.timeout_s,
-            )
-        except MilvusException as exc:
-            if "unsupported pattern" not in str(exc.message):
-                raise StoreUnavailable(f"Milvus query failed at {self.where}: {exc.message}") from None
-            self._infix_like = False  # Milvus before 2.4: only prefix patterns; asked once
-            log.error("%s", _NO_INFIX.format(where=self.where))
-            raise LookupUnsupported(_NO_INFIX.format(where=self.where)) from None
-        # whole words only: a prefix of a stored code must not match (no guessing it a character
-        # at a time from the route)
-        words = [re.compile(rf"(?<![A-Za-z0-9-]){re.escape(f)}(?![A-Za-z0-9-])") for f in usable]
-        return {
-            Classification(r[schema.CLASSIFICATION])
-            for r in rows
-            if any(w.search(r[schema.TEXT]) for w in words)
-        }
+        labels = in_list(schema.CLASSIFICATION, [c.value for c in among])
+        found: set[Classification] = set()
+        for start in range(0, len(usable), 32):
+            part = usable[start : start + 32]
+            likes = " or ".join(f'{schema.TEXT} like "%{f}%"' for f in part)
+            try:
+                rows = self._call(
+                    "query",
+                    self.client.query,
+                    self.collection,
+                    filter=f"{labels} and ({likes})",
+                    output_fields=[schema.CLASSIFICATION, schema.TEXT],
+                    limit=64,
+                )
+            except StoreUnavailable as exc:
+                if "unsupported pattern" not in str(exc):
+                    raise
+                self._infix_like = False  # Milvus before 2.4: only prefix patterns; asked once
+                log.error("%s", _NO_INFIX.format(where=self.where))
+                raise LookupUnsupported(_NO_INFIX.format(where=self.where)) from None
+            # whole words only: a prefix of a stored code must not match (no guessing it a
+            # character at a time from the route)
+            words = [re.compile(rf"(?<![A-Za-z0-9-]){re.escape(f)}(?![A-Za-z0-9-])") for f in part]
+            found |= {
+                Classification(r[schema.CLASSIFICATION])
+                for r in rows
+                if any(w.search(r[schema.TEXT]) for w in words)
+            }
+        return found
 
     # -- search ------------------------------------------------------------------------------
 

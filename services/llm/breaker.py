@@ -11,9 +11,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 State = Literal["closed", "open", "half_open"]
+
+
+@dataclass(frozen=True, slots=True)
+class Permit:
+    """Leave to try the cloud once, from :meth:`CircuitBreaker.allow`."""
+
+    trial: bool
+    """The half-open state's one trial (a closed breaker's permits are not)."""
 
 
 class CircuitBreaker:
@@ -53,16 +62,17 @@ class CircuitBreaker:
             self._set("half_open")
             self._trial_in_flight = False
 
-    def allow(self) -> bool:
-        """May a request try the cloud now? (In half-open, only one trial at a time.)"""
+    def allow(self) -> Permit | None:
+        """May a request try the cloud now? (In half-open, only one trial at a time.) The permit
+        says whether it is that trial, so only its holder frees the slot (``release``)."""
         with self._lock:
             self._maybe_half_open()
             if self._state == "closed":
-                return True
+                return Permit(trial=False)
             if self._state == "half_open" and not self._trial_in_flight:
                 self._trial_in_flight = True
-                return True
-            return False
+                return Permit(trial=True)
+            return None
 
     def record_success(self) -> None:
         with self._lock:
@@ -78,11 +88,13 @@ class CircuitBreaker:
                 self._opened_at = self._clock()
                 self._set("open")
 
-    def release(self) -> None:
+    def release(self, permit: Permit) -> None:
         """An attempt ended without telling anything about the cloud (cancelled, or the request
-        itself was refused): free the half-open trial slot so the next request can try."""
-        with self._lock:
-            self._trial_in_flight = False
+        itself was refused): free the half-open trial slot, if ``permit`` holds it, so the next
+        request can try. A request let through while the breaker was closed frees nothing."""
+        if permit.trial:
+            with self._lock:
+                self._trial_in_flight = False
 
     def probe_succeeded(self) -> None:
         """The health probe saw the cloud ready: allow a trial now rather than at the timeout."""

@@ -156,11 +156,15 @@ _INVISIBLE = dict.fromkeys(
 _HEX = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}){16,}(?![0-9A-Fa-f])")
 
 
+_DASHES = dict.fromkeys(map(ord, "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"), "-")
+"""Hyphens and dashes NFKC leaves alone, as the hyphen a code is written with."""
+
+
 def normalise(text: str) -> str:
     """``text`` as a reader sees it: compatibility forms folded (fullwidth digits and at signs,
-    no-break and thin spaces), invisible characters removed, so they cannot split what the
-    recognizers look for."""
-    return unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
+    no-break and thin spaces), dashes as hyphens, invisible characters removed, so they cannot
+    split what the recognizers look for."""
+    return unicodedata.normalize("NFKC", text).translate(_INVISIBLE).translate(_DASHES)
 
 
 _BLOB = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{20,}={0,2}(?![A-Za-z0-9+/=_-])")

@@ -38,7 +38,9 @@ Target = Literal["cloud", "local"]
 _IDENTIFIER = re.compile(
     r"(?<![A-Za-z0-9-])(?=[A-Za-z0-9-]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9][A-Za-z0-9-]{6,62}[A-Za-z0-9](?![A-Za-z0-9-])"
 )
-MAX_IDENTIFIERS = 32
+MAX_IDENTIFIERS = 256
+"""More code-like words than this in one request are not looked up: the request stays local
+(``too-many-identifiers``), so decoys cannot crowd a real code out."""
 _SPACED = re.compile(
     r"(?<![A-Za-z0-9])[A-Za-z0-9](?:(?:[ \t]*[-._/][ \t]*|[ \t]+)[A-Za-z0-9](?![A-Za-z0-9])){3,}"
 )
@@ -55,13 +57,13 @@ def identifiers(texts: Iterable[str]) -> list[str]:
     """Code-like words (8-64 letters, digits and hyphens, with both a letter and a digit: a
     project code, an account or ticket id) to look up verbatim in the knowledge base, as
     written and in upper case, after Unicode normalisation (zero-width characters dropped), and
-    also with a code spelled out character by character closed up. Longest first: decoys cannot
-    crowd a real code out of the ``MAX_IDENTIFIERS`` looked up."""
+    also with a code spelled out character by character closed up. Every one is returned (the
+    caller refuses more than ``MAX_IDENTIFIERS``)."""
     variants = (v for t in texts for n in (normalise(t),) for v in dict.fromkeys((n, _spelled_out(n))))
     found = dict.fromkeys(
         v for t in variants for m in _IDENTIFIER.finditer(t) for v in (m.group(), m.group().upper())
     )
-    return sorted(found, key=len, reverse=True)[:MAX_IDENTIFIERS]
+    return sorted(found, key=len, reverse=True)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class RouteDecision:
     ``personal-data:<entity>``, ``opaque-content`` (base64 that decodes to no text),
     ``unverified-assistant-turn``, ``dlp-unavailable``, ``verbatim-lookup-unavailable`` (the
     store cannot look a code up, so whether it is in a confidential passage is unknown),
+    ``too-many-identifiers`` (more codes than are looked up),
     ``requested-local`` (the caller asked), ``no-cloud-endpoint``."""
 
 
@@ -109,17 +112,17 @@ class SensitivityRouter:
         labels: Iterable[Classification],
         *,
         vouched: bool = True,
-        looked_up: bool = True,
+        unlooked: str | None = None,
         cloud_available: bool = True,
     ) -> RouteDecision:
         """``texts``: the question and every turn; ``labels``: of every chunk they involve;
         ``vouched``: every earlier assistant turn is an answer this gateway gave for the cloud;
-        ``looked_up``: the identifiers in ``texts`` could be looked up verbatim."""
+        ``unlooked``: why the identifiers in ``texts`` could not be looked up verbatim."""
         barred = self._labels(labels)
         if barred:
             return RouteDecision("local", barred)
-        if not looked_up:
-            return RouteDecision("local", "verbatim-lookup-unavailable")
+        if unlooked:
+            return RouteDecision("local", unlooked)
         for text in texts:
             found = self.personal_data(text)
             if found:

@@ -26,7 +26,7 @@ from typing import Literal
 from services.config import EndpointSettings, LLMSettings
 from services.kb.classification import Classification
 from services.kb.models import Answer, Citation, Hit
-from services.llm.breaker import CircuitBreaker, State
+from services.llm.breaker import CircuitBreaker, Permit, State
 from services.llm.conversation import AnswerMemory
 from services.llm.endpoints import Endpoint, LLMError, endpoint
 from services.llm.metrics import BREAKER_STATES, LLMMetrics
@@ -65,8 +65,9 @@ class Outcome:
 
     def cloud_eligible(self, decision: RouteDecision) -> bool:
         """Whether this answer's inputs could have gone to the cloud (so a later turn quoting it
-        may, too): only once the exact prompt passed the outbound check."""
-        return decision.target == "cloud" and self.screened
+        may, too): only once the exact prompt passed the outbound check and the cloud gave the
+        whole answer (an on-prem answer after a failover was composed from another prompt)."""
+        return decision.target == "cloud" and self.screened and self.route == "cloud"
 
 
 class AnswerService:
@@ -182,11 +183,11 @@ class AnswerService:
         requested: Requested = "auto",
         *,
         vouched: bool = True,
-        looked_up: bool = True,
+        unlooked: str | None = None,
     ) -> RouteDecision:
         """Route on the question and turns (``texts``) and the labels of every chunk involved."""
         decision = self.router.decide(
-            texts, labels, vouched=vouched, looked_up=looked_up, cloud_available=self.cloud is not None
+            texts, labels, vouched=vouched, unlooked=unlooked, cloud_available=self.cloud is not None
         )
         if requested == "local" and decision.target == "cloud":
             decision = RouteDecision("local", "requested-local")
@@ -195,14 +196,14 @@ class AnswerService:
 
     # -- answering ------------------------------------------------------------------------
 
-    def _cloud_allowed(self, decision: RouteDecision, outcome: Outcome) -> bool:
+    def _cloud_allowed(self, decision: RouteDecision, outcome: Outcome) -> Permit | None:
         if decision.target != "cloud" or self.cloud is None:
-            return False
-        if not self.breaker.allow():
+            return None
+        permit = self.breaker.allow()
+        if permit is None:
             outcome.failover = "breaker-open"
             self.metrics.failovers.labels("breaker-open").inc()
-            return False
-        return True
+        return permit
 
     def _failed(self, error: LLMError, outcome: Outcome) -> None:
         self.breaker.record_failure()
@@ -333,23 +334,23 @@ class AnswerService:
         started = time.perf_counter()
         sent: list[Delta] = []
         cloud_prompt = None
-        if self._cloud_allowed(
-            decision, outcome
-        ):  # asked first: nothing is composed for a cloud that is down
+        # the breaker is asked first: nothing is composed or scanned for a cloud that is down
+        permit = self._cloud_allowed(decision, outcome)
+        if permit is not None:
             try:
                 prompt = compose(self.counter("cloud"))
                 # the last gate: the exact prompt, system message and passages included
                 held = await asyncio.to_thread(self.router.outbound, prompt)
             except BaseException:
-                self.breaker.release()
+                self.breaker.release(permit)
                 raise
             if held is None:
                 cloud_prompt, outcome.screened = prompt, True
             else:
-                self.breaker.release()  # a half-open trial that never reached the cloud
+                self.breaker.release(permit)  # a half-open trial that never reached the cloud
                 outcome.reason, outcome.held_back = held, True
                 self.metrics.decisions.labels("local", held.split(":")[0]).inc()
-        if cloud_prompt is not None:
+        if cloud_prompt is not None and permit is not None:
             assert self.cloud is not None
             settled = False  # the breaker heard how this attempt ended (a half-open trial must end)
             prompt = cloud_prompt
@@ -377,7 +378,7 @@ class AnswerService:
                         if exc.kind in ("model", "busy"):
                             # the cloud is fine (it refused this request, or we are out of
                             # connections): do not count it, but still answer on-prem
-                            self.breaker.release()
+                            self.breaker.release(permit)
                             outcome.failover = exc.kind
                             self.metrics.failovers.labels(exc.kind).inc()
                             log.warning("cloud could not answer (%s): %s; answering on-prem", exc.kind, exc)
@@ -402,7 +403,7 @@ class AnswerService:
                 raise
             finally:
                 if not settled:  # cancelled mid-attempt (client gone): free a half-open trial
-                    self.breaker.release()
+                    self.breaker.release(permit)
         local: list[Delta] = []
         if self.local is not None:
             prompt = compose(self.counter("local"))

@@ -128,6 +128,8 @@ def test_id_tokens_and_other_clients_tokens_are_refused_where_the_provider_says_
     assert _principal(parties, idp.token("gina", groups=["everyone"], azp="dualtrack-cli")).subject == "gina"
     _reject(parties, idp.token("gina", groups=["everyone"], azp="some-other-app"), "issued to a client")
     _reject(parties, idp.token("gina", groups=["everyone"]), "issued to a client")  # no azp at all
+    assert _principal(parties, idp.token("gina", groups=["everyone"], cid="dualtrack-cli")).subject == "gina"
+    _reject(parties, idp.token("gina", groups=["everyone"], azp=["dualtrack-cli"]), "issued to a client")
     # this provider signs ID tokens (typ JWT), never RFC 9068 access tokens
     strict = OidcValidator(_settings(idp, require_access_token_type=True))
     _reject(strict, idp.token("gina", groups=["everyone"]), "not an RFC 9068 access token")
@@ -238,6 +240,9 @@ def test_malformed_headers_are_a_401_not_a_crash(idp: OidcProvider) -> None:
     body = _b64(b'{"sub": "x"}')
     for header in ({"alg": "RS256", "kid": 5}, {"alg": "RS256", "crit": "x\nFAKE LOG LINE"}):
         _reject(validator, f"{_b64(json.dumps(header).encode())}.{body}.AAAA", "header is not valid")
+    for typ in (["JWT"], {"a": 1}, 7, "logout+jwt"):  # before any signature check: never a 500
+        header = _b64(json.dumps({"alg": "RS256", "typ": typ}).encode())
+        _reject(validator, f"{header}.{body}.AAAA", "header typ is not a JWT access token type")
     long_alg = {"alg": "A" * 5000}
     _reject(validator, f"{_b64(json.dumps(long_alg).encode())}.{body}.AAAA", r"algorithm \(unknown\)")
 

@@ -63,3 +63,30 @@ def test_hub_id_not_in_cache_is_a_named_offline_error(monkeypatch: pytest.Monkey
 def test_missing_directory_is_a_named_error(tmp_path) -> None:
     with pytest.raises(EmbedderError, match="embedding.model = .*cannot load"):
         Embedder(EmbeddingSettings(model=str(tmp_path / "no-such-model")))
+
+
+def test_query_vectors_are_kept_for_one_request_only(embedder: Embedder, monkeypatch) -> None:
+    """Within a request each text is encoded once; another request (another context) starts
+    empty, so the time a search takes says nothing about what someone else asked."""
+    import contextvars
+
+    from services.kb.embedder import keep_query_vectors
+
+    encoded: list[str] = []
+    real = embedder._encode
+    monkeypatch.setattr(embedder, "_encode", lambda texts: (encoded.extend(texts), real(texts))[1])
+
+    def request(texts: list[str]) -> np.ndarray:
+        keep_query_vectors()
+        first = embedder.embed_query(texts[0])
+        both = embedder.embed_queries(texts)
+        assert np.array_equal(both[0], first)
+        return both
+
+    contextvars.copy_context().run(request, ["where are the keys?", "who has them?"])
+    assert len(encoded) == 2  # the question once, the other turn once
+    contextvars.copy_context().run(request, ["where are the keys?", "who has them?"])
+    assert len(encoded) == 4  # a new request encodes again
+    embedder.embed_query("where are the keys?")
+    embedder.embed_query("where are the keys?")
+    assert len(encoded) == 6  # outside a request nothing is kept

@@ -59,6 +59,19 @@ def test_a_cancelled_trial_is_released() -> None:
     breaker = CircuitBreaker(1, 1.0, clock=clock)
     breaker.record_failure()
     clock.now = 1.0
-    assert breaker.allow() and not breaker.allow()  # the trial is out
-    breaker.release()  # ...and its request was cancelled: nothing learnt, slot free again
+    trial = breaker.allow()
+    assert trial is not None and trial.trial and not breaker.allow()  # the trial is out
+    breaker.release(trial)  # ...and its request was cancelled: nothing learnt, slot free again
     assert breaker.state == "half_open" and breaker.allow()
+
+
+def test_only_the_trial_frees_the_trial_slot() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(1, 1.0, clock=clock)
+    earlier = breaker.allow()  # let through while closed
+    assert earlier is not None and not earlier.trial
+    breaker.record_failure()
+    clock.now = 1.0
+    assert breaker.allow() is not None  # the half-open trial is out
+    breaker.release(earlier)  # the earlier request ends without an answer: not its slot
+    assert breaker.allow() is None  # still one trial at a time

@@ -33,10 +33,13 @@ def test_plain_question_may_go_to_the_cloud(router: SensitivityRouter) -> None:
 
 
 def test_a_code_that_could_not_be_looked_up_keeps_it_local(router: SensitivityRouter) -> None:
-    decision = router.decide(["What is OWL-7781-ZX?"], [C.PUBLIC], looked_up=False)
+    decision = router.decide(["What is OWL-7781-ZX?"], [C.PUBLIC], unlooked="verbatim-lookup-unavailable")
     assert (decision.target, decision.reason) == ("local", "verbatim-lookup-unavailable")
     # a label that may not leave is still the reason given first
-    assert router.decide(["x"], [C.CONFIDENTIAL], looked_up=False).reason == "confidential-context"
+    assert (
+        router.decide(["x"], [C.CONFIDENTIAL], unlooked="too-many-identifiers").reason
+        == "confidential-context"
+    )
 
 
 def test_a_label_that_may_not_leave_keeps_it_local(router: SensitivityRouter) -> None:
@@ -174,3 +177,6 @@ def test_hex_and_invisible_characters_do_not_hide_content(router: SensitivityRou
     assert identifiers(["I am a b c here"]) == []  # ordinary text is not a code
     decoys = " ".join(f"AB{i:02d}-0000" for i in range(40))
     assert "CANARY-NJ-5D81C2E7" in identifiers([f"{decoys} CANARY-NJ-5d81c2e7"])
+    longer = " ".join(f"zzzzzzzzzz{i:03d}" for i in range(200))  # longer decoys: nothing is dropped
+    assert "OWL-7781" in identifiers([f"OWL-7781 {longer}"])
+    assert "OWL-7781-ZX" in identifiers(["OWL\u20107781\u2011ZX"])  # Unicode hyphens
