@@ -10,6 +10,8 @@ CRD_SCHEMAS := tests/infra/crd_schemas
 POLICY_VENV := infra/policy/venv
 LLAMA_VENV := .venv-llama
 OIDC_VENV := .venv-oidc
+MILVUS_SERVER_VENV := .venv-milvus-server
+STANDALONE_TESTS := tests/services/kb/test_access.py tests/services/kb/test_migrate.py tests/services/gateway/test_permissions.py
 LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python\[server\]==//p' requirements-llama.txt)
 # llama-cpp-python is sdist-only: its wheel takes minutes to build, so it is built once, portable
 # (no -march=native: hosts of the wheelhouse have other CPUs), and cached outside the checkout.
@@ -20,7 +22,7 @@ ANSIBLE_RELEASE := 12.3.0
 COLLECTIONS := containers/podman community/general ansible/posix
 QUESTION ?= How many vacation days do full-time employees get per year?
 
-.PHONY: help up down status test lint plan install install-dev clean onprem-host-tools
+.PHONY: help up down status test test-standalone lint plan install install-dev clean onprem-host-tools
 
 help:
 	@echo "make up      - install, start Milvus Lite + gateway on 127.0.0.1, ingest samples, ask a question"
@@ -126,6 +128,16 @@ lint: install-dev
 
 test: install-dev lint
 	$(BIN)/python -m pytest
+	$(MAKE) test-standalone
+
+# the access-list, migration and permission tests again, against Milvus standalone
+test-standalone: install-dev $(MILVUS_SERVER_VENV)/.installed
+	benchmarks/with-standalone.sh $(BIN)/python -m pytest -p no:cacheprovider $(STANDALONE_TESTS)
+
+$(MILVUS_SERVER_VENV)/.installed: requirements-milvus-server.txt
+	$(PYTHON) -m venv $(MILVUS_SERVER_VENV)
+	$(MILVUS_SERVER_VENV)/bin/pip install -q -r requirements-milvus-server.txt
+	touch $@
 
 clean: down
 	rm -rf .dualtrack .pytest_cache .ruff_cache

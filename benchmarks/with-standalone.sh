@@ -2,19 +2,20 @@
 # Run a command next to a real Milvus standalone (the C++ engine) at http://127.0.0.1:19530.
 #
 # Milvus standalone is the production vector store; Milvus Lite is the local default. This
-# installs the PyPI `milvus` package (2.3.5, a self-contained standalone build) into its own
-# venv and runs it, and the command, inside a private network namespace, because it binds
-# every interface: nothing outside the namespace can reach it. The command sees
-# DUALTRACK_TEST_MILVUS_URI (the tests' fixtures then use the server, one collection per
-# test). Needs root (unshare) and iproute2. For example:
+# installs the PyPI `milvus` package (requirements-milvus-server.txt: 2.3.5, a self-contained
+# standalone build) into its own venv and runs it, and the command, inside a private network
+# namespace, because it binds every interface: nothing outside the namespace can reach it.
+# The command sees DUALTRACK_TEST_MILVUS_URI (the tests' fixtures then use the server, one
+# collection per test). Needs root (unshare) and iproute2. `make test-standalone` (part of
+# `make test`) runs the access, migration and permission tests this way; by hand:
 #
-#   benchmarks/with-standalone.sh .venv/bin/pytest tests/services/kb/test_access.py tests/services/kb/test_migrate.py
+#   benchmarks/with-standalone.sh .venv/bin/pytest tests/services/kb/test_access.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 server_venv=.venv-milvus-server
 if [ ! -x "$server_venv/bin/milvus-server" ]; then
     python3 -m venv "$server_venv"
-    "$server_venv/bin/pip" install -q milvus==2.3.5
+    "$server_venv/bin/pip" install -q -r requirements-milvus-server.txt
 fi
 data=$(mktemp -d /tmp/dualtrack-milvus-standalone.XXXXXX)
 export server_venv data
