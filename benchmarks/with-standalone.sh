@@ -26,10 +26,16 @@ exec unshare --net bash -c '
     server=$!
     # the wrapper starts "$data/bin/milvus run standalone"; it ignores a polite stop while
     # busy, so both get SIGTERM, then SIGKILL after a grace period, then the data goes
+    # (a process already gone is no error: the script exits with the status of the command)
     stop() {
-        pkill -f "$data/bin/milvus" 2>/dev/null; kill "$server" 2>/dev/null; sleep 5
-        pkill -9 -f "$data/bin/milvus" 2>/dev/null; kill -9 "$server" 2>/dev/null
+        status=$?
+        pkill -f "$data/bin/milvus" 2>/dev/null || true
+        kill "$server" 2>/dev/null || true
+        sleep 5
+        pkill -9 -f "$data/bin/milvus" 2>/dev/null || true
+        kill -9 "$server" 2>/dev/null || true
         rm -rf "$data"
+        exit "$status"
     }
     trap stop EXIT
     for _ in $(seq 1 120); do

@@ -69,7 +69,9 @@ class AskResponse(BaseModel):
     unresolved_citations: list[int] = Field(
         default_factory=list, description="Markers in the answer that point to no passage."
     )
-    route: str = Field(description="cloud, local, extractive, or cloud+local (the cloud stopped mid-answer)")
+    route: str = Field(
+        description="cloud, local, extractive, or cloud+local / cloud+extractive (the cloud stopped midway)"
+    )
     route_reason: str = Field(
         "", description="Why: no-sensitive-content, confidential-context, personal-data:<detector>, ..."
     )

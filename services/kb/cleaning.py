@@ -20,6 +20,8 @@ _PAGE_NUMBER = re.compile(
     r"^\s*[-\u2013]?\s*(page\s+)?\d{1,4}(\s*(of|/)\s*\d{1,4})?\s*[-\u2013]?\s*$", re.IGNORECASE
 )
 _CONTROL = dict.fromkeys(c for c in range(32) if c not in (9, 10, 13))
+DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"
+"""Hyphens and dashes NFKC leaves alone: a code written with one of them is the same code."""
 
 
 def clean_text(text: str) -> str:

@@ -32,6 +32,7 @@ from services.config import MilvusSettings
 from services.kb import schema
 from services.kb.access import Acl, Reader
 from services.kb.classification import Classification
+from services.kb.cleaning import DASHES
 from services.kb.errors import KBError, LookupUnsupported, SchemaMismatch, StoreUnavailable
 from services.kb.filters import SearchFilter, in_list, literal
 from services.kb.models import Chunk, Hit
@@ -39,6 +40,12 @@ from services.kb.models import Chunk, Hit
 log = logging.getLogger(__name__)
 
 _FRAGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{2,62}[A-Za-z0-9]$")
+_DASH = f"[-{DASHES}]"
+_WORD = rf"(?<![A-Za-z0-9{DASHES}-]){{}}(?![A-Za-z0-9{DASHES}-])"
+"""A fragment as a whole word; a hyphen in it matches any dash (``_DASH``)."""
+_LOOKUP_PAGE = 64
+_LOOKUP_PAGES = 16
+"""Rows read per LIKE query, and pages at most before a lookup is taken as found."""
 
 _NO_INFIX = (
     'Milvus at {where} cannot look text up verbatim (LIKE "%code%" needs Milvus 2.4 or later): '
@@ -570,34 +577,50 @@ class KnowledgeStore:
         if not self._infix_like:
             raise LookupUnsupported(_NO_INFIX.format(where=self.where))
         labels = in_list(schema.CLASSIFICATION, [c.value for c in among])
+        wanted = set(among)
         found: set[Classification] = set()
         for start in range(0, len(usable), 32):
             part = usable[start : start + 32]
-            likes = " or ".join(f'{schema.TEXT} like "%{f}%"' for f in part)
-            try:
-                rows = self._call(
-                    "query",
-                    self.client.query,
-                    self.collection,
-                    filter=f"{labels} and ({likes})",
-                    output_fields=[schema.CLASSIFICATION, schema.TEXT],
-                    limit=64,
-                )
-            except StoreUnavailable as exc:
-                if "unsupported pattern" not in str(exc):
-                    raise
-                self._infix_like = False  # Milvus before 2.4: only prefix patterns; asked once
-                log.error("%s", _NO_INFIX.format(where=self.where))
-                raise LookupUnsupported(_NO_INFIX.format(where=self.where)) from None
+            # a hyphen may be stored as any dash: "%" stands in for it, the regex below decides
+            likes = " or ".join(f'{schema.TEXT} like "%{f.replace("-", "%")}%"' for f in part)
             # whole words only: a prefix of a stored code must not match (no guessing it a
             # character at a time from the route)
-            words = [re.compile(rf"(?<![A-Za-z0-9-]){re.escape(f)}(?![A-Za-z0-9-])") for f in part]
-            found |= {
-                Classification(r[schema.CLASSIFICATION])
-                for r in rows
-                if any(w.search(r[schema.TEXT]) for w in words)
-            }
+            words = [re.compile(_WORD.format(re.escape(f).replace(r"\-", _DASH))) for f in part]
+            for page in range(_LOOKUP_PAGES):
+                rows = self._like(f"{labels} and ({likes})", offset=page * _LOOKUP_PAGE)
+                found |= {
+                    Classification(r[schema.CLASSIFICATION])
+                    for r in rows
+                    if any(w.search(r[schema.TEXT]) for w in words)
+                }
+                if found >= wanted or len(rows) < _LOOKUP_PAGE:
+                    break
+            else:  # more candidate rows than are worth reading: assume the code is among them
+                log.warning(
+                    "a verbatim lookup matched over %d chunks: treated as found", _LOOKUP_PAGES * _LOOKUP_PAGE
+                )
+                return wanted
+            if found >= wanted:
+                break
         return found
+
+    def _like(self, expr: str, offset: int) -> list[dict[str, Any]]:
+        try:
+            return self._call(
+                "query",
+                self.client.query,
+                self.collection,
+                filter=expr,
+                output_fields=[schema.CLASSIFICATION, schema.TEXT],
+                limit=_LOOKUP_PAGE,
+                offset=offset,
+            )
+        except StoreUnavailable as exc:
+            if "unsupported pattern" not in str(exc):
+                raise
+            self._infix_like = False  # Milvus before 2.4: only prefix patterns; asked once
+            log.error("%s", _NO_INFIX.format(where=self.where))
+            raise LookupUnsupported(_NO_INFIX.format(where=self.where)) from None
 
     # -- search ------------------------------------------------------------------------------
 

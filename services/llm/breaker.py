@@ -21,8 +21,8 @@ State = Literal["closed", "open", "half_open"]
 class Permit:
     """Leave to try the cloud once, from :meth:`CircuitBreaker.allow`."""
 
-    trial: bool
-    """The half-open state's one trial (a closed breaker's permits are not)."""
+    trial: int = 0
+    """Which half-open trial this is (numbered from 1); 0 for a closed breaker's permits."""
 
 
 class CircuitBreaker:
@@ -44,6 +44,8 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._trial_in_flight = False
+        self._trial = 0
+        """The number of the newest trial handed out: a stale permit never frees a later slot."""
 
     @property
     def state(self) -> State:
@@ -71,7 +73,8 @@ class CircuitBreaker:
                 return Permit(trial=False)
             if self._state == "half_open" and not self._trial_in_flight:
                 self._trial_in_flight = True
-                return Permit(trial=True)
+                self._trial += 1
+                return Permit(trial=self._trial)
             return None
 
     def record_success(self) -> None:
@@ -91,9 +94,10 @@ class CircuitBreaker:
     def release(self, permit: Permit) -> None:
         """An attempt ended without telling anything about the cloud (cancelled, or the request
         itself was refused): free the half-open trial slot, if ``permit`` holds it, so the next
-        request can try. A request let through while the breaker was closed frees nothing."""
-        if permit.trial:
-            with self._lock:
+        request can try. A request let through while the breaker was closed, or an earlier trial
+        whose slot has since been given to another, frees nothing."""
+        with self._lock:
+            if permit.trial and permit.trial == self._trial:
                 self._trial_in_flight = False
 
     def probe_succeeded(self) -> None:

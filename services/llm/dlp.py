@@ -39,6 +39,7 @@ from presidio_analyzer.predefined_recognizers import (
 )
 
 from services.config import DLP_ENTITIES
+from services.kb.cleaning import DASHES
 
 LANGUAGE: Final = "en"
 """Every recognizer is registered under one language and the text is analysed once: the patterns
@@ -156,8 +157,7 @@ _INVISIBLE = dict.fromkeys(
 _HEX = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}){16,}(?![0-9A-Fa-f])")
 
 
-_DASHES = dict.fromkeys(map(ord, "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"), "-")
-"""Hyphens and dashes NFKC leaves alone, as the hyphen a code is written with."""
+_DASHES = dict.fromkeys(map(ord, DASHES), "-")
 
 
 def normalise(text: str) -> str:

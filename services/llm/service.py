@@ -385,9 +385,10 @@ class AnswerService:
                         else:
                             self._failed(exc, outcome)
                         settled = True
-                        if any(d.kind == "content" for d in sent):  # the user has part of an answer
-                            outcome.route = "cloud+local"
-                            yield Delta("content", CONTINUED)
+                        if sent:  # the user holds cloud output: the rest is not the cloud's alone
+                            outcome.route = "cloud+local" if self.local is not None else "cloud+extractive"
+                            if any(d.kind == "content" for d in sent):  # part of an answer
+                                yield Delta("content", CONTINUED)
                         break
                     else:
                         self.breaker.record_success()

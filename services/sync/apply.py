@@ -178,6 +178,11 @@ class Applier:
             self.store.write_chunks(chunks, vectors, batch=self.settings.ingest.insert_batch)
             self.store.activate(*(_record(e, default_acl) for e in upserts))
             self.store.delete_chunks(_superseded(upserts, registered, before))
+            for e in upserts:
+                if (entry := before.get(e.doc_id)) is not None and entry.writing:
+                    # a run died mid-write: if it got past the registry flip, the version it
+                    # replaced is no longer named anywhere, so every other version goes by filter
+                    self.store.purge_stale(e.doc_id, e.version)
         if deletes:
             self.store.delete_documents(deletes)
         self.ledger.put([_entry(e) for e in changes])

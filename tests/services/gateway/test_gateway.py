@@ -321,3 +321,29 @@ def test_sidecar_title_reaches_citations(gateway: httpx.Client) -> None:
     assert r.status_code == 201
     hit = gateway.post("/v1/search", json={"query": "lift service"}).json()["hits"][0]
     assert hit["title"] == "Facilities notes"
+
+
+def test_a_code_the_store_cannot_look_up_keeps_the_answer_local(make_settings, embedder) -> None:
+    """Milvus before 2.4 has no infix LIKE: whether a code in a question is stored under a
+    label that may not leave is unknown, so the answer stays on the premises, saying why."""
+    settings = make_settings(
+        gateway={"api_key": KEY}, llm={"cloud": {"url": "http://127.0.0.1:9", "connect_timeout_s": 0.5}}
+    )
+    kb = KnowledgeBase(settings, embedder=embedder)
+    with serve(create_app(settings, kb)) as url:
+        wait_ready(url)
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+            assert upload(c, "handbook/employee-handbook.md").status_code == 201
+            ask = {"question": "What does the code OWL-7781-ZX in the handbook mean?"}
+            looked = c.post("/v1/ask", json=ask).json()
+            supported = kb.store._infix_like  # False once Milvus refused the pattern
+            kb.store._infix_like = False  # as Milvus 2.3 answers the first LIKE "%...%" query
+            unlooked = c.post("/v1/ask", json=ask).json()
+            plain = c.post("/v1/ask", json={"question": QUERY}).json()
+    if not supported:  # Milvus standalone 2.3 (DUALTRACK_TEST_MILVUS_URI): unknown from the start
+        assert looked["route_reason"] == "verbatim-lookup-unavailable"
+    else:  # the code is stored nowhere: the cloud was allowed (and is down: answered here)
+        assert looked["route_reason"] == "no-sensitive-content" and looked["failover"] == "transport"
+    assert (unlooked["route"], unlooked["route_reason"]) == ("extractive", "verbatim-lookup-unavailable")
+    assert unlooked["failover"] is None  # the cloud was never tried
+    assert plain["route_reason"] == "no-sensitive-content"  # no code: nothing to look up

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from services.kb import store as store_module
 from services.kb.access import EVERYTHING, Acl, AclError, Reader, combine, tokens_of
 from services.kb.classification import Classification
 from services.kb.errors import LookupUnsupported
@@ -154,6 +155,29 @@ def test_the_verbatim_lookup_matches_whole_codes_only(kb: KnowledgeBase) -> None
     assert found == {Classification.CONFIDENTIAL}
     assert kb.store.labels_containing(["OWL-7781-Z", "WL-7781-ZX"], among) == set()
     assert kb.store.labels_containing(['x" or 1==1'], among) == set()  # not a code: not looked up
+
+
+def test_the_verbatim_lookup_reads_any_dash_as_a_hyphen_and_every_matching_row(
+    kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A code stored with an en dash is the code asked with a hyphen; candidates are read page
+    by page, and more of them than the lookup reads count as a match (it cannot tell)."""
+    deal = "# Deal\n\nProject KES\u20139000 closes in May.\n"
+    kb.ingestor.ingest_bytes(deal.encode(), "deal.md", labels=[Classification.CONFIDENTIAL])
+    for n in range(12):  # both halves of a code, never as one word: LIKE candidates, no match
+        note = f"# N{n}\n\nAUX and 4242 appear apart, as do BEE and 5151, note {n}.\n"
+        kb.ingestor.ingest_bytes(note.encode(), f"n{n}.md", labels=[Classification.INTERNAL])
+    kb.ingestor.ingest_bytes(b"# Late\n\nThe token AUX-4242.\n", "late.md", labels=[Classification.INTERNAL])
+    among = [Classification.INTERNAL, Classification.CONFIDENTIAL]
+    monkeypatch.setattr(store_module, "_LOOKUP_PAGE", 4)
+    try:
+        assert kb.store.labels_containing(["KES-9000"], among) == {Classification.CONFIDENTIAL}
+    except LookupUnsupported:  # Milvus standalone before 2.4: covered above
+        return
+    assert kb.store.labels_containing(["AUX-4242"], among) == {Classification.INTERNAL}
+    assert kb.store.labels_containing(["BEE-5151"], among) == set()  # all 12 candidates read
+    monkeypatch.setattr(store_module, "_LOOKUP_PAGES", 2)
+    assert kb.store.labels_containing(["BEE-5151"], among) == set(among)  # 8 of 12 read: fail closed
 
 
 def test_the_filter_lists_only_keys_the_reader_matches() -> None:

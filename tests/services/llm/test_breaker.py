@@ -75,3 +75,20 @@ def test_only_the_trial_frees_the_trial_slot() -> None:
     assert breaker.allow() is not None  # the half-open trial is out
     breaker.release(earlier)  # the earlier request ends without an answer: not its slot
     assert breaker.allow() is None  # still one trial at a time
+
+
+def test_a_stale_trial_never_frees_a_later_trials_slot() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(1, 1.0, clock=clock)
+    breaker.record_failure()
+    clock.now = 1.0
+    first = breaker.allow()
+    assert first is not None and first.trial
+    breaker.record_failure()  # another request saw the cloud fail: open again, the first still runs
+    clock.now = 2.0
+    second = breaker.allow()
+    assert second is not None and second.trial and second != first
+    breaker.release(first)  # the first trial ends without an answer, long after its slot was reused
+    assert breaker.allow() is None  # the second trial still holds the only slot
+    breaker.release(second)
+    assert breaker.allow() is not None

@@ -200,3 +200,32 @@ def test_a_half_written_version_overtaken_after_a_crash_leaves_no_rows(
     assert kb.store.count_chunks("doc") == len(v1.chunks) + len(v2.chunks)
     assert applier.apply([v3])[0].status == "applied"
     assert state(kb, "doc") == (v3.version, 1)  # v1's and the orphaned v2's rows are gone
+
+
+class Killed(BaseException):
+    """The process dying at a given step (not an ``Exception``: nothing retries it)."""
+
+
+def test_a_crash_after_the_registry_flip_leaves_no_rows_of_the_old_version(
+    kb: KnowledgeBase, applier: Applier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between the registry flip and the delete of the old rows: the registry names
+    only the new version and the ledger the one being written, so the replay must find the
+    old rows some other way."""
+    v1 = upsert("doc", 1, ["one a.", "one b.", "one c."])
+    v2 = upsert("doc", 2, ["two a."])
+    applier.apply([v1])
+
+    def die(*_: object, **__: object) -> None:
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(kb.store, "delete_chunks", die)
+        with pytest.raises(Killed):
+            applier.apply([v2])
+    assert kb.store.get_document("doc").version == v2.version  # the flip happened
+    assert kb.store.count_chunks("doc") == len(v1.chunks) + len(v2.chunks)
+    replay = Applier(kb.settings, kb.store, kb.embedder)
+    assert replay.apply([v2])[0].status == "applied"
+    assert state(kb, "doc") == (v2.version, 1)
+    assert replay.ledger.get(["doc"])["doc"].writing == ""
