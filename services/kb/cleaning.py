@@ -20,14 +20,18 @@ _PAGE_NUMBER = re.compile(
     r"^\s*[-\u2013]?\s*(page\s+)?\d{1,4}(\s*(of|/)\s*\d{1,4})?\s*[-\u2013]?\s*$", re.IGNORECASE
 )
 _CONTROL = dict.fromkeys(c for c in range(32) if c not in (9, 10, 13))
+INVISIBLE = "\u00ad\u034f\u180e\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064\ufeff"
+"""Characters that render as nothing (soft hyphen, zero-width, word joiner, BOM): dropped from
+stored text as from questions, so a code is stored as it reads."""
 DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"
 """Hyphens and dashes NFKC leaves alone: a code written with one of them is the same code."""
+_DROPPED = {**_CONTROL, **dict.fromkeys(map(ord, INVISIBLE))}
 
 
 def clean_text(text: str) -> str:
     """Normalise unicode and whitespace, join hyphenated line breaks, unwrap
     hard-wrapped lines inside paragraphs, keep paragraph breaks."""
-    text = unicodedata.normalize("NFKC", text).translate(_CONTROL)
+    text = unicodedata.normalize("NFKC", text).translate(_DROPPED)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _HYPHEN_BREAK.sub(r"\1\2", text)
     text = _SPACES.sub(" ", text)

@@ -39,13 +39,26 @@ from services.kb.models import Chunk, Hit
 
 log = logging.getLogger(__name__)
 
-_FRAGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{2,62}[A-Za-z0-9]$")
+_FRAGMENT = re.compile(r"[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*")
+"""What may be looked up verbatim (``fullmatch``, 4-64 characters): letters and digits, single
+hyphens between them, so a fragment means itself in a LIKE pattern."""
 _DASH = f"[-{DASHES}]"
-_WORD = rf"(?<![A-Za-z0-9{DASHES}-]){{}}(?![A-Za-z0-9{DASHES}-])"
-"""A fragment as a whole word; a hyphen in it matches any dash (``_DASH``)."""
-_LOOKUP_PAGE = 64
-_LOOKUP_PAGES = 16
-"""Rows read per LIKE query, and pages at most before a lookup is taken as found."""
+_WORD = r"(?<![A-Za-z0-9-]){}(?![A-Za-z0-9-])"
+"""A fragment as a whole word; a hyphen in it matches any dash (``_DASH``), and a typographic
+dash next to it (an em dash in running text) is a word boundary."""
+_LOOKUP_PAGE = 256
+"""Candidate rows read per page of a verbatim lookup."""
+
+
+class _LiteIteratorTimestamps(logging.Filter):
+    """Milvus Lite gives an iterator no MVCC timestamp; pymilvus then warns on every iterator
+    and uses the client's clock, which is right for a single-process engine."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to get mvccTs" not in record.getMessage()
+
+
+logging.getLogger("pymilvus.client.iterator.query_iterator").addFilter(_LiteIteratorTimestamps())
 
 _NO_INFIX = (
     'Milvus at {where} cannot look text up verbatim (LIKE "%code%" needs Milvus 2.4 or later): '
@@ -571,7 +584,7 @@ class KnowledgeStore:
         identifiers (a project code, an account id) that a dense probe may not match. Fragments
         must be letters, digits and hyphens, so they mean themselves in a LIKE pattern; they are
         looked up 32 at a time, every one of them."""
-        usable = [f for f in fragments if _FRAGMENT.match(f)]
+        usable = [f for f in fragments if 4 <= len(f) <= 64 and _FRAGMENT.fullmatch(f)]
         if not usable or not among:
             return set()
         if not self._infix_like:
@@ -581,40 +594,38 @@ class KnowledgeStore:
         found: set[Classification] = set()
         for start in range(0, len(usable), 32):
             part = usable[start : start + 32]
-            # a hyphen may be stored as any dash: "%" stands in for it, the regex below decides
-            likes = " or ".join(f'{schema.TEXT} like "%{f.replace("-", "%")}%"' for f in part)
+            # a hyphen may be stored as any dash: "_" (one character) stands in for it, and the
+            # regex below decides; every candidate is read (a cut-off would answer for them)
+            likes = " or ".join(f'{schema.TEXT} like "%{f.replace("-", "_")}%"' for f in part)
             # whole words only: a prefix of a stored code must not match (no guessing it a
             # character at a time from the route)
             words = [re.compile(_WORD.format(re.escape(f).replace(r"\-", _DASH))) for f in part]
-            for page in range(_LOOKUP_PAGES):
-                rows = self._like(f"{labels} and ({likes})", offset=page * _LOOKUP_PAGE)
+            for rows in self._like(f"{labels} and ({likes})"):
                 found |= {
                     Classification(r[schema.CLASSIFICATION])
                     for r in rows
                     if any(w.search(r[schema.TEXT]) for w in words)
                 }
-                if found >= wanted or len(rows) < _LOOKUP_PAGE:
-                    break
-            else:  # more candidate rows than are worth reading: assume the code is among them
-                log.warning(
-                    "a verbatim lookup matched over %d chunks: treated as found", _LOOKUP_PAGES * _LOOKUP_PAGE
-                )
-                return wanted
-            if found >= wanted:
-                break
+                if found >= wanted:
+                    return found
         return found
 
-    def _like(self, expr: str, offset: int) -> list[dict[str, Any]]:
+    def _like(self, expr: str) -> Iterator[list[dict[str, Any]]]:
+        """Every row ``expr`` matches, a page at a time."""
         try:
-            return self._call(
-                "query",
-                self.client.query,
+            iterator = self._call(
+                "query_iterator",
+                self.client.query_iterator,
                 self.collection,
+                batch_size=_LOOKUP_PAGE,
                 filter=expr,
                 output_fields=[schema.CLASSIFICATION, schema.TEXT],
-                limit=_LOOKUP_PAGE,
-                offset=offset,
             )
+            try:
+                while page := self._call("query_iterator", lambda **_: iterator.next()):
+                    yield page
+            finally:
+                iterator.close()
         except StoreUnavailable as exc:
             if "unsupported pattern" not in str(exc):
                 raise

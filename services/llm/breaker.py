@@ -25,6 +25,10 @@ class Permit:
     """Which half-open trial this is (numbered from 1); 0 for a closed breaker's permits."""
 
 
+CLOSED = Permit()
+"""The permit of a request let through while the breaker was closed."""
+
+
 class CircuitBreaker:
     """Thread-safe; ``clock`` is injectable so the state machine can be tested without sleeping."""
 
@@ -70,26 +74,44 @@ class CircuitBreaker:
         with self._lock:
             self._maybe_half_open()
             if self._state == "closed":
-                return Permit(trial=False)
+                return CLOSED
             if self._state == "half_open" and not self._trial_in_flight:
                 self._trial_in_flight = True
                 self._trial += 1
                 return Permit(trial=self._trial)
             return None
 
-    def record_success(self) -> None:
+    def record_success(self, permit: Permit = CLOSED) -> None:
+        """The cloud answered the request ``permit`` let through. While half-open only the
+        current trial decides; while open, a late answer changes nothing (the trial does)."""
         with self._lock:
-            self._failures = 0
-            self._trial_in_flight = False
-            self._set("closed")
+            self._maybe_half_open()
+            if self._state == "closed":
+                self._failures = 0
+            elif self._state == "half_open" and self._is_trial(permit):
+                self._failures = 0
+                self._trial_in_flight = False
+                self._set("closed")
 
-    def record_failure(self) -> None:
+    def record_failure(self, permit: Permit = CLOSED) -> None:
+        """The cloud failed the request ``permit`` let through. While half-open only the
+        current trial's failure opens the breaker again (one trial at a time stays true)."""
         with self._lock:
-            self._failures += 1
-            self._trial_in_flight = False
-            if self._state == "half_open" or self._failures >= self.failure_threshold:
-                self._opened_at = self._clock()
-                self._set("open")
+            self._maybe_half_open()
+            if self._state == "closed":
+                self._failures += 1
+                if self._failures >= self.failure_threshold:
+                    self._open()
+            elif self._state == "half_open" and self._is_trial(permit):
+                self._trial_in_flight = False
+                self._open()
+
+    def _is_trial(self, permit: Permit) -> bool:
+        return bool(permit.trial) and permit.trial == self._trial and self._trial_in_flight
+
+    def _open(self) -> None:
+        self._opened_at = self._clock()
+        self._set("open")
 
     def release(self, permit: Permit) -> None:
         """An attempt ended without telling anything about the cloud (cancelled, or the request

@@ -39,7 +39,7 @@ from presidio_analyzer.predefined_recognizers import (
 )
 
 from services.config import DLP_ENTITIES
-from services.kb.cleaning import DASHES
+from services.kb.cleaning import DASHES, INVISIBLE
 
 LANGUAGE: Final = "en"
 """Every recognizer is registered under one language and the text is analysed once: the patterns
@@ -151,9 +151,7 @@ def recognizers() -> list[EntityRecognizer]:
     ]
 
 
-_INVISIBLE = dict.fromkeys(
-    map(ord, "\u00ad\u034f\u180e\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064\ufeff")
-)
+_INVISIBLE = dict.fromkeys(map(ord, INVISIBLE))
 _HEX = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}){16,}(?![0-9A-Fa-f])")
 
 

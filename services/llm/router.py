@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,9 +35,8 @@ log = logging.getLogger(__name__)
 Target = Literal["cloud", "local"]
 
 
-_IDENTIFIER = re.compile(
-    r"(?<![A-Za-z0-9-])(?=[A-Za-z0-9-]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9][A-Za-z0-9-]{6,62}[A-Za-z0-9](?![A-Za-z0-9-])"
-)
+_RUN = re.compile(r"[A-Za-z0-9]+(?:-+[A-Za-z0-9]+)*")
+"""Letters and digits joined by hyphens: where codes are looked for."""
 MAX_IDENTIFIERS = 256
 """More code-like words than this in one request are not looked up: the request stays local
 (``too-many-identifiers``), so decoys cannot crowd a real code out."""
@@ -56,14 +55,33 @@ def _spelled_out(text: str) -> str:
 def identifiers(texts: Iterable[str]) -> list[str]:
     """Code-like words (8-64 letters, digits and hyphens, with both a letter and a digit: a
     project code, an account or ticket id) to look up verbatim in the knowledge base, as
-    written and in upper case, after Unicode normalisation (zero-width characters dropped), and
-    also with a code spelled out character by character closed up. Every one is returned (the
-    caller refuses more than ``MAX_IDENTIFIERS``)."""
+    written and in upper case, after Unicode normalisation (zero-width characters dropped,
+    dashes as hyphens), and also with a code spelled out character by character closed up.
+    A code joined to other words by hyphens or dashes (``the invoice—KES-9000—to``) is found
+    as every run of its hyphen-separated parts. Every one is returned (the caller refuses
+    more than ``MAX_IDENTIFIERS``)."""
     variants = (v for t in texts for n in (normalise(t),) for v in dict.fromkeys((n, _spelled_out(n))))
     found = dict.fromkeys(
-        v for t in variants for m in _IDENTIFIER.finditer(t) for v in (m.group(), m.group().upper())
+        v
+        for t in variants
+        for m in _RUN.finditer(t)
+        for code in _codes(m.group())
+        for v in (code, code.upper())
     )
     return sorted(found, key=len, reverse=True)
+
+
+def _codes(run: str) -> Iterator[str]:
+    """The code-like runs of consecutive parts of ``run`` (never across a doubled hyphen)."""
+    for piece in re.split(r"-{2,}", run):
+        parts = piece.split("-")
+        for i in range(len(parts)):
+            for j in range(i + 1, len(parts) + 1):
+                code = "-".join(parts[i:j])
+                if len(code) > 64:
+                    break
+                if len(code) >= 8 and any(c.isdigit() for c in code) and any(c.isalpha() for c in code):
+                    yield code
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ Requested = Literal["auto", "local", "cloud"]
 Compose = Callable[[TokenCounter], Prompt]
 """Builds the prompt for an endpoint's tokenizer (raises PromptTooLong)."""
 CONTINUED = "\n\n[the cloud model stopped answering; the on-prem model answers below]\n\n"
+CONTINUED_EXTRACTIVE = "\n\n[the cloud model stopped answering; passages from the knowledge base follow]\n\n"
 WARM_UP = "Reply with one word: ready."
 
 
@@ -205,8 +206,8 @@ class AnswerService:
             self.metrics.failovers.labels("breaker-open").inc()
         return permit
 
-    def _failed(self, error: LLMError, outcome: Outcome) -> None:
-        self.breaker.record_failure()
+    def _failed(self, error: LLMError, outcome: Outcome, permit: Permit) -> None:
+        self.breaker.record_failure(permit)
         outcome.failover = error.kind
         self.metrics.failovers.labels(error.kind).inc()
         log.warning("cloud failed (%s): %s; answering on-prem", error.kind, error)
@@ -383,15 +384,15 @@ class AnswerService:
                             self.metrics.failovers.labels(exc.kind).inc()
                             log.warning("cloud could not answer (%s): %s; answering on-prem", exc.kind, exc)
                         else:
-                            self._failed(exc, outcome)
+                            self._failed(exc, outcome, permit)
                         settled = True
                         if sent:  # the user holds cloud output: the rest is not the cloud's alone
                             outcome.route = "cloud+local" if self.local is not None else "cloud+extractive"
                             if any(d.kind == "content" for d in sent):  # part of an answer
-                                yield Delta("content", CONTINUED)
+                                yield Delta("content", CONTINUED if self.local else CONTINUED_EXTRACTIVE)
                         break
                     else:
-                        self.breaker.record_success()
+                        self.breaker.record_success(permit)
                         settled = True
                         for delta in held:
                             yield delta
@@ -399,7 +400,7 @@ class AnswerService:
                         return
             except Exception:
                 if not settled:  # an unexpected failure is a cloud failure
-                    self.breaker.record_failure()
+                    self.breaker.record_failure(permit)
                     settled = True
                 raise
             finally:

@@ -160,12 +160,15 @@ def test_the_verbatim_lookup_matches_whole_codes_only(kb: KnowledgeBase) -> None
 def test_the_verbatim_lookup_reads_any_dash_as_a_hyphen_and_every_matching_row(
     kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A code stored with an en dash is the code asked with a hyphen; candidates are read page
-    by page, and more of them than the lookup reads count as a match (it cannot tell)."""
-    deal = "# Deal\n\nProject KES\u20139000 closes in May.\n"
+    """A code stored with an en dash is the code asked with a hyphen; an em dash next to a code
+    is a word boundary; a soft hyphen inside one is not stored; and every LIKE candidate is
+    read, page by page, however many there are (a cut-off would answer for the rest)."""
+    deal = (
+        "# Deal\n\nProject KES\u20139000 closes in May. Codename OWL-7781\u2014approved. PRJ0-77\u00ad81.\n"
+    )
     kb.ingestor.ingest_bytes(deal.encode(), "deal.md", labels=[Classification.CONFIDENTIAL])
-    for n in range(12):  # both halves of a code, never as one word: LIKE candidates, no match
-        note = f"# N{n}\n\nAUX and 4242 appear apart, as do BEE and 5151, note {n}.\n"
+    for n in range(12):  # one character between the halves of a code: LIKE candidates, no match
+        note = f"# N{n}\n\nAUXx4242 and BEEx5151 are not codes, note {n}.\n"
         kb.ingestor.ingest_bytes(note.encode(), f"n{n}.md", labels=[Classification.INTERNAL])
     kb.ingestor.ingest_bytes(b"# Late\n\nThe token AUX-4242.\n", "late.md", labels=[Classification.INTERNAL])
     among = [Classification.INTERNAL, Classification.CONFIDENTIAL]
@@ -174,10 +177,11 @@ def test_the_verbatim_lookup_reads_any_dash_as_a_hyphen_and_every_matching_row(
         assert kb.store.labels_containing(["KES-9000"], among) == {Classification.CONFIDENTIAL}
     except LookupUnsupported:  # Milvus standalone before 2.4: covered above
         return
+    assert kb.store.labels_containing(["OWL-7781"], among) == {Classification.CONFIDENTIAL}
+    assert kb.store.labels_containing(["PRJ0-7781"], among) == {Classification.CONFIDENTIAL}
     assert kb.store.labels_containing(["AUX-4242"], among) == {Classification.INTERNAL}
-    assert kb.store.labels_containing(["BEE-5151"], among) == set()  # all 12 candidates read
-    monkeypatch.setattr(store_module, "_LOOKUP_PAGES", 2)
-    assert kb.store.labels_containing(["BEE-5151"], among) == set(among)  # 8 of 12 read: fail closed
+    assert kb.store.labels_containing(["BEE-5151"], among) == set()  # all 12 candidates read: none
+    assert kb.store.labels_containing(["KES--9000", "KES-900", "ES-9000"], among) == set()
 
 
 def test_the_filter_lists_only_keys_the_reader_matches() -> None:

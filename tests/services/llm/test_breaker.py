@@ -27,8 +27,9 @@ def test_opens_after_consecutive_failures_and_recovers() -> None:
     assert not breaker.allow()
     clock.now = 5.0
     assert breaker.state == "half_open"
-    assert breaker.allow() and not breaker.allow()  # one trial at a time
-    breaker.record_success()
+    trial = breaker.allow()
+    assert trial and not breaker.allow()  # one trial at a time
+    breaker.record_success(trial)
     assert breaker.state == "closed" and breaker.allow()
     assert changes == ["open", "half_open", "closed"]
 
@@ -38,8 +39,9 @@ def test_failed_trial_reopens() -> None:
     breaker = CircuitBreaker(1, 2.0, clock=clock)
     breaker.record_failure()
     clock.now = 2.0
-    assert breaker.allow()
-    breaker.record_failure()
+    trial = breaker.allow()
+    assert trial
+    breaker.record_failure(trial)
     assert breaker.state == "open"
     clock.now = 3.9
     assert not breaker.allow()
@@ -77,18 +79,27 @@ def test_only_the_trial_frees_the_trial_slot() -> None:
     assert breaker.allow() is None  # still one trial at a time
 
 
-def test_a_stale_trial_never_frees_a_later_trials_slot() -> None:
+def test_while_half_open_only_the_trial_decides() -> None:
+    """Requests let through before the breaker opened may end during the trial: their outcome
+    neither reopens nor closes it, so there is never a second trial at once."""
     clock = Clock()
     breaker = CircuitBreaker(1, 1.0, clock=clock)
-    breaker.record_failure()
+    earlier = breaker.allow()
+    assert earlier is not None
+    breaker.record_failure()  # another request failed: open
     clock.now = 1.0
-    first = breaker.allow()
-    assert first is not None and first.trial
-    breaker.record_failure()  # another request saw the cloud fail: open again, the first still runs
+    trial = breaker.allow()
+    assert trial is not None and trial.trial
+    breaker.record_failure(earlier)  # the earlier request fails late
+    assert breaker.state == "half_open" and breaker.allow() is None  # the trial is still the only one
+    breaker.record_success(earlier)  # ... or succeeds late: no closing on its word
+    assert breaker.state == "half_open"
+    breaker.record_failure(trial)
+    assert breaker.state == "open"
     clock.now = 2.0
     second = breaker.allow()
-    assert second is not None and second.trial and second != first
-    breaker.release(first)  # the first trial ends without an answer, long after its slot was reused
-    assert breaker.allow() is None  # the second trial still holds the only slot
-    breaker.release(second)
-    assert breaker.allow() is not None
+    assert second is not None and second.trial != trial.trial
+    breaker.release(trial)  # a stale permit ends long after its slot was reused: no effect
+    assert breaker.allow() is None
+    breaker.record_success(second)
+    assert breaker.state == "closed"

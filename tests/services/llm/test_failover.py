@@ -19,7 +19,7 @@ from services.kb.models import Answer
 from services.llm.metrics import LLMMetrics
 from services.llm.prompt import Message, Prompt
 from services.llm.router import RouteDecision
-from services.llm.service import CONTINUED, AnswerService, Outcome
+from services.llm.service import CONTINUED, CONTINUED_EXTRACTIVE, AnswerService, Outcome
 
 
 def flaky_models() -> FastAPI:
@@ -100,6 +100,13 @@ def test_a_cut_cloud_answer_is_marked_and_continued_on_prem(url: str) -> None:
     assert deltas[:2] == [("content", "Thirty"), ("content", CONTINUED)]
     assert ("content", "Thirty days [1].") in deltas
     assert outcome.route == "cloud+local" and not outcome.cloud_eligible(CLOUD)
+    deltas, outcome = _stream(_service(url, "says-then-drops", False))  # no on-prem model
+    assert deltas == [
+        ("content", "Thirty"),
+        ("content", CONTINUED_EXTRACTIVE),
+        ("content", "From the passages."),
+    ]
+    assert outcome.route == "cloud+extractive"
 
 
 def test_a_whole_cloud_answer_is_cloud_eligible(url: str) -> None:
