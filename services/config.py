@@ -123,26 +123,58 @@ class EmbeddingSettings(_Section):
         None, description="Prefix for queries; None picks the model family's default (BGE)."
     )
     batch_size: int = Field(32, ge=1, le=1024)
-    max_seq_length: int | None = Field(None, ge=16, le=8192)
+    max_seq_length: int | None = Field(
+        None, ge=128, le=8192, description="Tokens the model reads of a passage; None: the model's own."
+    )
     device: str = "cpu"
 
 
 class ChunkingSettings(_Section):
-    """Sentence-aware chunking bounds, in words."""
+    """Sentence-aware chunking bounds, in the embedding model's own tokens (the embedded
+    title/section head included), so no chunk text is past what the model reads."""
 
-    min_words: int = Field(200, ge=1, le=5000)
-    max_words: int = Field(500, ge=2, le=10000)
-    overlap_words: int = Field(40, ge=0, le=5000)
+    max_tokens: int | None = Field(
+        None,
+        ge=128,
+        le=8192,
+        description="Tokens a chunk is embedded with, head included; None: all the model reads "
+        "(its max_seq_length less special tokens). Never more than that.",
+    )
+    min_tokens: int = Field(
+        96, ge=1, le=8192, description="A section change closes a chunk once it holds this many tokens."
+    )
+    overlap_tokens: int = Field(
+        32,
+        ge=0,
+        le=4096,
+        description="Trailing sentences (at most this many tokens) repeated in the next chunk.",
+    )
     max_chars: int = Field(
         12000, ge=100, le=16000, description="Hard cap: 16000 chars x 4 bytes fits the 65535-byte VARCHAR."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _word_keys(cls, data: Any) -> Any:
+        """Chunk bounds were once counted in words: name the key that replaced each."""
+        if isinstance(data, dict):
+            for old in ("min_words", "max_words", "overlap_words"):
+                if old in data:
+                    new = old.replace("words", "tokens")
+                    raise ValueError(
+                        f"chunking.{old} = {data[old]!r}: chunks are sized in the embedding model's "
+                        f"tokens; set chunking.{new} instead"
+                    )
+        return data
+
     @model_validator(mode="after")
     def _bounds(self) -> ChunkingSettings:
-        if self.min_words > self.max_words:
-            raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
-        if self.overlap_words >= self.min_words:
-            raise ValueError(f"overlap_words ({self.overlap_words}) must be < min_words ({self.min_words})")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        if self.overlap_tokens >= self.min_tokens:
+            raise ValueError(
+                f"overlap_tokens ({self.overlap_tokens}) must be < min_tokens ({self.min_tokens})"
+            )
         return self
 
 

@@ -20,7 +20,9 @@ import numpy as np
 
 from services.config import PACKAGED_MODEL, EmbeddingSettings
 from services.kb.errors import KBError
+from services.kb.tokens import TokenWindow
 
+MIN_WINDOW = 120
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 
 _REQUEST_VECTORS: ContextVar[dict[str, np.ndarray] | None] = ContextVar("query_vectors", default=None)
@@ -88,6 +90,13 @@ class Embedder:
         if settings.max_seq_length:
             self._model.max_seq_length = settings.max_seq_length
         self.dimension = int(self._model.get_embedding_dimension())
+        self.window = TokenWindow.of(self._model.tokenizer, int(self._model.max_seq_length))
+        """What the model reads of a passage: the chunker sizes chunks to it."""
+        if self.window.window < MIN_WINDOW:
+            raise EmbedderError(
+                f"embedding.model = {settings.model!r} reads {self.window.window} tokens of a passage; "
+                f"at least {MIN_WINDOW} are needed (a title head and a sentence)"
+            )
         self._lock = threading.Lock()  # torch inference is not re-entrant across threads
 
     def embed_passages(self, texts: Sequence[str]) -> np.ndarray:

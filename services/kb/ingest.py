@@ -35,6 +35,7 @@ from services.kb.models import Chunk, ChunkDraft
 from services.kb.schema import MAX_DOC_ID, MAX_SOURCE
 from services.kb.sidecar import read_sidecar
 from services.kb.store import DocumentRecord, KnowledgeStore
+from services.kb.tokens import embedding_head, embedding_input
 
 log = logging.getLogger(__name__)
 
@@ -307,8 +308,11 @@ class Ingestor:
             )
         except AclError as exc:
             return _rejected(source, str(exc), doc_id)
+        doc_title = title or doc.title or PurePosixPath(source).stem
         started = time.perf_counter()
-        drafts = chunk_blocks(doc.blocks, self.settings.chunking)
+        drafts = chunk_blocks(
+            doc.blocks, self.settings.chunking, self.embedder.window, lambda s: embedding_head(doc_title, s)
+        )
         timings["chunk"] = time.perf_counter() - started
         cap = self.settings.ingest.max_chunks_per_document
         if len(drafts) > cap:
@@ -325,7 +329,6 @@ class Ingestor:
             return _rejected(source, "metadata must be JSON-serialisable", doc_id)
         except UnicodeEncodeError:
             return _rejected(source, "the title or metadata is not valid Unicode (a lone surrogate)", doc_id)
-        doc_title = title or doc.title or PurePosixPath(source).stem
         content_hash = hashlib.sha256(data).hexdigest()
         version = self._version(content_hash, label, acl, doc_title, meta)
         chunks = [
@@ -419,6 +422,7 @@ class Ingestor:
                 meta,
                 self.settings.chunking.model_dump(),
                 self.embedder.model_id,
+                self.embedder.window.window,
             ],
             sort_keys=True,
             default=str,
@@ -460,10 +464,9 @@ class Ingestor:
 def embedding_text(chunk: Chunk) -> str:
     """What the model sees: the title and section give short chunks their context.
     Shared with the sync consumer, which re-embeds received chunks the same way."""
-    title = str(chunk.metadata.get("title") or "")
-    section = chunk.metadata.get("section")
-    head = f"{title} - {section}" if section and section != title else title
-    return f"{head}. {chunk.text}"
+    return embedding_input(
+        embedding_head(str(chunk.metadata.get("title") or ""), chunk.metadata.get("section")), chunk.text
+    )
 
 
 def _rejected(name: str, reason: str, doc_id: str | None = None) -> IngestResult:

@@ -207,3 +207,30 @@ def test_a_failing_change_listener_never_fails_the_local_write(kb, caplog) -> No
     assert kb.ingestor.delete(result.doc_id) is True
     assert kb.store.get_document(result.doc_id) is None
     assert caplog.text.count("publish it later with `dualtrack sync publish-existing`") == 2
+
+
+def test_no_stored_chunk_is_past_the_embedders_window(kb: KnowledgeBase) -> None:
+    """Every chunk of every sample document, and of documents built to strain the chunker, is
+    embedded whole: its text with its title/section head fits what the model reads."""
+    from services.kb.ingest import embedding_text
+    from tests.support import ingest_samples
+
+    assert ingest_samples(kb) >= 7
+    long_title = "Master Services Agreement between the Bank and its Processor, " * 4
+    strained = {
+        "one-sentence.md": ("# Clause\n\n" + " and ".join(f"party {i} agrees" for i in range(1500)) + ".\n"),
+        "long-title.md": f"---\ntitle: {long_title}\n---\n# {long_title}\n\n"
+        + "A short rule applies. " * 300,
+        "many-sections.md": "".join(
+            f"## Section {i}\n\n" + "Text of the section. " * 30 + "\n\n" for i in range(20)
+        ),
+        "codes.txt": " ".join(f"ACCT-{i:06d}-ZX" for i in range(3000)),
+    }
+    for name, text in strained.items():
+        assert kb.ingestor.ingest_bytes(text.encode(), name).status == "ingested", name
+    window = kb.embedder.window
+    docs = list(kb.store.iter_documents())
+    chunks = [c for d in docs for c in kb.store.chunks_of(d.doc_id, d.version)]
+    assert len(docs) >= 11 and len(chunks) > 60
+    counts = window.count([embedding_text(c) for c in chunks])
+    assert max(counts) <= window.window, max(zip(counts, (c.doc_id for c in chunks), strict=True))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
+import re
 
 import pytest
 
@@ -11,6 +11,7 @@ from services.config import ChunkingSettings
 from services.kb.chunker import chunk_blocks, split_sentences
 from services.kb.cleaning import clean_text, strip_repeated_lines
 from services.kb.models import Block
+from services.kb.tokens import TokenWindow, embedding_head, embedding_input
 
 
 def test_clean_text_joins_hyphenation_and_unwraps_lines() -> None:
@@ -53,83 +54,130 @@ def _sentences(n: int, words: int = 12) -> str:
     )
 
 
-CFG = ChunkingSettings(min_words=200, max_words=500, overlap_words=40)
+CFG = ChunkingSettings(min_tokens=96, overlap_tokens=32)
 
 
-def test_chunks_respect_bounds_and_never_cut_sentences() -> None:
+@pytest.fixture(scope="module")
+def window(embedder) -> TokenWindow:
+    """The packaged model's real tokenizer and window (254 tokens of text)."""
+    return embedder.window
+
+
+def _tokens(window: TokenWindow, chunks, head=lambda s: "") -> list[int]:
+    return window.count([embedding_input(head(c.section), c.text) for c in chunks])
+
+
+def test_chunks_fit_the_window_and_never_cut_sentences(window: TokenWindow) -> None:
     text = _sentences(300)
-    chunks = chunk_blocks([Block(text)], CFG)
-    assert len(chunks) > 3
+    chunks = chunk_blocks([Block(text)], CFG, window)
+    assert len(chunks) > 10
+    assert max(_tokens(window, chunks)) <= window.window
     sentences = set(split_sentences(text))
     for c in chunks:
-        words = len(c.text.split())
-        assert words <= CFG.max_words
         for s in split_sentences(c.text):
             assert s in sentences, f"cut sentence: {s[:40]}"
-    for c in chunks[:-1]:
-        assert len(c.text.split()) >= CFG.min_words
+    # full: the next sentence would not have fitted
+    sentence_tokens = window.count([_sentences(1)])[0]
+    assert all(n > window.window - sentence_tokens - 1 for n in _tokens(window, chunks)[:-1])
 
 
-def test_overlap_repeats_trailing_sentences() -> None:
-    chunks = chunk_blocks([Block(_sentences(200))], CFG)
+def test_the_head_counts_against_the_window(window: TokenWindow) -> None:
+    title = "A rather long title for the travel and expense policy of the company"
+    head = lambda s: embedding_head(title, s)  # noqa: E731
+    blocks = [Block(_sentences(120), section="Reimbursement of international travel")]
+    with_head = chunk_blocks(blocks, CFG, window, head)
+    bare = chunk_blocks(blocks, CFG, window)
+    assert len(with_head) > len(bare)
+    assert max(_tokens(window, with_head, head)) <= window.window
+    assert max(_tokens(window, bare, head)) > window.window  # sized without it, the head overflows
+
+
+def test_max_tokens_lowers_the_window_but_never_raises_it(window: TokenWindow) -> None:
+    small = chunk_blocks([Block(_sentences(100))], ChunkingSettings(max_tokens=128, min_tokens=64), window)
+    assert max(_tokens(window, small)) <= 128
+    big = chunk_blocks([Block(_sentences(100))], ChunkingSettings(max_tokens=4096), window)
+    assert max(_tokens(window, big)) <= window.window
+
+
+def test_overlap_repeats_trailing_sentences(window: TokenWindow) -> None:
+    text = _sentences(200, words=5)
+    assert window.count([split_sentences(text)[7]])[0] < CFG.overlap_tokens  # short enough to repeat
+    chunks = chunk_blocks([Block(text)], CFG, window)
+    assert len(chunks) > 3
     for a, b in itertools.pairwise(chunks):
-        last = split_sentences(a.text)[-1]
-        assert b.text.startswith(last) or last in b.text[: 40 * 12]
         first_b = split_sentences(b.text)[0]
         assert first_b in a.text  # the first sentence of b is carried over from a
+        assert window.count([first_b])[0] <= CFG.overlap_tokens
 
 
-def test_overlong_sentence_is_split_by_words() -> None:
+def test_overlong_sentence_is_split_between_words(window: TokenWindow) -> None:
     sentence = " ".join(f"w{i}" for i in range(1200)) + "."
-    chunks = chunk_blocks([Block(sentence)], CFG)
-    assert [len(c.text.split()) for c in chunks] == [500, 500, 200]
+    chunks = chunk_blocks([Block(sentence)], CFG, window)
+    assert len(chunks) > 4 and max(_tokens(window, chunks)) <= window.window
+    assert " ".join(c.text for c in chunks) == sentence  # every word, in order, none cut
 
 
-def test_chunking_is_deterministic_and_tracks_pages_and_sections() -> None:
+def test_chunking_is_deterministic_and_tracks_pages_and_sections(window: TokenWindow) -> None:
     blocks = [
         Block(_sentences(30), page=1, section="Intro"),
         Block(_sentences(30), page=2, section="Intro"),
         Block(_sentences(30), page=3, section="Costs"),
     ]
-    a = chunk_blocks(blocks, CFG)
-    b = chunk_blocks(blocks, CFG)
+    a = chunk_blocks(blocks, CFG, window)
+    b = chunk_blocks(blocks, CFG, window)
     assert a == b
     assert a[0].page == 1 and a[0].section == "Intro"
     assert a[-1].page_end == 3
-    # a section change closes a chunk once it has min_words
-    assert any(c.section == "Costs" and c.page == 3 for c in a)
+    # a section change closes a chunk once it has min_tokens
+    assert any(c.section == "Costs" and c.page == 3 and c.text.startswith("Sentence 0 ") for c in a)
 
 
-def test_ten_megabyte_single_line_is_chunked_within_limits() -> None:
+def test_ten_megabyte_single_line_is_chunked_within_limits(window: TokenWindow) -> None:
     line = ("lorem ipsum dolor sit amet consectetur " * 300_000)[: 10 * 1024 * 1024]
     assert "\n" not in line
-    chunks = chunk_blocks([Block(line)], CFG)
+    chunks = chunk_blocks([Block(line)], CFG, window)
     assert sum(len(c.text.split()) for c in chunks) >= len(line.split())
-    assert all(len(c.text.split()) <= CFG.max_words and len(c.text) <= CFG.max_chars for c in chunks)
+    assert all(len(c.text) <= CFG.max_chars for c in chunks)
+    assert max(_tokens(window, chunks)) <= window.window
 
 
-def test_giant_word_is_cut_by_characters() -> None:
-    chunks = chunk_blocks([Block("x" * 50_000)], CFG)
+def test_one_twenty_thousand_character_sentence(window: TokenWindow) -> None:
+    sentence = ("Clause " + " and ".join(f"party{i} agrees" for i in range(1500)))[:20_000]
+    chunks = chunk_blocks([Block(sentence)], CFG, window)
+    assert max(_tokens(window, chunks)) <= window.window
+    assert " ".join(c.text for c in chunks) == sentence
+
+
+def test_giant_word_is_cut_by_characters(window: TokenWindow) -> None:
+    chunks = chunk_blocks([Block("x" * 50_000)], CFG, window)
     assert all(len(c.text) <= CFG.max_chars for c in chunks)
     assert "".join(c.text for c in chunks) == "x" * 50_000
+    digits = "".join(str(i % 10) for i in range(5_000))  # many tokens, no space to cut at
+    chunks = chunk_blocks([Block(digits)], CFG, window)
+    assert "".join(c.text for c in chunks) == digits and max(_tokens(window, chunks)) <= window.window
+
+
+def test_hostile_text_is_chunked_within_the_window(window: TokenWindow) -> None:
+    text = "\u202eevil\u202c " * 300 + "\x07\x1b[31m " * 200 + "\u0645\u0631\u062d\u0628\u0627 " * 400
+    chunks = chunk_blocks([Block(text)], CFG, window)
+    assert chunks and max(_tokens(window, chunks)) <= window.window
 
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
-        ({"min_words": 600, "max_words": 500}, "min_words (600) must be <= max_words (500)"),
-        ({"min_words": 100, "overlap_words": 100}, "overlap_words (100) must be < min_words (100)"),
+        ({"min_tokens": 300, "max_tokens": 200}, "min_tokens (300) must be <= max_tokens (200)"),
+        ({"min_tokens": 100, "overlap_tokens": 100}, "overlap_tokens (100) must be < min_tokens (100)"),
+        (
+            {"max_words": 500},
+            "chunking.max_words = 500: chunks are sized in the embedding model's tokens; "
+            "set chunking.max_tokens",
+        ),
+        ({"max_tokens": 64}, "max_tokens"),
     ],
 )
 def test_chunking_settings_are_validated(kwargs: dict, needle: str) -> None:
     from services.config import ConfigError, load_settings
 
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         load_settings(chunking=kwargs)
-
-
-def test_same_content_same_chunk_texts_hash() -> None:
-    text = _sentences(120)
-    h1 = hashlib.sha256("".join(c.text for c in chunk_blocks([Block(text)], CFG)).encode()).hexdigest()
-    h2 = hashlib.sha256("".join(c.text for c in chunk_blocks([Block(text)], CFG)).encode()).hexdigest()
-    assert h1 == h2
