@@ -309,6 +309,13 @@ class Ingestor:
         except AclError as exc:
             return _rejected(source, str(exc), doc_id)
         doc_title = title or doc.title or PurePosixPath(source).stem
+        meta = {**doc.metadata, **dict(metadata or {})}
+        try:  # before chunking: the tokenizer, too, refuses a lone surrogate
+            json.dumps([meta, title, doc.title, doc_title], ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a ValueError too: caught first
+            return _rejected(source, "the title or metadata is not valid Unicode (a lone surrogate)", doc_id)
+        except (TypeError, ValueError):
+            return _rejected(source, "metadata must be JSON-serialisable", doc_id)
         started = time.perf_counter()
         drafts = chunk_blocks(
             doc.blocks, self.settings.chunking, self.embedder.window, lambda s: embedding_head(doc_title, s)
@@ -322,13 +329,6 @@ class Ingestor:
                 "(ingest.max_chunks_per_document); split it or raise the limit",
                 doc_id,
             )
-        meta = {**doc.metadata, **dict(metadata or {})}
-        try:
-            json.dumps([meta, title, doc.title], ensure_ascii=False).encode()
-        except (TypeError, ValueError):
-            return _rejected(source, "metadata must be JSON-serialisable", doc_id)
-        except UnicodeEncodeError:
-            return _rejected(source, "the title or metadata is not valid Unicode (a lone surrogate)", doc_id)
         content_hash = hashlib.sha256(data).hexdigest()
         version = self._version(content_hash, label, acl, doc_title, meta)
         chunks = [

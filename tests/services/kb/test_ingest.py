@@ -234,3 +234,11 @@ def test_no_stored_chunk_is_past_the_embedders_window(kb: KnowledgeBase) -> None
     assert len(docs) >= 11 and len(chunks) > 60
     counts = window.count([embedding_text(c) for c in chunks])
     assert max(counts) <= window.window, max(zip(counts, (c.doc_id for c in chunks), strict=True))
+
+
+def test_a_title_that_is_not_unicode_is_rejected_and_nothing_stored(kb: KnowledgeBase) -> None:
+    """A lone surrogate (JSON can carry one as an escape) is refused with a reason, before the
+    tokenizer that sizes chunks would fail on it."""
+    result = kb.ingestor.ingest_bytes(b"# Notes\n\nSome text.\n", "notes.md", title="bad \ud800 title")
+    assert result.status == "rejected" and "not valid Unicode" in (result.reason or "")
+    assert kb.store.get_document("notes.md") is None
