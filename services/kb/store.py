@@ -362,21 +362,24 @@ class KnowledgeStore:
                 self._acl_keys_read, self._acl_refreshing = time.monotonic(), False
 
     def _read_acl_keys(self) -> frozenset[str]:
-        keys: set[str] = set()
+        pages = self._pages(self.registry, "", [schema.ACL_KEY], 4096)
+        return frozenset(r[schema.ACL_KEY] for page in pages for r in page)
+
+    def _pages(self, name: str, expr: str, fields: list[str], batch: int) -> Iterator[list[dict[str, Any]]]:
+        """Every row of ``name`` that ``expr`` matches, ``batch`` at a time (no offset limit)."""
         iterator = self._call(
             "query_iterator",
             self.client.query_iterator,
-            self.registry,
-            batch_size=4096,
-            filter="",
-            output_fields=[schema.ACL_KEY],
+            name,
+            batch_size=batch,
+            filter=expr,
+            output_fields=fields,
         )
         try:
             while page := self._call("query_iterator", lambda **_: iterator.next()):
-                keys.update(r[schema.ACL_KEY] for r in page)
+                yield page
         finally:
             iterator.close()
-        return frozenset(keys)
 
     def _scope(self, reader: Reader) -> str:
         return reader.expression(self.acl_keys() if reader.tokens is not None else ())
@@ -613,19 +616,7 @@ class KnowledgeStore:
     def _like(self, expr: str) -> Iterator[list[dict[str, Any]]]:
         """Every row ``expr`` matches, a page at a time."""
         try:
-            iterator = self._call(
-                "query_iterator",
-                self.client.query_iterator,
-                self.collection,
-                batch_size=_LOOKUP_PAGE,
-                filter=expr,
-                output_fields=[schema.CLASSIFICATION, schema.TEXT],
-            )
-            try:
-                while page := self._call("query_iterator", lambda **_: iterator.next()):
-                    yield page
-            finally:
-                iterator.close()
+            yield from self._pages(self.collection, expr, [schema.CLASSIFICATION, schema.TEXT], _LOOKUP_PAGE)
         except StoreUnavailable as exc:
             if "unsupported pattern" not in str(exc):
                 raise

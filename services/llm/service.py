@@ -387,9 +387,10 @@ class AnswerService:
                             self._failed(exc, outcome, permit)
                         settled = True
                         if sent:  # the user holds cloud output: the rest is not the cloud's alone
-                            outcome.route = "cloud+local" if self.local is not None else "cloud+extractive"
+                            on_prem = self.local is not None
+                            outcome.route = "cloud+local" if on_prem else "cloud+extractive"
                             if any(d.kind == "content" for d in sent):  # part of an answer
-                                yield Delta("content", CONTINUED if self.local else CONTINUED_EXTRACTIVE)
+                                yield Delta("content", CONTINUED if on_prem else CONTINUED_EXTRACTIVE)
                         break
                     else:
                         self.breaker.record_success(permit)
