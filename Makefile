@@ -11,7 +11,7 @@ POLICY_VENV := infra/policy/venv
 LLAMA_VENV := .venv-llama
 OIDC_VENV := .venv-oidc
 MILVUS_SERVER_VENV := .venv-milvus-server
-STANDALONE_TESTS := tests/services/kb/test_access.py tests/services/kb/test_migrate.py tests/services/gateway/test_permissions.py
+STANDALONE_TESTS := tests/services/kb/test_access.py tests/services/kb/test_migrate.py tests/services/kb/test_hybrid.py tests/services/gateway/test_permissions.py
 LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python\[server\]==//p' requirements-llama.txt)
 # llama-cpp-python is sdist-only: its wheel takes minutes to build, so it is built once, portable
 # (no -march=native: hosts of the wheelhouse have other CPUs), and cached outside the checkout.

@@ -6,7 +6,7 @@
 # standalone build) into its own venv and runs it, and the command, inside a private network
 # namespace, because it binds every interface: nothing outside the namespace can reach it.
 # The command sees DUALTRACK_TEST_MILVUS_URI (the tests' fixtures then use the server, one
-# collection per test). Needs root (unshare) and iproute2. `make test-standalone` (part of
+# collection per test) and DUALTRACK_TEST_MILVUS_FULL_TEXT=false (2.3 has no BM25). Needs root (unshare) and iproute2. `make test-standalone` (part of
 # `make test`) runs the access, migration and permission tests this way; by hand:
 #
 #   benchmarks/with-standalone.sh .venv/bin/pytest tests/services/kb/test_access.py
@@ -42,5 +42,6 @@ exec unshare --net bash -c '
         (echo >/dev/tcp/127.0.0.1/19530) 2>/dev/null && break
         sleep 1
     done
-    DUALTRACK_TEST_MILVUS_URI=http://127.0.0.1:19530 "$@"
+    # 2.3 has no BM25 (2.5 added it): the fixtures keep their collections dense-only there
+    DUALTRACK_TEST_MILVUS_URI=http://127.0.0.1:19530 DUALTRACK_TEST_MILVUS_FULL_TEXT=false "$@"
 ' standalone "$@"

@@ -89,6 +89,12 @@ class MilvusSettings(_Section):
         description="How often the list of distinct access lists is re-read from the registry, "
         "for documents another process wrote (this process's own writes show at once).",
     )
+    full_text: bool = Field(
+        True,
+        description="Keep a BM25 full-text index of chunk text beside the vectors (Milvus' own BM25 "
+        "function; Milvus Lite, or Milvus 2.5 or later) and search both, fused. False: dense "
+        "search only, for an engine without BM25.",
+    )
     index: IndexSettings = IndexSettings()
     search: SearchSettings = SearchSettings()
 
@@ -276,6 +282,15 @@ class RetrievalSettings(_Section):
     top_k: int = Field(5, ge=1, le=100)
     score_threshold: float | None = Field(None, ge=-1.0, le=1.0)
     answer_sentences: int = Field(3, ge=1, le=20)
+    fusion: Literal["rrf", "weighted"] = Field(
+        "rrf",
+        description="How the dense and the BM25 result lists are merged (milvus.full_text): "
+        "reciprocal rank fusion, or a weighted sum of normalised scores (keyword_weight).",
+    )
+    rrf_k: int = Field(60, ge=1, le=16384, description="RRF's k: larger flattens the rank weights.")
+    keyword_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="fusion = 'weighted': the BM25 list's weight (dense: 1 - it)."
+    )
 
 
 ASYMMETRIC_ALGORITHMS = (

@@ -22,6 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TEST_MILVUS_URI = os.environ.get("DUALTRACK_TEST_MILVUS_URI")
+TEST_MILVUS_FULL_TEXT = os.environ.get("DUALTRACK_TEST_MILVUS_FULL_TEXT", "true") == "true"
+"""False where that server has no BM25 (Milvus before 2.5): the tests then run dense-only."""
 
 # keep tests independent of a developer's dualtrack.toml / environment
 for _key in [k for k in os.environ if k.startswith("DUALTRACK_")]:
@@ -52,7 +54,11 @@ def make_settings(tmp_path: Path) -> Any:
     # how benchmarks/with-standalone.sh runs them against Milvus standalone
     place = {"uri": str(tmp_path / "kb.db")}
     if TEST_MILVUS_URI:
-        place = {"uri": TEST_MILVUS_URI, "collection": f"t_{uuid.uuid4().hex[:12]}"}
+        place = {
+            "uri": TEST_MILVUS_URI,
+            "collection": f"t_{uuid.uuid4().hex[:12]}",
+            "full_text": TEST_MILVUS_FULL_TEXT,
+        }
 
     def make(**overrides: Any) -> Settings:
         milvus = {**place, **overrides.pop("milvus", {})}

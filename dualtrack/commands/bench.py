@@ -48,6 +48,32 @@ def bench_kb(
         raise fail(str(exc)) from None
 
 
+@bench_app.command("retrieval")
+def bench_retrieval(
+    sets: Annotated[
+        str, typer.Option(help="Comma-separated question sets: public, samples")
+    ] = "public,samples",
+    rounds: Annotated[int, typer.Option(min=1, help="Passes over the questions for the latency figures")] = 5,
+    out: Annotated[Path | None, typer.Option(help="Write results as JSON here")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Scratch directory (default: a temp dir)")] = None,
+) -> None:
+    """hit@1, hit@3, MRR@10 and answer-in-context of dense, BM25 and hybrid search over chunks
+    sized to the embedder and over the earlier long chunks, and hybrid's latency cost, on Milvus
+    Lite."""
+    from dualtrack.bench_retrieval import run_retrieval_bench
+
+    try:
+        run_retrieval_bench(
+            console,
+            sets=[s.strip() for s in sets.split(",") if s.strip()],
+            out=out,
+            workdir=workdir,
+            rounds=rounds,
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
 @bench_app.command("plan")
 def bench_plan(
     repeat: Annotated[int, typer.Option(min=1, help="Runs per stack (median reported)")] = 5,

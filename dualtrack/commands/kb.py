@@ -217,9 +217,10 @@ def _access(doc: dict[str, Any]) -> str:
 
 @kb_app.command("migrate")
 def kb_migrate() -> None:
-    """Bring collections created before access lists to the current schema (run on the host,
-    with the gateway and sync consumer stopped). Every row is kept; the originals stay as
-    ``<name>__pre_acl`` until you drop them."""
+    """Bring collections created by an earlier version (before access lists, or before the BM25
+    full-text index) to the current schema (run on the host, with the gateway and sync consumer
+    stopped). Every row is kept; the originals stay as ``<name>__premigration`` until you drop
+    them."""
     from services.kb.migrate import MigrationError, migrate
 
     settings = settings_or_fail()

@@ -457,6 +457,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
             chunk_id=c.id,
             chunk_no=c.chunk_no,
             score=round(h.score, 4),
+            fused_score=None if h.fused is None else round(h.fused, 6),
             text=c.text,
             source=c.source,
             title=c.metadata.get("title"),

@@ -34,7 +34,12 @@ class SearchHit(BaseModel):
     doc_id: str
     chunk_id: str
     chunk_no: int
-    score: float
+    score: float = Field(description="Cosine similarity of the chunk to the query.")
+    fused_score: float | None = Field(
+        None,
+        description="Hybrid search: the fused dense + BM25 score the hits are ordered by "
+        "(absent for a dense-only search).",
+    )
     text: str
     source: str
     title: str | None

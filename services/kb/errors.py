@@ -26,3 +26,8 @@ class LookupUnsupported(KBError):
 
 class SchemaMismatch(KBError):
     """The existing collection does not fit the configured model or index."""
+
+
+class EngineUnsupported(KBError):
+    """This Milvus lacks a capability the configuration asks for (BM25 full-text search); the
+    message names the engine, its version and the setting that serves without it."""

@@ -1,13 +1,14 @@
-"""Bring a knowledge base created before documents carried access lists up to the schema.
+"""Bring a knowledge base created by an earlier version up to the current schema.
 
 Milvus cannot add a field to an existing collection (not in Lite, nor in standalone before
-2.6), so each collection that lacks one of the access fields (``acl``, ``acl_key``) is *copied*:
-every row is written into ``<name>__migrating`` with its access list (the one it has, or for a
-row stored before access lists the one the site's rules give it: ``access.path_rules`` on the
-row's source, else ``access.default_groups``, exactly what an ingest of it would get), the
-copy's row count is checked against the original's, and only then is the original renamed to
-``<name>__pre_acl`` (kept, so nothing is lost; drop it once satisfied) and the copy renamed
-into its place.
+2.6), so each collection that lacks a field of the current schema -- the access fields (``acl``,
+``acl_key``), and for the chunk collection the BM25 sparse vector (``milvus.full_text``) -- is
+*copied*: every row is written into ``<name>__migrating`` with its access list (the one it has,
+or for a row stored before access lists the one the site's rules give it: ``access.path_rules``
+on the row's source, else ``access.default_groups``, exactly what an ingest of it would get) and
+Milvus computes each chunk's BM25 terms as it is written; the copy's row count is checked
+against the original's, and only then is the original renamed to ``<name>__premigration`` (kept,
+so nothing is lost; drop it once satisfied) and the copy renamed into its place.
 
 Safe to interrupt and rerun: before the swap the original is untouched (a rerun starts the
 copy over); between the two renames the rerun finishes the swap. Stop the gateway and sync
@@ -32,7 +33,7 @@ from services.kb.rows import plain, rows
 from services.kb.store import KnowledgeStore, display_uri
 
 COPYING = "__migrating"
-KEPT = "__pre_acl"
+KEPT = "__premigration"
 BATCH = 512
 
 Progress = Callable[[str, int, int], None]
@@ -66,11 +67,15 @@ def with_access(row: dict[str, Any], access: AccessSettings) -> dict[str, Any]:
     return row
 
 
-def needs_migration(client: MilvusClient, name: str) -> bool:
+def needs_migration(client: MilvusClient, name: str, full_text: bool = False) -> bool:
+    """Whether ``name`` lacks a field the current schema has: the access fields, and for a chunk
+    collection kept with ``full_text`` the BM25 sparse vector (computed by Milvus as the rows
+    are copied)."""
     if name not in client.list_collections():
         return False
     have = {f["name"] for f in client.describe_collection(name)["fields"]}
-    return not set(schema.ACCESS_FIELDS) <= have
+    want = {*schema.ACCESS_FIELDS, *((schema.SPARSE,) if full_text else ())}
+    return not want <= have
 
 
 def migrate(settings: Settings, progress: Progress | None = None) -> list[Migrated]:
@@ -89,7 +94,7 @@ def migrate(settings: Settings, progress: Progress | None = None) -> list[Migrat
     except MilvusException as exc:
         raise MigrationError(
             f"migration stopped at Milvus {display_uri(milvus.uri)}: {exc.message}; "
-            "the original collections are intact or kept as *__pre_acl: rerun `dualtrack kb migrate`"
+            "the original collections are intact or kept as *__premigration: rerun `dualtrack kb migrate`"
         ) from None
     finally:
         with contextlib.suppress(Exception):
@@ -105,7 +110,8 @@ def _migrate_one(client: MilvusClient, settings: Settings, name: str, progress: 
             client.load_collection(name)
             return Migrated(name, _count(client, name), kept)
         return Migrated(name, 0, None)  # nothing stored yet: the gateway creates it
-    if not needs_migration(client, name):
+    chunks = name == settings.milvus.collection
+    if not needs_migration(client, name, chunks and settings.milvus.full_text):
         if copy in names:
             client.drop_collection(copy)  # a copy left over from a run that found it done
         return Migrated(name, _count(client, name), None)
@@ -115,7 +121,6 @@ def _migrate_one(client: MilvusClient, settings: Settings, name: str, progress: 
         )
     if copy in names:
         client.drop_collection(copy)  # an interrupted copy: start over from the untouched original
-    chunks = name == settings.milvus.collection
     store = KnowledgeStore(settings.milvus, _dimension(client, name) if chunks else 0)
     if chunks:
         store.create_chunk_collection(client, copy)

@@ -72,10 +72,13 @@ class Chunk:
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """A chunk returned by search, with its similarity score (higher is closer)."""
+    """A chunk returned by search. ``score`` is its cosine similarity to the query (higher is
+    closer) whichever search found it; ``fused`` is the hybrid search's fused score, which is what
+    the hits are ordered by there (None for a dense-only search)."""
 
     chunk: Chunk
     score: float
+    fused: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

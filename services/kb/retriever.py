@@ -1,17 +1,28 @@
-"""Query -> embedded query -> filtered top-k hits."""
+"""Query -> embedded query -> filtered top-k hits: dense and BM25 fused, or dense alone."""
 
 from __future__ import annotations
+
+from pymilvus import RRFRanker, WeightedRanker
 
 from services.config import RetrievalSettings
 from services.kb.access import Reader
 from services.kb.embedder import Embedder
 from services.kb.filters import SearchFilter
 from services.kb.models import Hit
-from services.kb.store import KnowledgeStore
+from services.kb.store import KnowledgeStore, Ranker
+
+
+def ranker(settings: RetrievalSettings) -> Ranker:
+    """The configured fusion of the dense and BM25 lists. RRF needs no tuning: it reads ranks
+    only, so BM25's unbounded scores and cosine similarities need no common scale."""
+    if settings.fusion == "weighted":
+        return WeightedRanker(1.0 - settings.keyword_weight, settings.keyword_weight)
+    return RRFRanker(settings.rrf_k)
 
 
 class Retriever:
-    """Top-k search with scores and an optional similarity threshold."""
+    """Top-k search with scores (cosine similarity) and an optional similarity threshold; hybrid
+    where the collection keeps its BM25 index (``milvus.full_text``), else dense."""
 
     def __init__(self, embedder: Embedder, store: KnowledgeStore, settings: RetrievalSettings) -> None:
         self.embedder = embedder
@@ -31,4 +42,9 @@ class Retriever:
             raise ValueError("query is empty")
         vector = self.embedder.embed_query(query)
         threshold = score_threshold if score_threshold is not None else self.settings.score_threshold
-        return self.store.search(vector, top_k or self.settings.top_k, flt, threshold, reader=reader)[0]
+        limit = top_k or self.settings.top_k
+        if self.store.full_text:
+            return self.store.hybrid_search(
+                vector, query, limit, ranker(self.settings), flt, threshold, reader=reader
+            )
+        return self.store.search(vector, limit, flt, threshold, reader=reader)[0]

@@ -7,12 +7,18 @@ from typing import Any
 
 from pymilvus import MilvusClient
 
+from services.kb import schema
+
 
 def rows(client: MilvusClient, name: str, batch: int = 512) -> Iterator[dict[str, Any]]:
+    """Every row of ``name`` as stored, without what Milvus derives (the BM25 sparse vector,
+    computed again from the text wherever a row is written back: Milvus refuses it as input)."""
     iterator = client.query_iterator(name, batch_size=batch, filter="", output_fields=["*"])
     try:
         while page := iterator.next():
-            yield from page
+            for row in page:
+                row.pop(schema.SPARSE, None)
+                yield row
     finally:
         iterator.close()
 

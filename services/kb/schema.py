@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from pymilvus import CollectionSchema, DataType, MilvusClient
+from pymilvus import CollectionSchema, DataType, Function, FunctionType, MilvusClient
 
 if TYPE_CHECKING:  # config imports the access model, which imports this module
     from services.config import IndexSettings, SearchSettings
@@ -41,6 +41,20 @@ PAGE: Final = "page"
 METADATA: Final = "metadata"
 ACL: Final = "acl"  # who may read: an array of access-list entries (services.kb.access)
 ACL_KEY: Final = "acl_key"  # the same entries as one canonical string: what search filters on
+SPARSE: Final = "text_sparse"  # BM25 term weights of TEXT, computed by Milvus (never written by us)
+BM25_FUNCTION: Final = "text_bm25"
+STOP_WORDS: Final = (
+    *("a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it"),
+    *("no", "not", "of", "on", "or", "such", "that", "the", "their", "then", "there", "these"),
+    *("they", "this", "to", "was", "will", "with"),
+)
+"""Lucene's English stop set: words too common to say which chunk a question is about."""
+ANALYZER: Final = {
+    "tokenizer": "standard",
+    "filter": ["lowercase", {"type": "stop", "stop_words": list(STOP_WORDS)}],
+}
+"""How TEXT is split into terms for BM25: Unicode word boundaries, lower case, no stop words.
+No stemming: Milvus Lite has no stemmer, and both engines must index alike."""
 
 CHUNK_OUTPUT_FIELDS: Final = (
     ID,
@@ -100,19 +114,36 @@ def ledger_name(collection: str) -> str:
     return f"{collection}_sync"
 
 
-def chunk_schema(dim: int) -> CollectionSchema:
+def chunk_schema(dim: int, full_text: bool = True) -> CollectionSchema:
+    """The chunk collection; with ``full_text`` TEXT is analyzed and Milvus' BM25 function keeps
+    its sparse term vector (``SPARSE``) for keyword search (Milvus 2.5 or later, Milvus Lite)."""
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field(ID, DataType.VARCHAR, is_primary=True, max_length=64)
     schema.add_field(DOC_ID, DataType.VARCHAR, max_length=MAX_DOC_ID)
     schema.add_field(VERSION, DataType.VARCHAR, max_length=64)
     schema.add_field(CHUNK_NO, DataType.INT64)
-    schema.add_field(TEXT, DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+    if full_text:
+        schema.add_field(
+            TEXT, DataType.VARCHAR, max_length=MAX_TEXT_BYTES, enable_analyzer=True, analyzer_params=ANALYZER
+        )
+    else:
+        schema.add_field(TEXT, DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
     schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=dim)
     schema.add_field(CLASSIFICATION, DataType.VARCHAR, max_length=16)
     schema.add_field(SOURCE, DataType.VARCHAR, max_length=MAX_SOURCE)
     schema.add_field(PAGE, DataType.INT64)
     schema.add_field(METADATA, DataType.JSON)
     _add_acl(schema)
+    if full_text:
+        schema.add_field(SPARSE, DataType.SPARSE_FLOAT_VECTOR)
+        schema.add_function(
+            Function(
+                name=BM25_FUNCTION,
+                function_type=FunctionType.BM25,
+                input_field_names=[TEXT],
+                output_field_names=[SPARSE],
+            )
+        )
     return schema
 
 

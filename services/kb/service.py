@@ -14,7 +14,7 @@ from services.config import Settings
 from services.kb.access import EVERYTHING, Reader
 from services.kb.answer import Answerer, ExtractiveAnswerer
 from services.kb.embedder import Embedder
-from services.kb.errors import KBError, StoreUnavailable
+from services.kb.errors import EngineUnsupported, KBError, SchemaMismatch, StoreUnavailable
 from services.kb.filters import SearchFilter
 from services.kb.ingest import ChangeListener, Ingestor
 from services.kb.models import Answer, Hit
@@ -69,6 +69,8 @@ class KnowledgeBase:
         if self._embedder is not None:
             try:
                 self.store.connect()
+            except (EngineUnsupported, SchemaMismatch) as exc:  # waiting will not fix these
+                log.error("the knowledge base cannot be served: %s", exc)
             except KBError as exc:
                 log.warning("Milvus not ready yet: %s", exc)
 

@@ -19,13 +19,13 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
-from pymilvus import CollectionSchema, MilvusClient
+from pymilvus import AnnSearchRequest, CollectionSchema, MilvusClient, RRFRanker, WeightedRanker
 from pymilvus.exceptions import MilvusException
 
 from services.config import MilvusSettings
@@ -33,7 +33,13 @@ from services.kb import schema
 from services.kb.access import Acl, Reader
 from services.kb.classification import Classification
 from services.kb.cleaning import DASHES
-from services.kb.errors import KBError, LookupUnsupported, SchemaMismatch, StoreUnavailable
+from services.kb.errors import (
+    EngineUnsupported,
+    KBError,
+    LookupUnsupported,
+    SchemaMismatch,
+    StoreUnavailable,
+)
 from services.kb.filters import SearchFilter, in_list, literal
 from services.kb.models import Chunk, Hit
 
@@ -67,6 +73,12 @@ _NO_INFIX = (
 
 _NOT_LOADED = 101
 """Milvus error code for a search/query on a released collection."""
+
+_BM25_SINCE = (2, 5)
+"""The first Milvus release with the BM25 function and sparse vectors."""
+
+Ranker = RRFRanker | WeightedRanker
+"""How a hybrid search merges its dense and BM25 lists (``services.kb.retriever.ranker``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +153,8 @@ class KnowledgeStore:
         self._acl_refreshing = False
         self._written_keys: set[str] = set()  # written since the background read began
         self._infix_like = True  # until Milvus says otherwise
+        self.full_text = settings.full_text
+        self.engine = "Milvus"  # "Milvus Lite" or "Milvus vX.Y.Z" once connected
 
     # -- connection ------------------------------------------------------------------------
 
@@ -234,6 +248,13 @@ class KnowledgeStore:
     # -- schema ------------------------------------------------------------------------------
 
     def _ensure_collections(self, client: MilvusClient) -> None:
+        self.engine = self._engine(client)
+        if self.full_text and not _has_bm25(self.engine):
+            raise EngineUnsupported(
+                f"{self.engine} at {self.where} has no BM25 full-text search (Milvus {_since()} or later, "
+                "or Milvus Lite, has it), so hybrid search cannot run; upgrade Milvus, or set "
+                "milvus.full_text = false to serve dense search only"
+            )
         names = self._call("list_collections", client.list_collections)
         if self.collection in names:
             self._validate_existing(client)
@@ -243,6 +264,16 @@ class KnowledgeStore:
             self.create_registry_collection(client, self.registry)
         for name in (self.collection, self.registry):
             self._call("load_collection", client.load_collection, name)
+
+    def _engine(self, client: MilvusClient) -> str:
+        """``Milvus Lite`` or ``Milvus v2.5.4`` (what the server reports), for capability checks
+        and messages."""
+        if self.settings.is_embedded:
+            return "Milvus Lite"
+        version = str(self._call("get_server_version", client.get_server_version)).strip()
+        if version.startswith("milvus_lite"):  # a Milvus Lite server: "milvus_lite-3.2.2"
+            return "Milvus Lite"
+        return f"Milvus {version}" if version else "Milvus (version not reported)"
 
     def create_chunk_collection(self, client: MilvusClient, name: str) -> None:
         """An empty chunk collection with the configured index (also the migration's target)."""
@@ -254,11 +285,13 @@ class KnowledgeStore:
             metric_type=idx.metric,
             params={"params": schema.index_build_params(idx)} if idx.type != "FLAT" else {},
         )
+        if self.full_text:
+            params.add_index(field_name=schema.SPARSE, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
         self._call(
             "create_collection",
             client.create_collection,
             name,
-            schema=schema.chunk_schema(self.dimension),
+            schema=schema.chunk_schema(self.dimension, self.full_text),
             index_params=params,
             consistency_level="Session",  # a client always reads its own writes (the registry flip)
         )
@@ -304,6 +337,13 @@ class KnowledgeStore:
                 f"carried access lists as they are stored now (no {', '.join(map(repr, missing))} field); "
                 "migrate it once with `dualtrack kb migrate` (it keeps every document and a copy of "
                 "the old collections)"
+            )
+        if self.full_text and schema.SPARSE not in fields:
+            raise SchemaMismatch(
+                f"collection {self.collection!r} in Milvus at {self.where} was created before chunks "
+                "carried a BM25 full-text index; migrate it once with `dualtrack kb migrate` (it keeps "
+                "every document and a copy of the old collections), or set milvus.full_text = false "
+                "to serve dense search from it as it is"
             )
         dim = int(vector.get("params", {}).get("dim", 0))
         if dim != self.dimension:
@@ -635,12 +675,10 @@ class KnowledgeStore:
         *,
         reader: Reader,
     ) -> list[list[Hit]]:
-        """Top ``limit`` hits per query vector that ``reader`` may read, active versions only,
-        best first. ``flt`` (the client's) is ANDed with the reader's scope: it only narrows."""
-        if vectors.ndim == 1:
-            vectors = vectors[None, :]
-        if vectors.shape[1] != self.dimension:
-            raise ValueError(f"query vectors are {vectors.shape[1]}-d; the store holds {self.dimension}-d")
+        """Dense search: the top ``limit`` hits per query vector that ``reader`` may read, active
+        versions only, best first, scored by cosine similarity. ``flt`` (the client's) is ANDed
+        with the reader's scope: it only narrows."""
+        vectors = self._queries(vectors)
         fetch = self.fetch_size(limit)
         results = self._call(
             "search",
@@ -648,12 +686,103 @@ class KnowledgeStore:
             self.collection,
             data=vectors.tolist(),
             limit=fetch,
-            filter=" and ".join(
-                f"({e})" for e in (flt.expression() if flt else "", self._scope(reader)) if e
-            ),
+            filter=self._filter(flt, reader),
             output_fields=list(schema.CHUNK_OUTPUT_FIELDS),
             search_params=schema.search_params(self.settings.index, self.settings.search, fetch),
         )
+        return self._kept(results, limit, lambda h: self._similarity(float(h["distance"])), score_threshold)
+
+    def keyword_search(
+        self, queries: Sequence[str], limit: int, flt: SearchFilter | None = None, *, reader: Reader
+    ) -> list[list[Hit]]:
+        """BM25 search of the chunk text (``milvus.full_text``), scored by BM25 (unbounded, higher
+        is better). A query with no indexable term (only stop words or punctuation) finds nothing."""
+        self._need_full_text()
+        fetch = self.fetch_size(limit)
+        results = self._call(
+            "search",
+            self.client.search,
+            self.collection,
+            data=list(queries),
+            anns_field=schema.SPARSE,
+            limit=fetch,
+            filter=self._filter(flt, reader),
+            output_fields=list(schema.CHUNK_OUTPUT_FIELDS),
+            search_params={"metric_type": "BM25"},
+        )
+        return self._kept(results, limit, lambda h: abs(float(h["distance"])), None)
+
+    def hybrid_search(
+        self,
+        vector: np.ndarray,
+        query: str,
+        limit: int,
+        ranker: Ranker,
+        flt: SearchFilter | None = None,
+        score_threshold: float | None = None,
+        *,
+        reader: Reader,
+    ) -> list[Hit]:
+        """Dense and BM25 search of one query, merged by ``ranker``, in one Milvus call; the
+        reader's scope and ``flt`` filter both lists. The order is the fused one; each hit's
+        score is still its cosine similarity to the query (so ``score_threshold`` means what it
+        means for dense search, and a keyword-only hit below it is dropped)."""
+        self._need_full_text()
+        vector = self._queries(vector)[0]
+        fetch = self.fetch_size(limit)
+        expr = self._filter(flt, reader)
+        dense = AnnSearchRequest(
+            data=[vector.tolist()],
+            anns_field=schema.VECTOR,
+            param=schema.search_params(self.settings.index, self.settings.search, fetch),
+            limit=fetch,
+            expr=expr,
+        )
+        keyword = AnnSearchRequest(
+            data=[query], anns_field=schema.SPARSE, param={"metric_type": "BM25"}, limit=fetch, expr=expr
+        )
+        results = self._call(
+            "hybrid_search",
+            self.client.hybrid_search,
+            self.collection,
+            [dense, keyword],
+            ranker,
+            limit=fetch,
+            output_fields=[*schema.CHUNK_OUTPUT_FIELDS, schema.VECTOR],
+        )
+
+        def cosine(h: dict[str, Any]) -> float:
+            return float(np.dot(vector, np.asarray(h["entity"][schema.VECTOR], dtype=np.float32)))
+
+        return self._kept(results, limit, cosine, score_threshold, fused=True)[0]
+
+    def _queries(self, vectors: np.ndarray) -> np.ndarray:
+        if vectors.ndim == 1:
+            vectors = vectors[None, :]
+        if vectors.shape[1] != self.dimension:
+            raise ValueError(f"query vectors are {vectors.shape[1]}-d; the store holds {self.dimension}-d")
+        return vectors
+
+    def _filter(self, flt: SearchFilter | None, reader: Reader) -> str:
+        return " and ".join(f"({e})" for e in (flt.expression() if flt else "", self._scope(reader)) if e)
+
+    def _need_full_text(self) -> None:
+        if not self.full_text:
+            raise EngineUnsupported(
+                f"keyword search needs the BM25 full-text index, and milvus.full_text is false for "
+                f"collection {self.collection!r} at {self.where}"
+            )
+
+    def _kept(
+        self,
+        results: Sequence[Sequence[dict[str, Any]]],
+        limit: int,
+        score: Callable[[dict[str, Any]], float],
+        score_threshold: float | None,
+        fused: bool = False,
+    ) -> list[list[Hit]]:
+        """Each result list without superseded versions and hits below ``score_threshold``, cut
+        to ``limit``, in Milvus' order."""
         doc_ids = {h["entity"][schema.DOC_ID] for hits in results for h in hits}
         active = self.active_versions(sorted(doc_ids))
         out: list[list[Hit]] = []
@@ -663,10 +792,10 @@ class KnowledgeStore:
                 chunk = _chunk(h)
                 if active.get(chunk.doc_id) != chunk.version:
                     continue
-                score = self._similarity(float(h["distance"]))
-                if score_threshold is not None and score < score_threshold:
+                value = score(h)
+                if score_threshold is not None and value < score_threshold:
                     continue
-                kept.append(Hit(chunk=chunk, score=score))
+                kept.append(Hit(chunk=chunk, score=value, fused=float(h["distance"]) if fused else None))
                 if len(kept) == limit:
                     break
             out.append(kept)
@@ -690,6 +819,20 @@ def display_uri(uri: str) -> str:
         return uri
     netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _has_bm25(engine: str) -> bool:
+    """Whether ``engine`` (``KnowledgeStore._engine``) has the BM25 function: Milvus Lite does,
+    a server from ``_BM25_SINCE`` on does; an unparseable version is given the benefit (creating
+    the collection then says what is missing)."""
+    if engine == "Milvus Lite":
+        return True
+    found = re.search(r"(\d+)\.(\d+)", engine)
+    return found is None or (int(found[1]), int(found[2])) >= _BM25_SINCE
+
+
+def _since() -> str:
+    return ".".join(map(str, _BM25_SINCE))
 
 
 def _message(exc: Exception) -> str:

@@ -1,6 +1,7 @@
-"""Migrating a knowledge base created before access lists, in real Milvus Lite, with the real
-`dualtrack kb migrate`: refused until migrated, every row kept, ACLs from the rules, the
-originals kept, an interrupted swap finished by a rerun."""
+"""Migrating a knowledge base created before access lists or before the BM25 index, in real
+Milvus Lite, with the real `dualtrack kb migrate`: refused until migrated, every row kept, ACLs
+from the rules, BM25 terms computed for every chunk, the originals kept, an interrupted swap
+finished by a rerun."""
 
 from __future__ import annotations
 
@@ -55,7 +56,9 @@ def _legacy_site(
     saved = {k: [plain(r) for r in rows(client, n)] for k, n in names.items()}
     kb.close()
     client = MilvusClient(settings.milvus.uri)
-    for key, builder in (("kb", lambda: schema.chunk_schema(384)), ("registry", schema.registry_schema)):
+    # every release before the BM25 index kept dense-only chunk collections
+    legacy_chunks = lambda: schema.chunk_schema(384, full_text=False)  # noqa: E731
+    for key, builder in (("kb", legacy_chunks), ("registry", schema.registry_schema)):
         name = names[key]
         client.drop_collection(name)
         params = client.prepare_index_params()
@@ -99,7 +102,7 @@ def test_an_old_collection_is_refused_then_migrated_without_loss(make_settings, 
 
     done = _migrate(settings)
     assert done.exit_code == 0, done.output
-    assert f"rows migrated; the original is {name}__pre_acl" in done.output
+    assert f"rows migrated; the original is {name}__premigration" in done.output
 
     kb = KnowledgeBase(settings, embedder=embedder)
     kb.start()
@@ -115,7 +118,7 @@ def test_an_old_collection_is_refused_then_migrated_without_loss(make_settings, 
         )
         assert {h.chunk.doc_id for h in legal} == {"confidential--project-falcon-acquisition.md"}
         names = kb.store.client.list_collections()
-        assert {f"{name}__pre_acl", f"{name}_documents__pre_acl"} <= set(names)
+        assert {f"{name}__premigration", f"{name}_documents__premigration"} <= set(names)
     finally:
         kb.close()
 
@@ -166,3 +169,37 @@ def test_a_collection_with_acls_but_no_key_keeps_its_acls(make_settings, embedde
         )
     finally:
         kb.close()
+
+
+def test_a_collection_without_the_bm25_index_is_refused_then_migrated(make_settings, embedder) -> None:
+    settings, counts = _legacy_site(make_settings, embedder, dropped=())
+    name = settings.milvus.collection
+    kb = KnowledgeBase(settings, embedder=embedder)
+    kb.start()
+    ready = kb.readiness()
+    if not settings.milvus.full_text:  # an engine without BM25 (the 2.3 standalone): served as it is
+        assert ready.milvus, ready.reasons
+        kb.close()
+        return
+    reasons = " ".join(ready.reasons)
+    assert not ready.milvus and "BM25" in reasons and "`dualtrack kb migrate`" in reasons
+    kb.close()
+    done = _migrate(settings)
+    assert done.exit_code == 0, done.output
+    kb = KnowledgeBase(settings, embedder=embedder)
+    kb.start()
+    try:
+        assert kb.readiness().ready
+        assert kb.store.count_chunks() == counts[name]
+        # every copied chunk has its BM25 terms: a keyword only one document has finds it
+        found = kb.store.keyword_search(["Falcon"], 50, reader=EVERYTHING)[0]
+        assert found and {h.chunk.doc_id for h in found} == {"confidential--project-falcon-acquisition.md"}
+        assert len(found) == sum("falcon" in c.text.lower() for c in _all_chunks(kb))
+    finally:
+        kb.close()
+
+
+def _all_chunks(kb: KnowledgeBase) -> list:
+    return [
+        c for d in kb.store.list_documents(reader=EVERYTHING) for c in kb.store.chunks_of(d.doc_id, d.version)
+    ]

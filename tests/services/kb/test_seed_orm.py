@@ -44,7 +44,9 @@ def test_seed_orm_snippet_on_the_store_collection(milvus_server, embedder, make_
         # --- the seed's code, unchanged in substance ---
         collection = Collection("knowledge_base")
         collection.release()
-        collection.drop_index()  # Milvus >= 2.4 refuses a second index on a field
+        # Milvus >= 2.4 refuses a second index on a field; the vector's index is named for its field
+        # (the collection also has the BM25 one, so the name must be given)
+        collection.drop_index(index_name="embedding")
         collection.create_index("embedding", SEED_INDEX)
         collection.load()
         assert collection.num_entities == stored
