@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +17,7 @@ from rich.text import Text
 from dualtrack.client import GatewayError
 from dualtrack.commands.common import KeyOpt, UrlOpt, console, fail, gateway_client, settings_or_fail
 from services.kb.classification import Classification, labels_from_rules, most_restrictive
+from services.kb.errors import KBError
 from services.kb.loaders import CONTENT_TYPES, suffix_of
 from services.kb.sidecar import SidecarError, is_sidecar, read_sidecar
 
@@ -217,11 +218,13 @@ def _access(doc: dict[str, Any]) -> str:
 
 @kb_app.command("migrate")
 def kb_migrate() -> None:
-    """Bring collections created by an earlier version (before access lists, or before the BM25
-    full-text index) to the current schema (run on the host, with the gateway and sync consumer
-    stopped). Every row is kept; the originals stay as ``<name>__premigration`` until you drop
-    them."""
+    """Bring a knowledge base written by an earlier release to the current layout: chunks sized
+    to the embedder, the BM25 index (rebuilt into a new collection and switched by alias while
+    the old one serves), access lists. Resumable: rerun it after an interruption. Only a
+    knowledge base from before access lists needs the gateway and sync consumer stopped."""
+    from services.kb.embedder import Embedder
     from services.kb.migrate import MigrationError, migrate
+    from services.kb.relayout import RelayoutError, relayout
 
     settings = settings_or_fail()
     with Progress(
@@ -233,22 +236,39 @@ def kb_migrate() -> None:
     ) as progress:
         tasks: dict[str, Any] = {}
 
-        def report(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = progress.add_task(f"copying {name}", total=total)
-            progress.update(tasks[name], completed=done)
+        def report(what: str) -> Callable[[str, int, int], None]:
+            def update(name: str, done: int, total: int) -> None:
+                key = f"{what} {name}"
+                if key not in tasks:
+                    tasks[key] = progress.add_task(key, total=total)
+                progress.update(tasks[key], completed=done, total=total)
+
+            return update
 
         try:
-            results = migrate(settings, report)
-        except MigrationError as exc:
+            results = migrate(settings, report("copying"))
+            relaid = relayout(settings, Embedder(settings.embedding), report("documents:"))
+        except (MigrationError, RelayoutError, KBError) as exc:
             raise fail(str(exc)) from None
     for r in results:
         if r.kept_as:
             console.print(
                 f"{escape(r.collection)}: {r.rows} rows migrated; the original is {escape(r.kept_as)}"
             )
-        else:
-            console.print(f"{escape(r.collection)}: up to date ({r.rows} rows)")
+    name = escape(settings.milvus.collection)
+    if relaid.built:
+        console.print(
+            f"{name}: rebuilt into {escape(relaid.built)} with the BM25 index and switched "
+            f"(alias {name}); the previous collection is kept as {escape(relaid.kept_as or '')}"
+        )
+    if relaid.built or relaid.relabelled:
+        console.print(
+            f"{name}: {relaid.documents} documents, {relaid.chunks_before} chunks before, "
+            f"{relaid.chunks_after} after (verified per document); {relaid.relabelled} relabelled, "
+            f"{relaid.reembedded} re-embedded"
+        )
+    else:
+        console.print(f"{name}: up to date ({relaid.documents} documents, {relaid.chunks_after} chunks)")
 
 
 @kb_app.command("list")

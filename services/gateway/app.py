@@ -190,7 +190,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     )
     def readyz() -> JSONResponse:
         r = knowledge.readiness()
-        body = schemas.Ready(ready=r.ready, model=r.model, milvus=r.milvus, reasons=r.reasons)
+        body = schemas.Ready(ready=r.ready, model=r.model, milvus=r.milvus, reasons=r.reasons, notes=r.notes)
         return JSONResponse(body.model_dump(), status_code=200 if r.ready else 503)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics")

@@ -172,6 +172,9 @@ class Ready(BaseModel):
     model: bool
     milvus: bool
     reasons: list[str]
+    notes: list[str] = Field(
+        default_factory=list, description="Served, but less well than configured, and why."
+    )
 
 
 # -- OpenAI-compatible chat completions -----------------------------------------------------------

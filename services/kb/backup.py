@@ -67,6 +67,18 @@ def _collections(settings: MilvusSettings, client: MilvusClient | None = None) -
     return names
 
 
+def _drop(client: MilvusClient, name: str) -> None:
+    """Drop collection ``name``; where it is the alias of a rebuilt collection (``dualtrack kb
+    migrate``), the alias and the collection it serves. Earlier generations stay."""
+    try:
+        target = client.describe_alias(name)["collection_name"]
+    except MilvusException:
+        client.drop_collection(name)
+        return
+    client.drop_alias(name)
+    client.drop_collection(target)
+
+
 def _count(client: MilvusClient, name: str) -> int:
     rows = client.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong")
     return int(rows[0]["count(*)"])
@@ -205,10 +217,10 @@ def restore(
     client = _client(settings)
     try:
         current = _collections(settings, client)
-        if set(current[:2]) <= set(client.list_collections()):
+        if all(client.has_collection(n) for n in current[:2]):  # the chunks may be an alias
             create(settings, dest, keep=0, prefix="pre-restore-")
         for name in current:
-            client.drop_collection(name)  # the ledger too: a backup without one means "none yet"
+            _drop(client, name)  # the ledger too: a backup without one means "none yet"
         store = KnowledgeStore(settings, int(manifest["dimension"]))
         store.connect()  # schema from its one definition
         if schema.ledger_name(settings.collection) in names:

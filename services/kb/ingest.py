@@ -31,7 +31,7 @@ from services.kb.classification import Classification, labels_from_rules, most_r
 from services.kb.embedder import Embedder
 from services.kb.errors import DocumentRejected
 from services.kb.loaders import load_document
-from services.kb.models import Chunk, ChunkDraft
+from services.kb.models import Block, Chunk, ChunkDraft
 from services.kb.schema import MAX_DOC_ID, MAX_SOURCE
 from services.kb.sidecar import read_sidecar
 from services.kb.store import DocumentRecord, KnowledgeStore
@@ -386,6 +386,33 @@ class Ingestor:
             self.store.purge_stale(doc_id, version)
             self._tell("document_written", record, chunks, vectors)
             return current, record
+
+    def version_now(self, record: DocumentRecord) -> str:
+        """The version an ingest with this configuration gives the stored document ``record``."""
+        return self._version(
+            record.content_hash, record.classification, record.acl, record.title, record.metadata
+        )
+
+    def layout(self, record: DocumentRecord, blocks: Sequence[Block], version: str) -> list[Chunk]:
+        """The stored document ``record``, whose text is ``blocks``, chunked as an ingest with
+        this configuration chunks it, under ``version`` (a migration's re-layout)."""
+        drafts = chunk_blocks(
+            blocks, self.settings.chunking, self.embedder.window, lambda s: embedding_head(record.title, s)
+        )
+        return [
+            self._chunk(
+                record.doc_id,
+                version,
+                n,
+                d,
+                record.classification,
+                record.acl,
+                record.source,
+                record.title,
+                record.metadata,
+            )
+            for n, d in enumerate(drafts)
+        ]
 
     def delete(self, doc_id: str) -> bool:
         with self._doc_lock(doc_id):

@@ -1,14 +1,14 @@
-"""Bring a knowledge base created by an earlier version up to the current schema.
+"""Bring a knowledge base created before documents carried access lists up to the schema.
 
 Milvus cannot add a field to an existing collection (not in Lite, nor in standalone before
-2.6), so each collection that lacks a field of the current schema -- the access fields (``acl``,
-``acl_key``), and for the chunk collection the BM25 sparse vector (``milvus.full_text``) -- is
-*copied*: every row is written into ``<name>__migrating`` with its access list (the one it has,
-or for a row stored before access lists the one the site's rules give it: ``access.path_rules``
-on the row's source, else ``access.default_groups``, exactly what an ingest of it would get) and
-Milvus computes each chunk's BM25 terms as it is written; the copy's row count is checked
-against the original's, and only then is the original renamed to ``<name>__premigration`` (kept,
-so nothing is lost; drop it once satisfied) and the copy renamed into its place.
+2.6), so each collection that lacks one of the access fields (``acl``, ``acl_key``) is *copied*:
+every row is written into ``<name>__migrating`` with its access list (the one it has, or for a
+row stored before access lists the one the site's rules give it: ``access.path_rules`` on the
+row's source, else ``access.default_groups``, exactly what an ingest of it would get), the
+copy's row count is checked against the original's, and only then is the original renamed to
+``<name>__premigration`` (kept, so nothing is lost; drop it once satisfied) and the copy renamed
+into its place. (Chunk layout and the BM25 index are ``services.kb.relayout``'s: it runs next,
+serving throughout.)
 
 Safe to interrupt and rerun: before the swap the original is untouched (a rerun starts the
 copy over); between the two renames the rerun finishes the swap. Stop the gateway and sync
@@ -28,7 +28,7 @@ from pymilvus.exceptions import MilvusException
 from services.config import AccessSettings, Settings
 from services.kb import schema
 from services.kb.access import Acl, acls_from_rules, combine
-from services.kb.errors import KBError
+from services.kb.errors import EngineUnsupported, KBError
 from services.kb.rows import plain, rows
 from services.kb.store import KnowledgeStore, display_uri
 
@@ -67,15 +67,12 @@ def with_access(row: dict[str, Any], access: AccessSettings) -> dict[str, Any]:
     return row
 
 
-def needs_migration(client: MilvusClient, name: str, full_text: bool = False) -> bool:
-    """Whether ``name`` lacks a field the current schema has: the access fields, and for a chunk
-    collection kept with ``full_text`` the BM25 sparse vector (computed by Milvus as the rows
-    are copied)."""
-    if name not in client.list_collections():
+def needs_migration(client: MilvusClient, name: str) -> bool:
+    """Whether ``name`` lacks one of the access fields."""
+    if not client.has_collection(name):
         return False
     have = {f["name"] for f in client.describe_collection(name)["fields"]}
-    want = {*schema.ACCESS_FIELDS, *((schema.SPARSE,) if full_text else ())}
-    return not want <= have
+    return not set(schema.ACCESS_FIELDS) <= have
 
 
 def migrate(settings: Settings, progress: Progress | None = None) -> list[Migrated]:
@@ -111,7 +108,7 @@ def _migrate_one(client: MilvusClient, settings: Settings, name: str, progress: 
             return Migrated(name, _count(client, name), kept)
         return Migrated(name, 0, None)  # nothing stored yet: the gateway creates it
     chunks = name == settings.milvus.collection
-    if not needs_migration(client, name, chunks and settings.milvus.full_text):
+    if not needs_migration(client, name):
         if copy in names:
             client.drop_collection(copy)  # a copy left over from a run that found it done
         return Migrated(name, _count(client, name), None)
@@ -122,6 +119,10 @@ def _migrate_one(client: MilvusClient, settings: Settings, name: str, progress: 
     if copy in names:
         client.drop_collection(copy)  # an interrupted copy: start over from the untouched original
     store = KnowledgeStore(settings.milvus, _dimension(client, name) if chunks else 0)
+    try:
+        store.check_engine(client)  # the copy is created with the BM25 index when configured
+    except EngineUnsupported as exc:
+        raise MigrationError(str(exc)) from None
     if chunks:
         store.create_chunk_collection(client, copy)
     else:

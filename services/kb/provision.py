@@ -132,7 +132,9 @@ def provision(
         report.rbac = "enforced"
     client = MilvusClient(uri=uri, token=token)
     before = set(client.list_collections())
-    if dimension is None and settings.milvus.collection in before:
+    if client.has_collection(settings.milvus.collection):  # served through an alias once rebuilt
+        before.add(settings.milvus.collection)
+    if dimension is None and client.has_collection(settings.milvus.collection):  # or its alias
         # an existing collection says its own size: no need to load the model on every re-run
         # (the gateway still checks the model against it when it starts)
         fields = client.describe_collection(settings.milvus.collection)["fields"]

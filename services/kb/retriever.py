@@ -43,7 +43,7 @@ class Retriever:
         vector = self.embedder.embed_query(query)
         threshold = score_threshold if score_threshold is not None else self.settings.score_threshold
         limit = top_k or self.settings.top_k
-        if self.store.full_text:
+        if self.store.keyword_ready():
             return self.store.hybrid_search(
                 vector, query, limit, ranker(self.settings), flt, threshold, reader=reader
             )

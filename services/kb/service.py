@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.config import Settings
 from services.kb.access import EVERYTHING, Reader
@@ -29,6 +29,8 @@ class Readiness:
     model: bool
     milvus: bool
     reasons: list[str]
+    notes: list[str] = field(default_factory=list)
+    """What is served less well than configured (dense search while the BM25 index is pending)."""
 
     @property
     def ready(self) -> bool:
@@ -110,7 +112,8 @@ class KnowledgeBase:
                 milvus = True
             else:
                 reasons.append(problem)
-        return Readiness(model=model, milvus=milvus, reasons=reasons)
+        notes = [self.store.pending] if milvus and self.store.pending else []
+        return Readiness(model=model, milvus=milvus, reasons=reasons, notes=notes)
 
     # -- operations --------------------------------------------------------------------------
 

@@ -74,6 +74,9 @@ _NO_INFIX = (
 _NOT_LOADED = 101
 """Milvus error code for a search/query on a released collection."""
 
+_SWITCH_S = 2.0
+"""How long a request waits for a collection that is being switched to its rebuilt successor."""
+
 _BM25_SINCE = (2, 5)
 """The first Milvus release with the BM25 function and sparse vectors."""
 
@@ -154,6 +157,12 @@ class KnowledgeStore:
         self._written_keys: set[str] = set()  # written since the background read began
         self._infix_like = True  # until Milvus says otherwise
         self.full_text = settings.full_text
+        """Whether searches use the BM25 index: configured (``milvus.full_text``) and present. A
+        collection built before it serves dense search until ``dualtrack kb migrate`` has rebuilt
+        it; the switch is noticed within ``milvus.acl_refresh_s``."""
+        self.pending: str | None = None
+        """Why the configured BM25 index is not used yet (the collection predates it), else None."""
+        self._pending_checked = 0.0
         self.engine = "Milvus"  # "Milvus Lite" or "Milvus vX.Y.Z" once connected
 
     # -- connection ------------------------------------------------------------------------
@@ -219,8 +228,17 @@ class KnowledgeStore:
             # the client is shared with in-flight requests: report, never close it here;
             # pymilvus re-establishes its channel once Milvus answers again
             return f"Milvus at {self.where} is not answering: {_message(exc)}"
-        if self.collection not in names or self.registry not in names:
-            return f"collection {self.collection!r} is missing in Milvus at {self.where}"
+        missing = [n for n in (self.collection, self.registry) if n not in names]
+        try:  # a rebuilt collection is served through an alias, which the listing leaves out
+            missing = [
+                n
+                for n in missing
+                if not self.client.has_collection(n, timeout=min(self.settings.timeout_s, 3.0))
+            ]
+        except Exception as exc:
+            return f"Milvus at {self.where} is not answering: {_message(exc)}"
+        if missing:
+            return f"collection {missing[0]!r} is missing in Milvus at {self.where}"
         return None
 
     def call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -234,36 +252,58 @@ class KnowledgeStore:
             try:
                 return fn(*args, **kwargs)
             except MilvusException as exc:
+                if _missing(exc) and self._client is not None:
+                    return self._when_back(fn, *args, **kwargs)
                 if exc.code != _NOT_LOADED or self._client is None:
                     raise
                 # a restarted Milvus comes back with collections released: load, retry once
                 present = self._client.list_collections(timeout=self.settings.timeout_s)
                 for name in (self.collection, self.registry, schema.ledger_name(self.collection)):
-                    if name in present:
+                    if name in present or self._client.has_collection(name, timeout=self.settings.timeout_s):
                         self._client.load_collection(name, timeout=self.settings.timeout_s)
                 return fn(*args, **kwargs)
         except MilvusException as exc:
             raise StoreUnavailable(f"Milvus {what} failed at {self.where}: {exc.message}") from None
 
+    def _when_back(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """A collection missing for a moment: the migration's first switch renames the old
+        collection and puts an alias of the same name on the new one. Asked again for up to
+        ``_SWITCH_S``, then the error stands."""
+        deadline = time.monotonic() + _SWITCH_S
+        while True:
+            time.sleep(0.05)
+            try:
+                return fn(*args, **kwargs)
+            except MilvusException as exc:
+                if not _missing(exc) or time.monotonic() > deadline:
+                    raise
+
     # -- schema ------------------------------------------------------------------------------
 
     def _ensure_collections(self, client: MilvusClient) -> None:
+        self.check_engine(client)
+        if self.exists(client, self.collection):  # a collection, or the alias of a rebuilt one
+            self._validate_existing(client)
+        else:
+            self.create_chunk_collection(client, self.collection)
+        if not self.exists(client, self.registry):
+            self.create_registry_collection(client, self.registry)
+        for name in (self.collection, self.registry):
+            self._call("load_collection", client.load_collection, name)
+
+    def check_engine(self, client: MilvusClient) -> None:
+        """Refuse an engine without BM25 when ``milvus.full_text`` asks for it, naming it."""
         self.engine = self._engine(client)
-        if self.full_text and not _has_bm25(self.engine):
+        if self.settings.full_text and not _has_bm25(self.engine):
             raise EngineUnsupported(
                 f"{self.engine} at {self.where} has no BM25 full-text search (Milvus {_since()} or later, "
                 "or Milvus Lite, has it), so hybrid search cannot run; upgrade Milvus, or set "
                 "milvus.full_text = false to serve dense search only"
             )
-        names = self._call("list_collections", client.list_collections)
-        if self.collection in names:
-            self._validate_existing(client)
-        else:
-            self.create_chunk_collection(client, self.collection)
-        if self.registry not in names:
-            self.create_registry_collection(client, self.registry)
-        for name in (self.collection, self.registry):
-            self._call("load_collection", client.load_collection, name)
+
+    def exists(self, client: MilvusClient, name: str) -> bool:
+        """Whether ``name`` is a collection or an alias of one."""
+        return bool(self._call("has_collection", client.has_collection, name))
 
     def _engine(self, client: MilvusClient) -> str:
         """``Milvus Lite`` or ``Milvus v2.5.4`` (what the server reports), for capability checks
@@ -339,12 +379,14 @@ class KnowledgeStore:
                 "the old collections)"
             )
         if self.full_text and schema.SPARSE not in fields:
-            raise SchemaMismatch(
+            self.full_text = False
+            self.pending = (
                 f"collection {self.collection!r} in Milvus at {self.where} was created before chunks "
-                "carried a BM25 full-text index; migrate it once with `dualtrack kb migrate` (it keeps "
-                "every document and a copy of the old collections), or set milvus.full_text = false "
-                "to serve dense search from it as it is"
+                "carried a BM25 full-text index: serving dense search only until `dualtrack kb migrate` "
+                "has rebuilt it (it does so while this collection keeps serving)"
             )
+            self._pending_checked = time.monotonic()
+            log.error("%s", self.pending)
         dim = int(vector.get("params", {}).get("dim", 0))
         if dim != self.dimension:
             raise SchemaMismatch(
@@ -506,8 +548,11 @@ class KnowledgeStore:
 
     # -- chunks ------------------------------------------------------------------------------
 
-    def write_chunks(self, chunks: Sequence[Chunk], vectors: np.ndarray, batch: int = 256) -> None:
-        """Upsert chunks with their vectors; ids are deterministic so this is idempotent."""
+    def write_chunks(
+        self, chunks: Sequence[Chunk], vectors: np.ndarray, batch: int = 256, *, into: str | None = None
+    ) -> None:
+        """Upsert chunks with their vectors; ids are deterministic so this is idempotent. ``into``:
+        another chunk collection than the one served (a migration's rebuild)."""
         if len(chunks) != len(vectors):
             raise ValueError("one vector per chunk is required")
         for start in range(0, len(chunks), batch):
@@ -528,7 +573,7 @@ class KnowledgeStore:
                 }
                 for i, c in enumerate(chunks[start : start + batch])
             ]
-            self._call("upsert", self.client.upsert, self.collection, data=rows)
+            self._call("upsert", self.client.upsert, into or self.collection, data=rows)
 
     def flush(self) -> None:
         """Seal growing segments so the ANN index serves them."""
@@ -581,7 +626,9 @@ class KnowledgeStore:
             self._call("delete", self.client.delete, self.registry, filter=expr)
             self._call("delete", self.client.delete, self.collection, filter=expr)
 
-    def count_chunks(self, doc_id: str | None = None, version: str | None = None) -> int:
+    def count_chunks(
+        self, doc_id: str | None = None, version: str | None = None, *, into: str | None = None
+    ) -> int:
         parts = []
         if doc_id is not None:
             parts.append(f"{schema.DOC_ID} == {literal(doc_id)}")
@@ -590,7 +637,7 @@ class KnowledgeStore:
         rows = self._call(
             "query",
             self.client.query,
-            self.collection,
+            into or self.collection,
             filter=" and ".join(parts),
             output_fields=["count(*)"],
         )
@@ -766,10 +813,25 @@ class KnowledgeStore:
     def _filter(self, flt: SearchFilter | None, reader: Reader) -> str:
         return " and ".join(f"({e})" for e in (flt.expression() if flt else "", self._scope(reader)) if e)
 
+    def keyword_ready(self) -> bool:
+        """Whether hybrid search can run now; while the collection predates the BM25 index, asks
+        Milvus again every ``milvus.acl_refresh_s`` whether the migration has switched it."""
+        if (
+            self.pending is not None
+            and time.monotonic() - self._pending_checked >= self.settings.acl_refresh_s
+        ):
+            self._pending_checked = time.monotonic()
+            desc = self._call("describe_collection", self.client.describe_collection, self.collection)
+            if schema.SPARSE in {f["name"] for f in desc["fields"]}:
+                log.warning("collection %r now has its BM25 index: hybrid search resumes", self.collection)
+                self.full_text, self.pending = True, None
+        return self.full_text
+
     def _need_full_text(self) -> None:
         if not self.full_text:
             raise EngineUnsupported(
-                f"keyword search needs the BM25 full-text index, and milvus.full_text is false for "
+                self.pending
+                or f"keyword search needs the BM25 full-text index, and milvus.full_text is false for "
                 f"collection {self.collection!r} at {self.where}"
             )
 
@@ -829,6 +891,15 @@ def _has_bm25(engine: str) -> bool:
         return True
     found = re.search(r"(\d+)\.(\d+)", engine)
     return found is None or (int(found[1]), int(found[2])) >= _BM25_SINCE
+
+
+def _missing(exc: MilvusException) -> bool:
+    """Milvus' "collection not found" (code 100 from 2.4 on; older servers say it in words)."""
+    return (
+        exc.code == 100
+        or "can't find collection" in str(exc.message)
+        or "not found[collection" in str(exc.message)
+    )
 
 
 def _since() -> str:

@@ -6,6 +6,8 @@ finished by a rerun."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 from click.testing import Result
 from pymilvus import CollectionSchema, DataType, MilvusClient
@@ -13,11 +15,15 @@ from typer.testing import CliRunner
 
 from dualtrack.cli import app
 from services.config import Settings
-from services.kb import schema
+from services.kb import backup, schema
 from services.kb.access import EVERYTHING, Acl, Reader
 from services.kb.classification import Classification
+from services.kb.ingest import embedding_text
 from services.kb.rows import plain, rows
 from services.kb.service import KnowledgeBase
+from services.sync.apply import Applier
+from tests.services.kb.test_store import SAMPLE_FILES
+from tests.services.sync.conftest import upsert
 from tests.support import SAMPLES
 
 RULES = [{"pattern": "confidential/*", "groups": ["legal"]}]
@@ -86,6 +92,7 @@ def _migrate(settings: Settings) -> Result:
         "DUALTRACK_MILVUS__INDEX__TYPE": "FLAT",
         "DUALTRACK_MILVUS__INDEX__METRIC": "COSINE",
         "DUALTRACK_ACCESS__PATH_RULES": json.dumps(RULES),
+        "DUALTRACK_MILVUS__FULL_TEXT": json.dumps(settings.milvus.full_text),
         "COLUMNS": "200",
     }
     return CliRunner().invoke(app, ["kb", "migrate"], env=env)
@@ -171,35 +178,102 @@ def test_a_collection_with_acls_but_no_key_keeps_its_acls(make_settings, embedde
         kb.close()
 
 
-def test_a_collection_without_the_bm25_index_is_refused_then_migrated(make_settings, embedder) -> None:
-    settings, counts = _legacy_site(make_settings, embedder, dropped=())
-    name = settings.milvus.collection
-    kb = KnowledgeBase(settings, embedder=embedder)
-    kb.start()
-    ready = kb.readiness()
-    if not settings.milvus.full_text:  # an engine without BM25 (the 2.3 standalone): served as it is
-        assert ready.milvus, ready.reasons
-        kb.close()
-        return
-    reasons = " ".join(ready.reasons)
-    assert not ready.milvus and "BM25" in reasons and "`dualtrack kb migrate`" in reasons
-    kb.close()
-    done = _migrate(settings)
-    assert done.exit_code == 0, done.output
-    kb = KnowledgeBase(settings, embedder=embedder)
-    kb.start()
+def test_a_collection_from_before_the_bm25_index_is_rebuilt_while_it_serves(
+    make_settings, embedder, tmp_path
+) -> None:
+    """The release before: long chunks (a 650-token budget, of which the model read its window),
+    no BM25 field. The gateway serves it dense while `dualtrack kb migrate` rebuilds it into a new
+    collection and switches the alias; searches run throughout and never come back empty."""
+    from dualtrack.bench_retrieval import long_chunks
+
+    settings = make_settings(
+        milvus={"index": {"type": "FLAT", "metric": "COSINE"}, "acl_refresh_s": 0.2},
+        access={"path_rules": RULES},
+    )
+    old = settings.model_copy(
+        update={
+            "milvus": settings.milvus.model_copy(update={"full_text": False}),
+            "chunking": settings.chunking.model_copy(update={"min_tokens": 260, "overlap_tokens": 40}),
+        }
+    )
+    legacy = KnowledgeBase(old, embedder=long_chunks(embedder))
+    legacy.start()
+    for path in SAMPLE_FILES:
+        assert legacy.ingestor.ingest_path(path, root=SAMPLES).status == "ingested"
+    before = {d.doc_id: d for d in legacy.store.iter_documents()}
+    legacy_chunks = legacy.store.count_chunks()
+    legacy.close()
+
+    serving = KnowledgeBase(settings, embedder=embedder)
+    serving.start()
     try:
-        assert kb.readiness().ready
-        assert kb.store.count_chunks() == counts[name]
-        # every copied chunk has its BM25 terms: a keyword only one document has finds it
-        found = kb.store.keyword_search(["Falcon"], 50, reader=EVERYTHING)[0]
+        ready = serving.readiness()
+        if not settings.milvus.full_text:  # an engine without BM25 (the 2.3 standalone): nothing to rebuild
+            assert ready.ready and not ready.notes
+            return
+        assert ready.ready and "`dualtrack kb migrate`" in " ".join(ready.notes)
+        question = "How do I promote the replica when the primary database fails?"
+        assert serving.search(question, top_k=3)[0].chunk.doc_id == "runbooks--database-failover.txt"
+
+        results: list[int] = []
+        stop = threading.Event()
+
+        def keep_searching() -> None:
+            while not stop.is_set():
+                results.append(len(serving.search(question, top_k=3)))
+
+        reader = threading.Thread(target=keep_searching)
+        reader.start()
+        try:
+            done = _migrate(settings)
+        finally:
+            stop.set()
+            reader.join()
+        assert done.exit_code == 0, done.output
+        assert "rebuilt into" in done.output and "switched" in done.output, done.output
+        assert results and 0 not in results  # served throughout, never empty
+
+        time.sleep(0.3)  # the store notices the BM25 index within milvus.acl_refresh_s
+        hits = serving.search(question, top_k=3)
+        assert hits[0].chunk.doc_id == "runbooks--database-failover.txt" and hits[0].fused is not None
+        assert serving.readiness().notes == []
+        after = {d.doc_id: d for d in serving.store.iter_documents()}
+        assert after.keys() == before.keys()
+        for doc_id, record in after.items():
+            assert record.version == serving.ingestor.version_now(record) != before[doc_id].version
+            chunks = serving.store.chunks_of(doc_id, record.version)
+            assert len(chunks) == record.chunks
+            counts = embedder.window.count([embedding_text(c) for c in chunks])
+            assert max(counts) <= embedder.window.window  # nothing past the window any more
+        assert serving.store.count_chunks() > legacy_chunks
+        # every rebuilt chunk has its BM25 terms
+        found = serving.store.keyword_search(["Falcon"], 50, reader=EVERYTHING)[0]
         assert found and {h.chunk.doc_id for h in found} == {"confidential--project-falcon-acquisition.md"}
-        assert len(found) == sum("falcon" in c.text.lower() for c in _all_chunks(kb))
+        # the text survived the re-chunking: each old sentence is still in its document
+        restored = " ".join(
+            c.text
+            for c in serving.store.chunks_of(
+                "handbook--employee-handbook.md", after["handbook--employee-handbook.md"].version
+            )
+        )
+        assert "Vacation" in restored
+
+        # sync keeps applying, now into the rebuilt collection behind the alias
+        event = upsert("synced-note", 5, ["The lab opens at nine.", "Badges are checked at the door."])
+        applier = Applier(serving.settings, serving.store, serving.embedder)
+        assert [o.status for o in applier.apply([event])] == ["applied"]
+        assert serving.store.count_chunks("synced-note", event.version) == 2
+        # a backup of the rebuilt knowledge base restores, replacing the alias's collection
+        total = serving.store.count_chunks()
+        snap = backup.create(settings.milvus, tmp_path / "backups", keep=2)
+        assert backup.verify(snap)["counts"][settings.milvus.collection] == total
+        serving.store.delete_document("synced-note")
+        serving.store.close()
+        counts = backup.restore(settings.milvus, snap, tmp_path / "backups", settings.access)
+        assert counts[settings.milvus.collection] == total
+        assert serving.store.count_chunks("synced-note") == 2
+        assert serving.search(question, top_k=1)[0].chunk.doc_id == "runbooks--database-failover.txt"
     finally:
-        kb.close()
-
-
-def _all_chunks(kb: KnowledgeBase) -> list:
-    return [
-        c for d in kb.store.list_documents(reader=EVERYTHING) for c in kb.store.chunks_of(d.doc_id, d.version)
-    ]
+        serving.close()
+    again = _migrate(settings)
+    assert again.exit_code == 0 and "up to date" in again.output, again.output
