@@ -6,4 +6,6 @@
 #   benchmarks/kb-standalone.sh --sizes 100000,1000000 --out bench-results/standalone.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the PyPI standalone build is Milvus 2.3, which has no BM25: its collections are dense-only
+export DUALTRACK_MILVUS__FULL_TEXT=false
 exec benchmarks/with-standalone.sh .venv/bin/dualtrack bench kb --milvus-uri http://127.0.0.1:19530 "$@"

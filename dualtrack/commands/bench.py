@@ -29,6 +29,9 @@ def bench_kb(
         str | None, typer.Option(help="Benchmark this Milvus (default: start a Milvus Lite server)")
     ] = None,
     copies: Annotated[int, typer.Option(min=1, help="Copies of the sample corpus to ingest")] = 5,
+    ingest_batch: Annotated[
+        int, typer.Option(min=2, help="Documents per write in the batched ingest run")
+    ] = 16,
 ) -> None:
     """Ingest throughput, search latency/recall vs exact FLAT, and gateway overhead."""
     from dualtrack.bench import run_kb_bench
@@ -43,6 +46,7 @@ def bench_kb(
             workdir=workdir,
             milvus_uri=milvus_uri,
             copies=copies,
+            ingest_batch=ingest_batch,
         )
     except ValueError as exc:
         raise fail(str(exc)) from None

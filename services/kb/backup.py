@@ -222,6 +222,10 @@ def restore(
         for name in current:
             _drop(client, name)  # the ledger too: a backup without one means "none yet"
         store = KnowledgeStore(settings, int(manifest["dimension"]))
+        # created here, under the served name, even where a rebuild's generations are kept
+        store.check_engine(client)
+        store.create_chunk_collection(client, settings.collection)
+        store.create_registry_collection(client, schema.registry_name(settings.collection))
         store.connect()  # schema from its one definition
         if schema.ledger_name(settings.collection) in names:
             store.ensure_ledger()

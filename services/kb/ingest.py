@@ -10,6 +10,7 @@ a ``rejected`` result naming the reason; problems with the *store* raise
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -261,6 +262,89 @@ class Ingestor:
             timings=timings,
         )
 
+    def ingest_many(self, uploads: Sequence[Upload]) -> list[IngestResult]:
+        """``ingest_bytes`` for several documents, their writes batched: one registry read for
+        all, one embedding call, then the chunks of every changed document, one registry upsert
+        flipping them all, one delete of what they replace. Each document is still atomic (its
+        chunks are written before its registry row names them; its old rows go only after),
+        and a rejected document does not stop the others. A document named twice is ingested
+        by the second entry after the first."""
+        seen: set[str] = set()
+        rounds: list[list[int]] = [[]]
+        for i, u in enumerate(uploads):
+            target = u.doc_id or doc_id_for(u.source)
+            if target in seen:  # the same document again: in a later round, after this one
+                seen, rounds = set(), [*rounds, []]
+            seen.add(target)
+            rounds[-1].append(i)
+        results: list[IngestResult | None] = [None] * len(uploads)
+        for indices in rounds:
+            for i, r in zip(indices, self._ingest_round([uploads[i] for i in indices]), strict=True):
+                results[i] = r
+        return [r for r in results if r is not None]
+
+    def _ingest_round(self, uploads: Sequence[Upload]) -> list[IngestResult]:
+        targets = [u.doc_id or doc_id_for(u.source) for u in uploads]
+        with contextlib.ExitStack() as held:
+            for target in sorted(set(targets)):
+                held.enter_context(self._doc_lock(target))
+            valid = [t for t in targets if _DOC_ID.match(t)]
+            current = self.store.get_documents(valid)
+            results: list[IngestResult] = []
+            writes: list[tuple[int, PreparedDocument]] = []
+            for u, target in zip(uploads, targets, strict=True):
+                now = current.get(target)
+                prepared = self.prepare(
+                    u.data,
+                    u.source,
+                    doc_id=u.doc_id,
+                    labels=[*(u.labels or []), now.classification if now else None],
+                    acls=[*(u.acls or []), now.acl if now else None],
+                    title=u.title,
+                    metadata=u.metadata,
+                )
+                results.append(
+                    prepared if isinstance(prepared, IngestResult) else _pending(u.source, prepared)
+                )
+                if not isinstance(prepared, IngestResult):
+                    writes.append((len(results) - 1, prepared))
+            stored = self.store.version_counts([p.record.doc_id for _, p in writes])
+            changed: list[tuple[int, PreparedDocument]] = []
+            for i, p in writes:
+                r, now = p.record, current.get(p.record.doc_id)
+                if (
+                    now is not None
+                    and now.version == r.version
+                    and stored.get((r.doc_id, r.version)) == now.chunks
+                ):
+                    if sum(n for (d, _), n in stored.items() if d == r.doc_id) > now.chunks:
+                        self.store.purge_stale(r.doc_id, r.version)  # leftovers of an interrupted run
+                    results[i] = replace(results[i], status="skipped", chunks=now.chunks, reason="unchanged")
+                else:
+                    changed.append((i, p))
+            if changed:
+                self._write_many(changed, results)
+        return results
+
+    def _write_many(self, changed: list[tuple[int, PreparedDocument]], results: list[IngestResult]) -> None:
+        chunks = [c for _, p in changed for c in p.chunks]
+        started = time.perf_counter()
+        vectors = self.embedder.embed_passages([embedding_text(c) for c in chunks])
+        embed = time.perf_counter() - started
+        started = time.perf_counter()
+        records = [replace(p.record, ingested_at=time.time()) for _, p in changed]
+        self.store.write_chunks(chunks, vectors, batch=self.settings.ingest.insert_batch)
+        self.store.activate(*records)
+        self.store.purge_stale_many({r.doc_id: r.version for r in records})
+        insert = time.perf_counter() - started
+        offset = 0
+        for (i, p), record in zip(changed, records, strict=True):
+            share = len(p.chunks) / max(len(chunks), 1)  # the batch's time, by each one's chunks
+            results[i].timings.update(embed=embed * share, insert=insert * share)
+            results[i] = replace(results[i], status="ingested")
+            self._tell("document_written", record, p.chunks, vectors[offset : offset + len(p.chunks)])
+            offset += len(p.chunks)
+
     def prepare(
         self,
         data: bytes,
@@ -486,6 +570,33 @@ class Ingestor:
                 "page_end": draft.page_end or draft.page or 0,
             },
         )
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One document for ``Ingestor.ingest_many``: what ``ingest_bytes`` takes."""
+
+    data: bytes
+    source: str
+    doc_id: str | None = None
+    labels: list[Classification | None] | None = None
+    acls: list[Acl | None] | None = None
+    title: str | None = None
+    metadata: Mapping[str, Any] | None = None
+
+
+def _pending(name: str, prepared: PreparedDocument) -> IngestResult:
+    r = prepared.record
+    return IngestResult(
+        name=name,
+        status="ingested",
+        doc_id=r.doc_id,
+        chunks=len(prepared.chunks),
+        version=r.version,
+        classification=r.classification,
+        acl=r.acl,
+        timings=prepared.timings,
+    )
 
 
 def embedding_text(chunk: Chunk) -> str:

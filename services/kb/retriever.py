@@ -40,6 +40,10 @@ class Retriever:
     ) -> list[Hit]:
         if not query.strip():
             raise ValueError("query is empty")
+        try:
+            query.encode()
+        except UnicodeEncodeError:
+            raise ValueError("query is not valid Unicode (it holds a lone surrogate)") from None
         vector = self.embedder.embed_query(query)
         threshold = score_threshold if score_threshold is not None else self.settings.score_threshold
         limit = top_k or self.settings.top_k

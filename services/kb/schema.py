@@ -114,6 +114,12 @@ def ledger_name(collection: str) -> str:
     return f"{collection}_sync"
 
 
+def generation_name(collection: str, n: int) -> str:
+    """The ``n``-th physical chunk collection behind the alias ``collection`` (``dualtrack kb
+    migrate``); 0 is a collection that served under the name itself before its first rebuild."""
+    return f"{collection}__g{n}"
+
+
 def chunk_schema(dim: int, full_text: bool = True) -> CollectionSchema:
     """The chunk collection; with ``full_text`` TEXT is analyzed and Milvus' BM25 function keeps
     its sparse term vector (``SPARSE``) for keyword search (Milvus 2.5 or later, Milvus Lite)."""

@@ -284,6 +284,12 @@ class KnowledgeStore:
         self.check_engine(client)
         if self.exists(client, self.collection):  # a collection, or the alias of a rebuilt one
             self._validate_existing(client)
+        elif self.exists(client, schema.generation_name(self.collection, 0)):
+            raise SchemaMismatch(
+                f"collection {self.collection!r} in Milvus at {self.where} is missing but its rebuild "
+                f"({schema.generation_name(self.collection, 0)} and its successor) is there: a "
+                "`dualtrack kb migrate` stopped while switching; run it again to finish the switch"
+            )
         else:
             self.create_chunk_collection(client, self.collection)
         if not self.exists(client, self.registry):
@@ -509,6 +515,37 @@ class KnowledgeStore:
         finally:
             iterator.close()
 
+    def get_documents(self, doc_ids: Sequence[str]) -> dict[str, DocumentRecord]:
+        """``get_document`` for many documents in one query per thousand."""
+        ids = sorted(set(doc_ids))
+        out: dict[str, DocumentRecord] = {}
+        for start in range(0, len(ids), 1000):
+            rows = self._call(
+                "query",
+                self.client.query,
+                self.registry,
+                filter=in_list(schema.DOC_ID, ids[start : start + 1000]),
+                output_fields=list(schema.REGISTRY_OUTPUT_FIELDS),
+            )
+            out.update({r[schema.DOC_ID]: DocumentRecord.from_row(r) for r in rows})
+        return out
+
+    def version_counts(self, doc_ids: Sequence[str]) -> dict[tuple[str, str], int]:
+        """``(doc_id, version) -> chunks stored`` for every version of these documents."""
+        ids = sorted(set(doc_ids))
+        out: dict[tuple[str, str], int] = {}
+        for start in range(0, len(ids), 100):
+            for page in self._pages(
+                self.collection,
+                in_list(schema.DOC_ID, ids[start : start + 100]),
+                [schema.DOC_ID, schema.VERSION],
+                4096,
+            ):
+                for r in page:
+                    key = (r[schema.DOC_ID], r[schema.VERSION])
+                    out[key] = out.get(key, 0) + 1
+        return out
+
     def active_versions(self, doc_ids: Sequence[str]) -> dict[str, str]:
         if not doc_ids:
             return {}
@@ -587,6 +624,17 @@ class KnowledgeStore:
             expr += f" and {schema.VERSION} != {literal(keep_version)}"
         self._call("delete", self.client.delete, self.collection, filter=expr)
 
+    def purge_stale_many(self, keep: dict[str, str], group: int = 100) -> None:
+        """``purge_stale`` for many documents: each one's rows of every version but ``keep``'s,
+        in one delete per ``group`` documents."""
+        items = sorted(keep.items())
+        for start in range(0, len(items), group):
+            expr = " or ".join(
+                f"({schema.DOC_ID} == {literal(d)} and {schema.VERSION} != {literal(v)})"
+                for d, v in items[start : start + group]
+            )
+            self._call("delete", self.client.delete, self.collection, filter=expr)
+
     def delete_document(self, doc_id: str) -> bool:
         """Remove a document: registry row first (search hides it at once), then chunks."""
         existed = self.get_document(doc_id) is not None
@@ -643,23 +691,23 @@ class KnowledgeStore:
         )
         return int(rows[0]["count(*)"]) if rows else 0
 
-    def chunks_of(self, doc_id: str, version: str) -> list[Chunk]:
+    def chunks_of(self, doc_id: str, version: str, *, into: str | None = None) -> list[Chunk]:
         rows = self._call(
             "query",
             self.client.query,
-            self.collection,
+            into or self.collection,
             filter=f"{schema.DOC_ID} == {literal(doc_id)} and {schema.VERSION} == {literal(version)}",
             output_fields=list(schema.CHUNK_OUTPUT_FIELDS),
             limit=16384,
         )
         return sorted((_chunk(r) for r in rows), key=lambda c: c.chunk_no)
 
-    def vectors_of(self, doc_id: str, version: str) -> np.ndarray:
+    def vectors_of(self, doc_id: str, version: str, *, into: str | None = None) -> np.ndarray:
         """The stored vectors of one version's chunks, in ``chunk_no`` order."""
         rows = self._call(
             "query",
             self.client.query,
-            self.collection,
+            into or self.collection,
             filter=f"{schema.DOC_ID} == {literal(doc_id)} and {schema.VERSION} == {literal(version)}",
             output_fields=[schema.CHUNK_NO, schema.VECTOR],
             limit=16384,

@@ -17,7 +17,7 @@ import pytest
 from services.kb.ingest import Ingestor, chunk_id
 from services.kb.service import KnowledgeBase
 from services.kb.store import KnowledgeStore
-from tests.support import ROOT
+from tests.support import ROOT, SAMPLES
 
 
 def document(version: str, sentences: int = 120) -> bytes:
@@ -242,3 +242,64 @@ def test_a_title_that_is_not_unicode_is_rejected_and_nothing_stored(kb: Knowledg
     result = kb.ingestor.ingest_bytes(b"# Notes\n\nSome text.\n", "notes.md", title="bad \ud800 title")
     assert result.status == "rejected" and "not valid Unicode" in (result.reason or "")
     assert kb.store.get_document("notes.md") is None
+
+
+def test_a_batch_writes_like_one_document_at_a_time(kb: KnowledgeBase, make_settings, embedder) -> None:
+    from services.kb.ingest import Upload
+
+    files = sorted(p for p in SAMPLES.rglob("*") if p.suffix in {".md", ".txt", ".html", ".pdf", ".docx"})
+    uploads = [
+        Upload(p.read_bytes(), p.relative_to(SAMPLES).as_posix()) for p in files if p.name != "README.md"
+    ]
+    batched = kb.ingestor.ingest_many(uploads)
+    assert [r.status for r in batched] == ["ingested"] * len(uploads)
+    single = KnowledgeBase(make_settings(milvus={"collection": "one_by_one"}), embedder=embedder)
+    single.start()
+    try:
+        one = [single.ingestor.ingest_bytes(u.data, u.source) for u in uploads]
+        # the same versions and chunk counts as the one-at-a-time path, and the same rows
+        assert [(r.doc_id, r.version, r.chunks) for r in batched] == [
+            (r.doc_id, r.version, r.chunks) for r in one
+        ]
+        assert kb.store.count_chunks() == single.store.count_chunks() == sum(r.chunks for r in one)
+    finally:
+        single.close()
+    again = kb.ingestor.ingest_many(uploads)
+    assert {r.status for r in again} == {"skipped"} and all("embed" not in r.timings for r in again)
+
+    # a changed, a corrupt and the same document twice in one batch
+    before = kb.store.count_chunks()
+    mixed = kb.ingestor.ingest_many(
+        [
+            Upload(document("v1"), "notes.md"),
+            Upload(b"%PDF-1.7 broken", "broken.pdf"),
+            Upload(document("v2", sentences=60), "notes.md"),
+            uploads[0],
+        ]
+    )
+    assert [r.status for r in mixed] == ["ingested", "rejected", "ingested", "skipped"]
+    assert kb.store.get_document("notes.md").version == mixed[2].version  # the later entry wins
+    assert kb.store.count_chunks("notes.md") == mixed[2].chunks
+    assert kb.store.count_chunks() == before + mixed[2].chunks
+    seen = versions_seen(kb)
+    assert mixed[2].version in seen and mixed[0].version not in seen
+
+
+def test_a_batch_that_fails_mid_write_keeps_every_old_version(kb: KnowledgeBase, monkeypatch) -> None:
+    from services.kb.ingest import Upload
+
+    old = kb.ingestor.ingest_many([Upload(document("v1"), "a.md"), Upload(document("v1"), "b.md")])
+    original = kb.store.write_chunks
+
+    def write_half_then_die(chunks, vectors, batch=256, **kwargs):
+        original(chunks[: len(chunks) // 2], vectors[: len(chunks) // 2], batch)
+        raise RuntimeError("simulated crash after a partial write")
+
+    monkeypatch.setattr(kb.store, "write_chunks", write_half_then_die)
+    with pytest.raises(RuntimeError):
+        kb.ingestor.ingest_many([Upload(document("v2"), "a.md"), Upload(document("v2"), "b.md")])
+    assert {kb.store.get_document(d).version for d in ("a.md", "b.md")} == {old[0].version}
+    assert versions_seen(kb) == {old[0].version}
+    monkeypatch.setattr(kb.store, "write_chunks", original)
+    new = kb.ingestor.ingest_many([Upload(document("v2"), "a.md"), Upload(document("v2"), "b.md")])
+    assert kb.store.count_chunks() == sum(r.chunks for r in new)
