@@ -149,3 +149,8 @@ def _collections(kb: KnowledgeBase) -> list[str]:
         return client.list_collections()
     finally:
         client.close()
+
+
+def test_a_query_that_is_not_unicode_is_refused(kb: KnowledgeBase) -> None:
+    with pytest.raises(ValueError, match="lone surrogate"):
+        kb.search("budget \ud800 approval")
