@@ -323,7 +323,11 @@ def _wait_for_top_hit(site: Site, query: str, doc_id: str, timeout_s: float = 18
         if found.get("hits") and found["hits"][0]["doc_id"] == doc_id:
             return
         time.sleep(2)
-    raise AssertionError(f"{doc_id} is not the top hit for {query!r}: {found}")
+    journals = "\n".join(  # what the consumer and the gateway said: the host goes with the fixture
+        site.host.exec("journalctl", "-u", unit, "--no-pager", "-n", "40", check=False).stdout[-4000:]
+        for unit in ("dualtrack-kb-sync", "dualtrack-gateway")
+    )
+    raise AssertionError(f"{doc_id} is not the top hit for {query!r}: {found}\n{journals}")
 
 
 def host_changes(site: Site) -> int:
