@@ -517,18 +517,20 @@ class KnowledgeStore:
 
     def get_documents(self, doc_ids: Sequence[str]) -> dict[str, DocumentRecord]:
         """``get_document`` for many documents in one query per thousand."""
+        rows = self._registry_rows(doc_ids, list(schema.REGISTRY_OUTPUT_FIELDS))
+        return {r[schema.DOC_ID]: DocumentRecord.from_row(r) for r in rows}
+
+    def _registry_rows(self, doc_ids: Sequence[str], fields: list[str]) -> Iterator[dict[str, Any]]:
+        """The registry rows of ``doc_ids`` (``fields`` of them), a query per thousand ids."""
         ids = sorted(set(doc_ids))
-        out: dict[str, DocumentRecord] = {}
         for start in range(0, len(ids), 1000):
-            rows = self._call(
+            yield from self._call(
                 "query",
                 self.client.query,
                 self.registry,
                 filter=in_list(schema.DOC_ID, ids[start : start + 1000]),
-                output_fields=list(schema.REGISTRY_OUTPUT_FIELDS),
+                output_fields=fields,
             )
-            out.update({r[schema.DOC_ID]: DocumentRecord.from_row(r) for r in rows})
-        return out
 
     def version_counts(self, doc_ids: Sequence[str]) -> dict[tuple[str, str], int]:
         """``(doc_id, version) -> chunks stored`` for every version of these documents."""
@@ -646,18 +648,8 @@ class KnowledgeStore:
 
     def registered(self, doc_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
         """``doc_id -> (active version, chunk count)`` from the registry, for many documents."""
-        ids = sorted(set(doc_ids))
-        out: dict[str, tuple[str, int]] = {}
-        for start in range(0, len(ids), 1000):
-            rows = self._call(
-                "query",
-                self.client.query,
-                self.registry,
-                filter=in_list(schema.DOC_ID, ids[start : start + 1000]),
-                output_fields=[schema.DOC_ID, schema.VERSION, schema.CHUNKS],
-            )
-            out.update({r[schema.DOC_ID]: (r[schema.VERSION], int(r[schema.CHUNKS])) for r in rows})
-        return out
+        rows = self._registry_rows(doc_ids, [schema.DOC_ID, schema.VERSION, schema.CHUNKS])
+        return {r[schema.DOC_ID]: (r[schema.VERSION], int(r[schema.CHUNKS])) for r in rows}
 
     def delete_chunks(self, chunk_ids: Sequence[str], batch: int = 1000) -> None:
         """Delete chunks by primary key: exact, and far cheaper for Milvus than a filter."""
