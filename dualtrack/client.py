@@ -62,10 +62,6 @@ class GatewayClient:
         users: list[str] | None = None,
     ) -> dict[str, Any]:
         """Upload one file; returns the ingest result (rejections and refusals included)."""
-        suffix = suffix_of(path.name)
-        ctype = CONTENT_TYPES.get(
-            suffix, (mimetypes.guess_type(path.name)[0] or "application/octet-stream",)
-        )[0]
         data: dict[str, str | list[str]] = {"source": source}
         if groups:
             data["groups"] = groups
@@ -84,13 +80,29 @@ class GatewayClient:
                 "POST",
                 "/v1/documents",
                 ok=(200, 201, 403, 413, 415, 422),
-                files={"file": (path.name, fh, ctype)},
+                files={"file": (path.name, fh, _content_type(path))},
                 data=data,
             )
         body = r.json()
         if "status" not in body:
             return {"name": source, "status": "rejected", "reason": _detail(body.get("detail")), "chunks": 0}
         return body
+
+    def upload_batch(self, files: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]] | None:
+        """Upload several files in one request (``POST /v1/documents/batch``); each entry is a
+        path and its options (source, classification, doc_id, metadata, title, groups, users).
+        Returns one result per file, in order; None when this gateway takes no batch of these
+        (it has no batch endpoint, or its limits are smaller): send them one by one."""
+        items = [{k: v for k, v in opts.items() if v} for _, opts in files]
+        parts = [("files", (path.name, path.read_bytes(), _content_type(path))) for path, _ in files]
+        r = self._request(
+            "POST",
+            "/v1/documents/batch",
+            ok=(200, 404, 405, 413),
+            files=parts,
+            data={"items": json.dumps(items)},
+        )
+        return r.json()["results"] if r.status_code == 200 else None
 
     def search(self, query: str, **kw: Any) -> dict[str, Any]:
         return self._request("POST", "/v1/search", json={"query": query, **_clean(kw)}).json()
@@ -116,3 +128,8 @@ def _detail(detail: Any) -> str:
     if isinstance(detail, list):  # FastAPI validation errors
         return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
     return str(detail)
+
+
+def _content_type(path: Path) -> str:
+    suffix = suffix_of(path.name)
+    return CONTENT_TYPES.get(suffix, (mimetypes.guess_type(path.name)[0] or "application/octet-stream",))[0]

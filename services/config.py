@@ -276,6 +276,13 @@ class IngestSettings(_Section):
     max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1024**3)
     max_chunks_per_document: int = Field(2000, ge=1, le=1_000_000)
     insert_batch: int = Field(256, ge=1, le=10000)
+    max_batch_documents: int = Field(
+        64,
+        ge=1,
+        le=1000,
+        description="Most files one POST /v1/documents/batch may carry (their bytes together "
+        "stay within max_file_bytes).",
+    )
 
 
 class RetrievalSettings(_Section):

@@ -55,19 +55,30 @@ def kb_ingest(
     exclude: Annotated[
         list[str] | None, typer.Option(help="Glob of relative paths to skip (repeatable)")
     ] = None,
+    batch: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=1000,
+            help="Files per request: the gateway batches their writes (1: one file per request)",
+        ),
+    ] = 16,
     url: UrlOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
     """Upload documents to the knowledge base; unchanged ones are skipped.
 
-    Exit code 1 when any file was rejected or refused (the summary says why)."""
+    Files go in batches (``--batch``, within the gateway's ``ingest.max_file_bytes`` per
+    request); each file is still ingested, skipped or rejected on its own. Exit code 1 when
+    any file was rejected or refused (the summary says why)."""
     files = list(_walk(paths, exclude or []))
     if not files:
         raise fail("no supported files found (" + ", ".join(sorted(CONTENT_TYPES)) + ")")
-    rules = settings_or_fail().classification.rules()
+    settings = settings_or_fail()
+    rules = settings.classification.rules()
+    room = settings.ingest.max_file_bytes
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
-    chunks = 0
     with (
         gateway_client(url, api_key) as client,
         Progress(
@@ -80,37 +91,63 @@ def kb_ingest(
         ) as progress,
     ):
         task = progress.add_task("ingesting", total=len(files), rate="")
-        for path, source in files:
-            progress.update(task, description=f"ingesting {source}")
+        pending: list[tuple[Path, dict[str, Any]]] = []
+
+        def send() -> None:
+            if not pending:
+                return
+            first = pending[0][1]["source"]
+            more = f" (+{len(pending) - 1})" if len(pending) > 1 else ""
+            progress.update(task, description=f"ingesting {first}{more}")
             try:
-                side = read_sidecar(path)
-                # rules also see the absolute path, so the folder passed on the command line
-                # never hides a rule such as confidential/* (labels only ever go up)
-                ruled = labels_from_rules(str(path.resolve()), rules)
-                given = [c for c in (classification, side.classification, *ruled) if c is not None]
-                label = most_restrictive(given, default=given[0]) if given else None
-                result = client.upload(
-                    path,
-                    source,
-                    classification=label.value if label else None,
-                    doc_id=side.doc_id,
-                    metadata=side.metadata or None,
-                    title=side.title,
-                    groups=side.acl.groups if side.acl else None,
-                    users=side.acl.users if side.acl else None,
-                )
-            except SidecarError as exc:
-                result = {"name": source, "status": "rejected", "reason": str(exc), "chunks": 0}
+                done = client.upload_batch(pending) if len(pending) > 1 else None
+                if done is None:
+                    done = [client.upload(path, **opts) for path, opts in pending]
             except GatewayError as exc:
                 raise fail(str(exc)) from None
-            results.append(result)
-            if result["status"] == "ingested":
-                chunks += result.get("chunks", 0)
+            results.extend(done)
+            chunks = sum(r.get("chunks", 0) for r in results if r["status"] == "ingested")
             elapsed = time.perf_counter() - started
-            progress.update(task, advance=1, rate=f"{chunks / elapsed:.1f} chunks/s")
+            progress.update(task, advance=len(pending), rate=f"{chunks / elapsed:.1f} chunks/s")
+            pending.clear()
+
+        for path, source in files:
+            try:
+                opts = _upload_options(path, source, classification, rules)
+            except SidecarError as exc:
+                results.append({"name": source, "status": "rejected", "reason": str(exc), "chunks": 0})
+                progress.update(task, advance=1)
+                continue
+            size = path.stat().st_size
+            if pending and (len(pending) >= batch or sum(p.stat().st_size for p, _ in pending) + size > room):
+                send()
+            pending.append((path, opts))
+        send()
     _ingest_summary(results, time.perf_counter() - started)
     if any(r["status"] in ("rejected", "refused") for r in results):
         raise typer.Exit(1)
+
+
+def _upload_options(
+    path: Path, source: str, classification: Classification | None, rules: Any
+) -> dict[str, Any]:
+    """What one file is uploaded with: its sidecar's options and the most restrictive of the
+    given label, the sidecar's and the local path rules' (labels only ever go up)."""
+    side = read_sidecar(path)
+    # rules also see the absolute path, so the folder passed on the command line
+    # never hides a rule such as confidential/*
+    ruled = labels_from_rules(str(path.resolve()), rules)
+    given = [c for c in (classification, side.classification, *ruled) if c is not None]
+    label = most_restrictive(given, default=given[0]) if given else None
+    return {
+        "source": source,
+        "classification": label.value if label else None,
+        "doc_id": side.doc_id,
+        "metadata": side.metadata or None,
+        "title": side.title,
+        "groups": side.acl.groups if side.acl else None,
+        "users": side.acl.users if side.acl else None,
+    }
 
 
 def _ingest_summary(results: list[dict[str, Any]], elapsed: float) -> None:

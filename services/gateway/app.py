@@ -8,15 +8,14 @@ model in a background thread at start-up so ``/healthz`` answers at once and
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, Response, UploadFile, status
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -32,16 +31,14 @@ from services.gateway import schemas
 from services.gateway.answering import answer_routes
 from services.gateway.audit import Auditor, audit_of, passages
 from services.gateway.auth import authenticate, bearer, is_public, principal_of
+from services.gateway.documents import document_routes
 from services.gateway.metrics import Metrics
-from services.kb.access import EVERYTHING, Acl, AclError, Reader
-from services.kb.classification import Classification, parse_label
+from services.kb.access import EVERYTHING, Reader
+from services.kb.classification import Classification
 from services.kb.errors import KBError
 from services.kb.filters import SearchFilter
-from services.kb.ingest import IngestResult, WriteRefused, validate_doc_id
-from services.kb.loaders import CONTENT_TYPES, suffix_of
 from services.kb.models import Hit
 from services.kb.service import KnowledgeBase
-from services.kb.store import DocumentRecord
 from services.llm.metrics import LLMMetrics
 from services.llm.service import AnswerService
 from services.sync.publisher import Publisher
@@ -49,6 +46,8 @@ from services.sync.publisher import Publisher
 log = logging.getLogger(__name__)
 
 _MULTIPART_OVERHEAD = 64 * 1024
+UPLOADS = ("/v1/documents", "/v1/documents/batch")
+"""The upload paths: size-checked from their headers, recorded before they act."""
 
 
 def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
@@ -138,7 +137,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     def _upload_gate(request: Request) -> Response | None:
         """Uploads are size-checked from their headers alone, so an oversized (or length-less,
         chunked) body is never written to disk."""
-        if request.method != "POST" or request.url.path != "/v1/documents":
+        if request.method != "POST" or request.url.path not in UPLOADS:
             return None
         try:  # the role is checked before the body is read, too
             _require(principal_of(request), Role.CONTRIBUTOR)
@@ -196,199 +195,6 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    # -- documents -----------------------------------------------------------------------
-
-    @app.post(
-        "/v1/documents",
-        tags=["documents"],
-        dependencies=writes,
-        response_model=schemas.IngestResponse,
-        status_code=201,
-        responses={200: {"description": "unchanged: skipped"}, 413: {}, 415: {}, 422: {}},
-        summary="Upload a document (.txt .md .html .pdf .docx)",
-    )
-    def upload(
-        file: Annotated[UploadFile, File(description="the document")],
-        classification: Annotated[str | None, Form(description="public | internal | confidential")] = None,
-        doc_id: Annotated[str | None, Form()] = None,
-        source: Annotated[str | None, Form(description="path used for rules and citations")] = None,
-        metadata: Annotated[str | None, Form(description="JSON object of scalar values")] = None,
-        title: Annotated[str | None, Form(max_length=200)] = None,
-        groups: Annotated[
-            list[str] | None, Form(description='who may read it (repeat the field); "*" is everyone')
-        ] = None,
-        users: Annotated[
-            list[str] | None, Form(description="users who may read it (repeat the field)")
-        ] = None,
-        *,
-        request: Request,
-    ) -> JSONResponse:
-        name = source or file.filename or "upload"
-        _check_content_type(name, file.content_type)
-        label = _label(classification)
-        meta = _metadata(metadata)
-        principal = principal_of(request)
-        try:
-            acl = Acl.of(groups or (), users or (), "upload") if groups or users else None
-        except AclError as exc:
-            raise HTTPException(422, str(exc)) from None
-        if doc_id is not None:
-            try:
-                validate_doc_id(doc_id)
-            except ValueError as exc:
-                raise HTTPException(422, str(exc)) from None
-        data = file.file.read(max_upload + 1)
-        if len(data) > max_upload:
-            raise HTTPException(
-                413, f"{name}: upload is over the limit of {max_upload} bytes (ingest.max_file_bytes)"
-            )
-        result = knowledge.ingestor.ingest_bytes(
-            data,
-            name,
-            doc_id=doc_id,
-            labels=[label],
-            acls=[acl],
-            default_acl=None if principal.has(Role.ADMIN) else principal.own_acl(),
-            metadata=meta,
-            title=title,
-            authorize=lambda new, current: _may_write(principal, new, current),
-        )
-        audit_of(request).detail = {
-            "doc_id": result.doc_id,
-            "outcome": result.status,
-            "classification": result.classification.value if result.classification else None,
-            "acl": result.acl.stored() if result.acl else None,
-        }  # not the reason: a parser's message may quote the document
-        metrics.ingested_documents.labels(result.status).inc()
-        if result.status == "ingested" and result.classification is not None:
-            metrics.ingested_chunks.labels(result.classification.value).inc(result.chunks)
-        code = {"ingested": 201, "skipped": 200, "rejected": 422, "refused": 403}[result.status]
-        return JSONResponse(_ingest_body(result).model_dump(mode="json"), status_code=code)
-
-    @app.get(
-        "/v1/documents",
-        tags=["documents"],
-        dependencies=secured,
-        response_model=schemas.DocumentList,
-        summary="List stored documents",
-    )
-    def list_documents(request: Request, limit: int = 1000, offset: int = 0) -> schemas.DocumentList:
-        docs = knowledge.store.list_documents(
-            limit=min(max(limit, 1), 16384),
-            offset=max(offset, 0),
-            reader=principal_of(request).reader(),
-        )
-        audit_of(request).detail = {"documents": len(docs)}
-        return schemas.DocumentList(documents=[_doc_out(d) for d in docs])
-
-    @app.get(
-        "/v1/documents/{doc_id}",
-        tags=["documents"],
-        dependencies=secured,
-        response_model=schemas.DocumentDetail,
-        responses={404: {}},
-        summary="A document's record and its chunks",
-    )
-    def get_document(doc_id: str, request: Request) -> schemas.DocumentDetail:
-        _known_shape(doc_id)
-        record = _readable(doc_id, principal_of(request))
-        chunks = knowledge.store.chunks_of(doc_id, record.version)
-        return schemas.DocumentDetail(
-            **_doc_out(record).model_dump(),
-            chunk_list=[
-                schemas.ChunkSummary(
-                    id=c.id,
-                    chunk_no=c.chunk_no,
-                    page=c.page or None,
-                    section=c.sections,
-                    words=len(c.text.split()),
-                )
-                for c in chunks
-            ],
-        )
-
-    @app.get(
-        "/v1/documents/{doc_id}/chunks/{chunk_id}",
-        tags=["documents"],
-        dependencies=secured,
-        response_model=schemas.ChunkOut,
-        responses={404: {}},
-        summary="One chunk's text: what a citation points to",
-    )
-    def get_chunk(doc_id: str, chunk_id: str, request: Request) -> schemas.ChunkOut:
-        _known_shape(doc_id)
-        record = knowledge.store.get_document(doc_id)
-        if record is not None and not principal_of(request).reader().may_read(
-            record.classification, record.acl
-        ):
-            record = None  # not readable is not found: its existence is not disclosed
-        chunk = (
-            next((c for c in knowledge.store.chunks_of(doc_id, record.version) if c.id == chunk_id), None)
-            if record is not None
-            else None
-        )
-        if chunk is None:
-            raise HTTPException(404, f"no chunk {chunk_id!r} in the current version of {doc_id!r}")
-        audit_of(request).results = passages([Hit(chunk, 1.0)])
-        return schemas.ChunkOut(
-            id=chunk.id,
-            doc_id=chunk.doc_id,
-            chunk_no=chunk.chunk_no,
-            title=chunk.metadata.get("title"),
-            source=chunk.source,
-            page=chunk.page or None,
-            section=chunk.sections,
-            classification=chunk.classification,
-            text=chunk.text,
-            document_url=_url(doc_id, chunk.page or None),
-        )
-
-    @app.put(
-        "/v1/documents/{doc_id}/access",
-        tags=["documents"],
-        dependencies=[*secured, Depends(admin)],
-        response_model=schemas.AccessChanged,
-        responses={404: {}},
-        summary="Set a document's label and access list (admin; lowering is allowed and audited)",
-    )
-    def set_access(doc_id: str, body: schemas.AccessChange, request: Request) -> schemas.AccessChanged:
-        _known_shape(doc_id)
-        acl = None
-        if body.groups is not None or body.users is not None:
-            try:
-                acl = Acl.of(body.groups or (), body.users or (), "access")
-            except AclError as exc:
-                raise HTTPException(422, str(exc)) from None
-        changed = knowledge.ingestor.set_access(doc_id, body.classification, acl)
-        if changed is None:
-            raise HTTPException(404, f"no document {doc_id!r}")
-        before, after = changed
-        audit_of(request).detail = {
-            "reason": body.reason,
-            "before": {"classification": before.classification.value, "acl": before.acl.stored()},
-            "after": {"classification": after.classification.value, "acl": after.acl.stored()},
-            "lowered": after.classification.rank < before.classification.rank,
-        }
-        return schemas.AccessChanged(doc_id=doc_id, before=_doc_out(before), after=_doc_out(after))
-
-    @app.delete(
-        "/v1/documents/{doc_id}",
-        tags=["documents"],
-        dependencies=writes,
-        status_code=204,
-        responses={404: {}},
-        summary="Delete a document and all its chunks",
-    )
-    def delete_document(doc_id: str, request: Request) -> Response:
-        _known_shape(doc_id)
-        principal = principal_of(request)
-        record = _readable(doc_id, principal)
-        if not principal.may_manage(record.acl):
-            raise HTTPException(403, _unmanaged(principal, record))
-        if not knowledge.ingestor.delete(doc_id):
-            raise HTTPException(404, f"no document {doc_id!r}")
-        return Response(status_code=204)
 
     # -- retrieval -----------------------------------------------------------------------
 
@@ -467,46 +273,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
             url=_url(c.doc_id, c.page or None),
         )
 
-    def _doc_out(d: Any) -> schemas.DocumentOut:
-        return schemas.DocumentOut(
-            doc_id=d.doc_id,
-            title=d.title,
-            source=d.source,
-            classification=d.classification,
-            version=d.version,
-            content_hash=d.content_hash,
-            chunks=d.chunks,
-            ingested_at=d.ingested_at,
-            metadata=d.metadata,
-            access=schemas.Access.of(d.acl),
-            url=_url(d.doc_id),
-        )
-
-    def _readable(doc_id: str, principal: Principal) -> DocumentRecord:
-        """The document's record if ``principal`` may read it; a 404 otherwise, the same as for
-        a document that does not exist, so its existence is not disclosed."""
-        record = knowledge.store.get_document(doc_id)
-        if record is None or not principal.reader().may_read(record.classification, record.acl):
-            raise HTTPException(404, f"no document {doc_id!r}")
-        return record
-
-    def _may_write(principal: Principal, new: DocumentRecord | None, current: DocumentRecord | None) -> None:
-        if current is not None and not principal.reader().may_read(current.classification, current.acl):
-            raise WriteRefused(
-                f"doc_id {current.doc_id!r} belongs to a document you cannot read; choose another doc_id"
-            )
-        if current is not None and not principal.may_manage(current.acl):
-            raise WriteRefused(_unmanaged(principal, current))
-        if new is None:
-            return
-        added = Acl(new.acl.entries - current.acl.entries) if current is not None else new.acl
-        if not principal.has(Role.ADMIN) and not added.within(principal.tokens()):
-            raise WriteRefused(
-                f"you may give access only to your own groups or yourself; the document's access "
-                f"list would be [{new.acl}], and {principal.subject!r} is in: "
-                f"{', '.join(sorted(principal.groups)) or 'no groups'}"
-            )
-
+    app.include_router(document_routes(settings, knowledge, metrics, secured, writes, [Depends(admin)], _url))
     app.include_router(answer_routes(settings, answers, _search, _probe, _verbatim, _chunk_url, secured))
     return app
 
@@ -514,7 +281,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
 def _mutates(request: Request) -> bool:
     """An upload, a delete or an access change: recorded before it acts, too."""
     return request.method in ("PUT", "PATCH", "DELETE") or (
-        request.method == "POST" and request.url.path.endswith("/v1/documents")
+        request.method == "POST" and request.url.path in UPLOADS
     )
 
 
@@ -522,14 +289,6 @@ def _unrecorded() -> JSONResponse:
     return JSONResponse(
         {"detail": "the audit log cannot be written: the request was not carried out; try again later"},
         status_code=503,
-    )
-
-
-def _unmanaged(principal: Principal, record: DocumentRecord) -> str:
-    groups = ", ".join(sorted(principal.groups)) or "none"
-    return (
-        f"{record.doc_id!r} is shared with [{record.acl}]: a contributor may change documents shared "
-        f"with one of its groups; {principal.subject!r} is in: {groups}"
     )
 
 
@@ -548,62 +307,3 @@ def publisher_for(
     publisher = Publisher(settings, lambda: knowledge.store, lambda: knowledge.embedder.model_id, registry)
     knowledge.listener = publisher
     return publisher
-
-
-def _known_shape(doc_id: str) -> None:
-    """An id no document can have is a plain 404, never a malformed Milvus expression."""
-    try:
-        validate_doc_id(doc_id)
-    except ValueError:
-        raise HTTPException(404, f"no document {doc_id!r}") from None
-
-
-def _check_content_type(name: str, declared: str | None) -> None:
-    suffix = suffix_of(name)
-    allowed = CONTENT_TYPES.get(suffix)
-    if allowed is None:
-        raise HTTPException(
-            415,
-            f"{name}: unsupported file type {suffix or '(none)'!r}; "
-            f"supported: {', '.join(sorted(CONTENT_TYPES))}",
-        )
-    ctype = (declared or "application/octet-stream").split(";")[0].strip().lower()
-    if ctype not in (*allowed, "application/octet-stream"):
-        raise HTTPException(
-            415, f"{name}: content type {ctype!r} does not match {suffix}; expected {allowed[0]}"
-        )
-
-
-def _label(value: str | None) -> Classification | None:
-    if value is None or not value.strip():
-        return None
-    try:
-        return parse_label(value, "classification")
-    except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
-
-
-def _metadata(value: str | None) -> dict[str, Any] | None:
-    if not value:
-        return None
-    try:
-        meta = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise HTTPException(422, f"metadata is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or not all(isinstance(v, str | int | float | bool) for v in meta.values()):
-        raise HTTPException(422, "metadata must be a JSON object of strings, numbers and booleans")
-    return meta
-
-
-def _ingest_body(result: IngestResult) -> schemas.IngestResponse:
-    return schemas.IngestResponse(
-        name=result.name,
-        status=result.status,
-        doc_id=result.doc_id,
-        chunks=result.chunks,
-        version=result.version,
-        classification=result.classification,
-        access=schemas.Access.of(result.acl) if result.acl is not None else None,
-        reason=result.reason,
-        timings={k: round(v, 6) for k, v in result.timings.items()},
-    )

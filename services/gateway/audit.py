@@ -32,6 +32,7 @@ ACTIONS = {
     ("GET", "/v1/models"): "models",
     ("GET", "/v1/documents"): "list",
     ("POST", "/v1/documents"): "upload",
+    ("POST", "/v1/documents/batch"): "upload_batch",
     ("GET", "/v1/documents/{doc_id}"): "get",
     ("DELETE", "/v1/documents/{doc_id}"): "delete",
     ("GET", "/v1/documents/{doc_id}/chunks/{chunk_id}"): "get_chunk",

@@ -106,6 +106,27 @@ class IngestResponse(BaseModel):
     timings: dict[str, float]
 
 
+class BatchItem(BaseModel):
+    """The options of one file in a batch upload: what the single upload takes as form fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | None = Field(None, description="path used for rules and citations")
+    doc_id: str | None = None
+    classification: str | None = Field(None, description="public | internal | confidential")
+    title: str | None = Field(None, max_length=200)
+    metadata: dict[str, str | int | float | bool] | None = None
+    groups: list[str] | None = Field(None, description='who may read it; "*" is everyone')
+    users: list[str] | None = None
+
+
+class BatchIngestResponse(BaseModel):
+    """One result per file, in the order sent: each file is ingested, skipped, rejected or
+    refused on its own (a rejected file does not stop the others)."""
+
+    results: list[IngestResponse]
+
+
 class ChunkOut(BaseModel):
     """One stored chunk: what a citation points to."""
 

@@ -294,15 +294,19 @@ class Ingestor:
             writes: list[tuple[int, PreparedDocument]] = []
             for u, target in zip(uploads, targets, strict=True):
                 now = current.get(target)
-                prepared = self.prepare(
+                refused = _refusal(u, None, now, target)  # before anything of the stored version shows
+                prepared = refused or self.prepare(
                     u.data,
                     u.source,
                     doc_id=u.doc_id,
                     labels=[*(u.labels or []), now.classification if now else None],
                     acls=[*(u.acls or []), now.acl if now else None],
+                    default_acl=u.default_acl,
                     title=u.title,
                     metadata=u.metadata,
                 )
+                if not isinstance(prepared, IngestResult):
+                    prepared = _refusal(u, prepared.record, now, prepared.record.doc_id) or prepared
                 results.append(
                     prepared if isinstance(prepared, IngestResult) else _pending(u.source, prepared)
                 )
@@ -583,6 +587,22 @@ class Upload:
     acls: list[Acl | None] | None = None
     title: str | None = None
     metadata: Mapping[str, Any] | None = None
+    default_acl: Acl | None = None
+    authorize: Authorize | None = None
+
+
+def _refusal(
+    upload: Upload, new: DocumentRecord | None, current: DocumentRecord | None, doc_id: str
+) -> IngestResult | None:
+    """The upload's ``authorize`` check as a result: None when it may write (or has no check).
+    Before parsing only a stored version is checked, as in ``ingest_bytes``."""
+    if upload.authorize is None or (new is None and current is None):
+        return None
+    try:
+        upload.authorize(new, current)
+    except WriteRefused as exc:
+        return IngestResult(name=upload.source, status="refused", doc_id=doc_id, reason=exc.reason)
+    return None
 
 
 def _pending(name: str, prepared: PreparedDocument) -> IngestResult:

@@ -63,6 +63,14 @@ def test_ingest_ask_search_and_skip(stack: dict[str, str]) -> None:
     assert "confidential" in first.stdout
     again = run(stack, "kb", "ingest", "docs/samples", "--exclude", "README.md")
     assert "0 ingested, 7 skipped, 0 rejected" in again.stdout
+    singly = run(stack, "kb", "ingest", "docs/samples", "--exclude", "README.md", "--batch", "1")
+    assert "0 ingested, 7 skipped, 0 rejected" in singly.stdout
+    gateway_log = next(
+        c["log"] for c in json.loads(run(stack, "local", "status", "--json").stdout) if c["name"] == "gateway"
+    )
+    requests = Path(gateway_log).read_text(errors="replace")
+    assert requests.count('"POST /v1/documents/batch HTTP/1.1" 200') == 2  # a batch per run
+    assert requests.count('"POST /v1/documents HTTP/1.1" 200') >= 7  # one per file with --batch 1
 
     ans = run(stack, "ask", "How many vacation days do full-time employees get per year?")
     assert "A: " in ans.stdout and "[1]" in ans.stdout
@@ -82,6 +90,11 @@ def test_rejected_file_is_reported_with_reason_and_exit_1(stack: dict[str, str],
     proc = run(stack, "kb", "ingest", str(bad), ok=False)
     assert proc.returncode == 1
     assert "rejected" in proc.stdout and "PDF" in proc.stdout
+    (tmp_path / "ok.md").write_text("# Lockers\n\nLocker keys are at the front desk.\n")
+    proc = run(stack, "kb", "ingest", str(tmp_path), ok=False)  # one batch: the bad file stops nothing
+    assert proc.returncode == 1 and "1 ingested, 0 skipped, 1 rejected" in proc.stdout
+    found = run(stack, "kb", "search", "Where are the locker keys?", "-k", "1")
+    assert "ok.md" in found.stdout
 
 
 def test_status_reports_processes_logs_and_health(stack: dict[str, str]) -> None:

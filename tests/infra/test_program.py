@@ -422,9 +422,12 @@ def test_engine_build_job_only_for_engine_profiles(plans: dict[str, Plan]) -> No
     build_v2 = _one(plans["staging"], "kubernetes:batch/v1:Job", "serving-engine-build-v2")
     deployment_v2 = next(r for r in plans["staging"].resources if r.name == "serving-v2")
     assert build_v2.urn in deployment_v2.depends_on and canary["metadata"]["name"] == "triton-v2"
-    upload = jobs["staging"][1]["spec"]["template"]["spec"]["containers"][0]
+    # the mocks register resources in any order: pick each version's Job by its name
+    by_name = {o["metadata"]["name"].rsplit("-", 1)[-1]: o for o in jobs["staging"]}
+    assert sorted(by_name) == ["v1", "v2"], [o["metadata"]["name"] for o in jobs["staging"]]
+    upload = by_name["v2"]["spec"]["template"]["spec"]["containers"][0]
     assert upload["args"][1].endswith("/deepseek-r1-distill-qwen-32b/v2/engines/")
-    job = jobs["staging"][0]["spec"]["template"]["spec"]
+    job = by_name["v1"]["spec"]["template"]["spec"]
     assert job["priorityClassName"] == "batch"
     assert [c["name"] for c in job["initContainers"]] == ["fetch-checkpoint", "build"]
     assert job["initContainers"][1]["resources"]["limits"]["nvidia.com/gpu"] == "4"

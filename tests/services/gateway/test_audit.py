@@ -154,3 +154,32 @@ def test_a_log_that_cannot_be_written_withholds_the_answer(make_settings, embedd
         assert _verify(audit).returncode == 0
     finally:
         subprocess.run(["umount", str(audit)], check=True)
+
+
+def test_a_batch_upload_is_recorded_per_document_without_its_text(site, tmp_path: Path) -> None:
+    url, _ = site
+    files = [
+        ("files", ("escrow.md", f"# Escrow\n\n{CANARY}\n".encode())),
+        ("files", ("broken.md", "Gr\xfc\xdfe".encode("latin-1"))),
+    ]
+    items = json.dumps([{"source": "escrow.md", "classification": "confidential"}, {"source": "broken.md"}])
+    r = httpx.post(
+        f"{url}/v1/documents/batch",
+        files=files,
+        data={"items": items},
+        headers={"Authorization": f"Bearer {BOOTSTRAP}"},
+    )
+    assert [x["status"] for x in r.json()["results"]] == ["ingested", "rejected"]
+    everything = _records(tmp_path / "audit")
+    assert [(x["method"], x["path"]) for x in everything if x.get("phase") == "begin"] == [
+        ("POST", "/v1/documents/batch")
+    ]
+    (record,) = [x for x in everything if "phase" not in x]
+    assert record["action"] == "upload_batch" and record["status"] == 200
+    assert [(d["doc_id"], d["outcome"], d["classification"]) for d in record["detail"]["documents"]] == [
+        ("escrow.md", "ingested", "confidential"),
+        ("broken.md", "rejected", None),
+    ]
+    text = (tmp_path / "audit" / "audit.jsonl").read_text()
+    assert "QX-7731" not in text and "UTF-8" not in text  # neither the text nor a parser's reason
+    assert _verify(tmp_path / "audit").returncode == 0
