@@ -323,11 +323,27 @@ def _wait_for_top_hit(site: Site, query: str, doc_id: str, timeout_s: float = 18
         if found.get("hits") and found["hits"][0]["doc_id"] == doc_id:
             return
         time.sleep(2)
-    journals = "\n".join(  # what the consumer and the gateway said: the host goes with the fixture
-        site.host.exec("journalctl", "-u", unit, "--no-pager", "-n", "40", check=False).stdout[-4000:]
-        for unit in ("dualtrack-kb-sync", "dualtrack-gateway")
+    # what the consumer said, last (a CI log keeps the tail): the host goes with the fixture
+    said = [
+        site.host.exec(
+            "journalctl", "-u", unit, "--no-pager", "-o", "short-precise", "-n", n, check=False
+        ).stdout
+        for unit, n in (("dualtrack-gateway", "6"), ("dualtrack-kb-sync", "80"))
+    ]
+    counted = [
+        line
+        for line in _curl(site, "http://127.0.0.1:9464/metrics", check=False).splitlines()
+        if line.startswith(
+            ("dualtrack_sync_events_total", "dualtrack_sync_lag", "dualtrack_sync_store_retries")
+        )
+    ]
+    state = site.host.exec(
+        "systemctl", "show", "-p", "ActiveState,NRestarts", "dualtrack-kb-sync", check=False
     )
-    raise AssertionError(f"{doc_id} is not the top hit for {query!r}: {found}\n{journals}")
+    raise AssertionError(
+        f"{doc_id} is not the top hit for {query!r}: {found}\n"
+        + "\n".join([*said, *counted, state.stdout])[-6000:]
+    )
 
 
 def host_changes(site: Site) -> int:

@@ -8,8 +8,10 @@ created and filled, and both sides keep reading the same data afterwards.
 
 from __future__ import annotations
 
+import time
+
 import pytest
-from pymilvus import Collection, connections
+from pymilvus import Collection, MilvusException, connections
 
 from services.kb.service import KnowledgeBase
 from tests.services.kb.test_store import ingest_samples
@@ -21,7 +23,18 @@ SEED_INDEX = {"index_type": "IVF_FLAT", "metric_type": "L2", "params": {"nlist":
 
 @pytest.fixture
 def orm(milvus_server):
-    connections.connect("default", host="127.0.0.1", port=str(milvus_server.port))
+    # milvus-lite's gRPC server keeps gRPC's default ping policy (a ping per 5 minutes without
+    # calls) while pymilvus pings every 10 s: an idle connection of an earlier test to the same
+    # server is sent GOAWAY "too many pings", and a new channel that shares its subchannel can
+    # fail its first call with it. The seed connects once; here it may take a second try.
+    for attempt in range(3):
+        try:
+            connections.connect("default", host="127.0.0.1", port=str(milvus_server.port))
+            break
+        except MilvusException:
+            if attempt == 2:
+                raise
+            time.sleep(1)
     yield
     connections.disconnect("default")
 
