@@ -190,16 +190,17 @@ class SyncConsumer:
             log.warning("offset commit failed (%s); the events will be applied again", exc)
 
     def update_lag(self, consumer: Consumer) -> None:
+        """Events not yet applied, per partition: the high watermark of the last fetch minus
+        our position (after ``handle`` every consumed offset is committed). Both are local
+        to the client, so the loop never waits on the broker for a metric; a partition
+        nothing has been fetched from yet is left out until it is."""
         self._last_lag = time.monotonic()
         try:
-            assigned = consumer.assignment()
-            if not assigned:
-                return
-            committed = consumer.committed(assigned, timeout=5)
-            for tp in committed:
-                low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-                done = tp.offset if tp.offset >= 0 else low
-                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(high - done, 0))
+            for tp in consumer.position(consumer.assignment()):
+                _, high = consumer.get_watermark_offsets(tp, cached=True)
+                if high < 0 or tp.offset < 0:
+                    continue
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(high - tp.offset, 0))
         except KafkaException as exc:
             log.debug("lag not updated: %s", exc)
 
