@@ -192,15 +192,26 @@ class SyncConsumer:
     def update_lag(self, consumer: Consumer) -> None:
         """Events not yet applied, per partition: the high watermark of the last fetch minus
         our position (after ``handle`` every consumed offset is committed). Both are local
-        to the client, so the loop never waits on the broker for a metric; a partition
-        nothing has been fetched from yet is left out until it is."""
-        self._last_lag = time.monotonic()
+        to the client, so a busy loop does not wait on the broker for a metric. A partition
+        nothing has been read from yet has no position: its committed offset is asked for
+        (after start-up or a rebalance only); one nothing has been fetched from is left out
+        until it is."""
         try:
+            unknown: list[TopicPartition] = []
             for tp in consumer.position(consumer.assignment()):
                 _, high = consumer.get_watermark_offsets(tp, cached=True)
-                if high < 0 or tp.offset < 0:
+                if high < 0:
+                    continue
+                if tp.offset < 0:
+                    unknown.append(tp)
                     continue
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(high - tp.offset, 0))
+                self._last_lag = time.monotonic()
+            for tp in consumer.committed(unknown, timeout=5) if unknown else []:
+                low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=tp.offset >= 0)
+                done = tp.offset if tp.offset >= 0 else low
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(high - done, 0))
+                self._last_lag = time.monotonic()
         except KafkaException as exc:
             log.debug("lag not updated: %s", exc)
 

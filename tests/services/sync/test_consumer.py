@@ -158,6 +158,31 @@ def test_metrics_show_outcomes_and_lag(sync_settings: Callable[..., Settings], e
     assert lags and all(v == 0 for v in lags), lags
 
 
+def test_lag_shows_what_is_still_to_apply(sync_settings: Callable[..., Settings], embedder: Embedder) -> None:
+    """The lag gauge comes from the client's own position and the last fetch's high watermark:
+    behind, it is the number of events not yet applied; caught up, zero."""
+    settings = sync_settings(batch_size=2)
+    send_events(settings, [upsert(f"lag{i}", 1, [f"note {i}."]) for i in range(10)])
+    highest = 0.0
+
+    def lag(consumer: SyncConsumer) -> float:
+        return sum(
+            s.value
+            for m in consumer.metrics.lag.collect()
+            for s in m.samples
+            if s.name == "dualtrack_sync_lag"
+        )
+
+    with running_consumer(settings, embedder) as (consumer, _):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and handled(consumer) < 10:
+            highest = max(highest, lag(consumer))
+            time.sleep(0.02)
+        assert handled(consumer) >= 10
+        assert 0 < highest <= 8, highest  # the first reading follows the first batch of 2
+        wait_for(lambda: lag(consumer) == 0, timeout=30, what="lag back to 0")
+
+
 def debezium(
     op: str, row_before: dict | None, row_after: dict | None, ts_ms: int, wrapped: bool = False
 ) -> bytes:
