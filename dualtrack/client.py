@@ -17,6 +17,15 @@ class GatewayError(RuntimeError):
     """The gateway refused a request or cannot be reached."""
 
 
+class BatchNotTaken(Exception):
+    """The gateway did not take a batch upload: ``status`` 404/405 (it has no batch endpoint)
+    or 413 (the batch is over its limits); the files can still go one by one."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
 class GatewayClient:
     def __init__(self, base_url: str, api_key: str | None, timeout_s: float = 300.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -88,11 +97,11 @@ class GatewayClient:
             return {"name": source, "status": "rejected", "reason": _detail(body.get("detail")), "chunks": 0}
         return body
 
-    def upload_batch(self, files: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]] | None:
+    def upload_batch(self, files: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:
         """Upload several files in one request (``POST /v1/documents/batch``); each entry is a
         path and its options (source, classification, doc_id, metadata, title, groups, users).
-        Returns one result per file, in order; None when this gateway takes no batch of these
-        (it has no batch endpoint, or its limits are smaller): send them one by one."""
+        Returns one result per file, in order. Raises ``BatchNotTaken`` when this gateway
+        takes no batch (no batch endpoint: 404/405) or not this one (over its limits: 413)."""
         items = [{k: v for k, v in opts.items() if v} for _, opts in files]
         parts = [("files", (path.name, path.read_bytes(), _content_type(path))) for path, _ in files]
         r = self._request(
@@ -102,7 +111,9 @@ class GatewayClient:
             files=parts,
             data={"items": json.dumps(items)},
         )
-        return r.json()["results"] if r.status_code == 200 else None
+        if r.status_code != 200:
+            raise BatchNotTaken(r.status_code)
+        return r.json()["results"]
 
     def search(self, query: str, **kw: Any) -> dict[str, Any]:
         return self._request("POST", "/v1/search", json={"query": query, **_clean(kw)}).json()

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from dualtrack.client import GatewayError
+from dualtrack.client import BatchNotTaken, GatewayError
 from dualtrack.commands.common import KeyOpt, UrlOpt, console, fail, gateway_client, settings_or_fail
 from services.kb.classification import Classification, labels_from_rules, most_restrictive
 from services.kb.errors import KBError
@@ -77,7 +77,7 @@ def kb_ingest(
     settings = settings_or_fail()
     rules = settings.classification.rules()
     room = settings.ingest.max_file_bytes
-    results: list[dict[str, Any]] = []
+    slots: list[dict[str, Any] | None] = [None] * len(files)
     started = time.perf_counter()
     with (
         gateway_client(url, api_key) as client,
@@ -91,38 +91,50 @@ def kb_ingest(
         ) as progress,
     ):
         task = progress.add_task("ingesting", total=len(files), rate="")
-        pending: list[tuple[Path, dict[str, Any]]] = []
+        pending: list[tuple[int, Path, dict[str, Any]]] = []
+        per_request = batch
 
         def send() -> None:
+            nonlocal per_request
             if not pending:
                 return
-            first = pending[0][1]["source"]
+            first = pending[0][2]["source"]
             more = f" (+{len(pending) - 1})" if len(pending) > 1 else ""
             progress.update(task, description=f"ingesting {first}{more}")
+            entries = [(path, opts) for _, path, opts in pending]
             try:
-                done = client.upload_batch(pending) if len(pending) > 1 else None
+                done = None
+                if len(entries) > 1:
+                    try:
+                        done = client.upload_batch(entries)
+                    except BatchNotTaken as refused:
+                        # no batch endpoint: one by one from now on; over its limits: smaller batches
+                        per_request = 1 if refused.status != 413 else max(per_request // 2, 1)
                 if done is None:
-                    done = [client.upload(path, **opts) for path, opts in pending]
+                    done = [client.upload(path, **opts) for path, opts in entries]
             except GatewayError as exc:
                 raise fail(str(exc)) from None
-            results.extend(done)
-            chunks = sum(r.get("chunks", 0) for r in results if r["status"] == "ingested")
+            for (i, _, _), result in zip(pending, done, strict=True):
+                slots[i] = result
+            chunks = sum(r.get("chunks", 0) for r in slots if r is not None and r["status"] == "ingested")
             elapsed = time.perf_counter() - started
             progress.update(task, advance=len(pending), rate=f"{chunks / elapsed:.1f} chunks/s")
             pending.clear()
 
-        for path, source in files:
+        for i, (path, source) in enumerate(files):
             try:
                 opts = _upload_options(path, source, classification, rules)
             except SidecarError as exc:
-                results.append({"name": source, "status": "rejected", "reason": str(exc), "chunks": 0})
+                slots[i] = {"name": source, "status": "rejected", "reason": str(exc), "chunks": 0}
                 progress.update(task, advance=1)
                 continue
             size = path.stat().st_size
-            if pending and (len(pending) >= batch or sum(p.stat().st_size for p, _ in pending) + size > room):
+            held = sum(p.stat().st_size for _, p, _ in pending)
+            if pending and (len(pending) >= per_request or held + size > room):
                 send()
-            pending.append((path, opts))
+            pending.append((i, path, opts))
         send()
+    results = [r for r in slots if r is not None]
     _ingest_summary(results, time.perf_counter() - started)
     if any(r["status"] in ("rejected", "refused") for r in results):
         raise typer.Exit(1)

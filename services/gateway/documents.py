@@ -8,12 +8,14 @@ principal, so what a contributor may replace or share is decided in one place
 from __future__ import annotations
 
 import json
+import math
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from services.auth.principal import Principal, Role
 from services.config import Settings
@@ -66,7 +68,7 @@ def document_routes(
         *,
         request: Request,
     ) -> JSONResponse:
-        item = schemas.BatchItem(
+        item = schemas.BatchItem.model_construct(  # checked below, as the fields of one upload
             source=source,
             doc_id=doc_id,
             classification=classification,
@@ -110,25 +112,32 @@ def document_routes(
                 413,
                 f"a batch carries {len(files)} files, over the limit of {limit} (ingest.max_batch_documents)",
             )
+        total = sum(f.size or 0 for f in files)
+        if total > max_upload:
+            raise HTTPException(
+                413,
+                f"the batch's files are {total} bytes together, over the limit of {max_upload} "
+                "(ingest.max_file_bytes): send fewer files per request",
+            )
         options = _items(items, len(files))
         principal = principal_of(request)
         results: list[IngestResult | None] = [None] * len(files)
         uploads, slots = [], []
-        budget = max_upload
         for i, (file, item) in enumerate(zip(files, options, strict=True)):
             try:
-                meta = None if item.metadata is None else dict(item.metadata)
-                uploads.append(_upload(file, item, meta, principal, budget))
-                budget -= len(uploads[-1].data)
+                if isinstance(item, HTTPException):
+                    raise item
+                meta = _finite(dict(item.metadata)) if item.metadata is not None else None
+                uploads.append(_upload(file, item, meta, principal, max_upload))
                 slots.append(i)
             except HTTPException as exc:  # this file only: the others go on
-                name = item.source or file.filename or "upload"
-                results[i] = IngestResult(name=name, status="rejected", doc_id=item.doc_id, reason=exc.detail)
+                given = item if isinstance(item, schemas.BatchItem) else schemas.BatchItem()
+                results[i] = _refused_early(given.source or file.filename or "upload", given.doc_id, exc)
         for i, result in zip(slots, knowledge.ingestor.ingest_many(uploads), strict=True):
             results[i] = result
         done = [r for r in results if r is not None]
         _record(request, done)
-        audit_of(request).detail = {"documents": [_outcome(r) for r in done]}
+        audit_of(request).detail = {"documents": [{"file": i, **_outcome(r)} for i, r in enumerate(done)]}
         return schemas.BatchIngestResponse(results=[_ingest_body(r) for r in done])
 
     def _record(request: Request, results: Sequence[IngestResult]) -> None:
@@ -145,8 +154,12 @@ def document_routes(
         room: int,
     ) -> Upload:
         """One file and its options as an ``Upload``, checked as far as can be before parsing;
-        ``room``: the bytes it may have (what is left of the request's limit)."""
+        ``room``: the bytes it may have."""
         name = item.source or file.filename or "upload"
+        if any(unicodedata.category(c) == "Cc" for c in name):
+            raise HTTPException(
+                422, f"source {name!r} contains control characters; name the file without them"
+            )
         _check_content_type(name, file.content_type)
         label = _label(item.classification)
         try:
@@ -160,9 +173,8 @@ def document_routes(
                 raise HTTPException(422, str(exc)) from None
         data = file.file.read(room + 1)
         if len(data) > room:
-            whole = "upload" if room == max_upload else "batch, with the files before it,"
             raise HTTPException(
-                413, f"{name}: the {whole} is over the limit of {max_upload} bytes (ingest.max_file_bytes)"
+                413, f"{name}: upload is over the limit of {max_upload} bytes (ingest.max_file_bytes)"
             )
         return Upload(
             data=data,
@@ -390,28 +402,80 @@ def _metadata(value: str | None) -> dict[str, Any] | None:
     if not value:
         return None
     try:
-        meta = json.loads(value)
-    except json.JSONDecodeError as exc:
+        meta = json.loads(value, parse_constant=_no_constant)
+    except ValueError as exc:
         raise HTTPException(422, f"metadata is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or not all(isinstance(v, str | int | float | bool) for v in meta.values()):
-        raise HTTPException(422, "metadata must be a JSON object of strings, numbers and booleans")
-    return meta
+    return _metadata_of(meta)
 
 
-def _items(value: str | None, files: int) -> list[schemas.BatchItem]:
-    """A batch's ``items`` field: one options object per file (none: every file's defaults)."""
+def _metadata_of(meta: Any) -> dict[str, Any]:
+    """Metadata as stored and filtered on: an object of strings, finite numbers and booleans."""
+    if not isinstance(meta, dict):
+        raise HTTPException(
+            422, f"metadata must be a JSON object of strings, numbers and booleans, not {type(meta).__name__}"
+        )
+    for key, v in meta.items():
+        if not isinstance(v, str | int | float | bool):
+            raise HTTPException(
+                422,
+                f"metadata {key!r} is {type(v).__name__ if v is not None else 'null'}: "
+                "values must be strings, numbers or booleans",
+            )
+    return _finite(meta)
+
+
+def _items(value: str | None, files: int) -> list[schemas.BatchItem | HTTPException]:
+    """A batch's ``items`` field: one options object per file (none: every file's defaults).
+    The array's shape is the request's; each entry's content is its file's, so a bad title
+    or metadata rejects that file only."""
     if not value:
         return [schemas.BatchItem() for _ in range(files)]
     try:
-        items = TypeAdapter(list[schemas.BatchItem]).validate_json(value)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-        raise HTTPException(422, f"items must be a JSON array of per-file options: {problems}") from None
-    if len(items) != files:
+        entries = json.loads(value, parse_constant=_no_constant)
+    except ValueError as exc:
+        raise HTTPException(422, f"items is not valid JSON: {exc}") from None
+    if not isinstance(entries, list):
         raise HTTPException(
-            422, f"items has {len(items)} entries for {files} files: give one per file, in order"
+            422, f"items must be a JSON array of per-file options, not {type(entries).__name__}"
         )
-    return items
+    if len(entries) != files:
+        raise HTTPException(
+            422, f"items has {len(entries)} entries for {files} files: give one per file, in order"
+        )
+    out: list[schemas.BatchItem | HTTPException] = []
+    for entry in entries:
+        try:
+            if isinstance(entry, dict) and "metadata" in entry and entry["metadata"] is not None:
+                _metadata_of(entry["metadata"])
+            out.append(schemas.BatchItem.model_validate(entry))
+        except HTTPException as exc:
+            out.append(exc)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in exc.errors()[:3]
+            )
+            out.append(HTTPException(422, f"options: {problems}"))
+    return out
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite(meta: dict[str, Any]) -> dict[str, Any]:
+    bad = [k for k, v in meta.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise HTTPException(422, f"metadata {bad[0]!r} is not a finite number")
+    return meta
+
+
+def _refused_early(name: str, doc_id: str | None, exc: HTTPException) -> IngestResult:
+    """A file of a batch refused before it was parsed; its doc_id only if it is one."""
+    try:
+        validate_doc_id(doc_id or "")
+    except ValueError:
+        doc_id = None
+    return IngestResult(name=name, status="rejected", doc_id=doc_id, reason=str(exc.detail))
 
 
 def _outcome(result: IngestResult) -> dict[str, Any]:

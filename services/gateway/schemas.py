@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.kb.access import Acl
 from services.kb.classification import Classification
 from services.kb.filters import SearchFilter
+from services.kb.schema import MAX_DOC_ID, MAX_SOURCE
 
 
 class _Body(BaseModel):
@@ -111,9 +112,9 @@ class BatchItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str | None = Field(None, description="path used for rules and citations")
-    doc_id: str | None = None
-    classification: str | None = Field(None, description="public | internal | confidential")
+    source: str | None = Field(None, max_length=MAX_SOURCE, description="path used for rules and citations")
+    doc_id: str | None = Field(None, max_length=MAX_DOC_ID)
+    classification: str | None = Field(None, max_length=32, description="public | internal | confidential")
     title: str | None = Field(None, max_length=200)
     metadata: dict[str, str | int | float | bool] | None = None
     groups: list[str] | None = Field(None, description='who may read it; "*" is everyone')

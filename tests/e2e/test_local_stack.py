@@ -95,6 +95,19 @@ def test_rejected_file_is_reported_with_reason_and_exit_1(stack: dict[str, str],
     assert proc.returncode == 1 and "1 ingested, 0 skipped, 1 rejected" in proc.stdout
     found = run(stack, "kb", "search", "Where are the locker keys?", "-k", "1")
     assert "ok.md" in found.stdout
+    # a sidecar the CLI refuses and one the gateway refuses: those two files only, in order
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("alpha", "bravo", "charlie", "delta"):
+        (mixed / f"{name}.md").write_text(f"# {name}\n\nThe {name} desk lends umbrellas.\n")
+    (mixed / "bravo.md.meta.yaml").write_text("title: " + "t" * 201 + "\n")
+    (mixed / "delta.md.meta.yaml").write_text("colour: red\n")
+    proc = run(stack, "kb", "ingest", str(mixed), ok=False)
+    assert proc.returncode == 1 and "2 ingested, 0 skipped, 2 rejected" in proc.stdout, proc.stdout
+    table = proc.stdout.split("ingest summary", 1)[1]
+    rows = [table.index(f"{name}.md ") for name in ("alpha", "bravo", "charlie", "delta")]
+    assert rows == sorted(rows), proc.stdout
+    assert "title" in proc.stdout and "colour" in proc.stdout
 
 
 def test_status_reports_processes_logs_and_health(stack: dict[str, str]) -> None:

@@ -176,6 +176,7 @@ def test_a_batch_upload_is_recorded_per_document_without_its_text(site, tmp_path
     ]
     (record,) = [x for x in everything if "phase" not in x]
     assert record["action"] == "upload_batch" and record["status"] == 200
+    assert [d["file"] for d in record["detail"]["documents"]] == [0, 1]
     assert [(d["doc_id"], d["outcome"], d["classification"]) for d in record["detail"]["documents"]] == [
         ("escrow.md", "ingested", "confidential"),
         ("broken.md", "rejected", None),

@@ -37,9 +37,12 @@ def small(make_settings, embedder) -> Iterator[httpx.Client]:
 
 
 def _batch(
-    client: httpx.Client, files: list[tuple[str, bytes]], items: list[dict] | None = None, **headers: str
+    client: httpx.Client,
+    files: list[tuple[str, bytes]],
+    items: list[dict] | str | None = None,
+    **headers: str,
 ) -> httpx.Response:
-    data = {"items": json.dumps(items)} if items is not None else {}
+    data = {"items": items if isinstance(items, str) else json.dumps(items)} if items is not None else {}
     return client.post(
         "/v1/documents/batch",
         files=[("files", (Path(name).name, content)) for name, content in files],
@@ -111,23 +114,50 @@ def test_batch_limits_and_malformed_items_are_clear_errors(small: httpx.Client) 
     assert r.status_code == 413 and "4 files, over the limit of 3 (ingest.max_batch_documents)" in r.text
     r = _batch(small, four[:2], [{"source": "n0.md"}])
     assert r.status_code == 422 and "items has 1 entries for 2 files" in r.text
-    r = _batch(small, four[:1], [{"source": "n0.md", "colour": "red"}])
-    assert r.status_code == 422 and "colour" in r.text
     r = small.post("/v1/documents/batch", files=[("files", ("n0.md", b"x"))], data={"items": "[{"})
-    assert r.status_code == 422 and "items must be a JSON array" in r.text
-    r = _batch(small, four[:1], [{"source": "n0.md", "metadata": {"deep": {"x": 1}}}])
-    assert r.status_code == 422 and "metadata" in r.text
-    # the bytes of all files together stay within max_file_bytes: the one past it is rejected
+    assert r.status_code == 422 and "items is not valid JSON" in r.text
+    r = small.post("/v1/documents/batch", files=[("files", ("n0.md", b"x"))], data={"items": '{"a": 1}'})
+    assert r.status_code == 422 and "items must be a JSON array of per-file options, not dict" in r.text
+    # the bytes of all files together stay within max_file_bytes: the whole batch is refused
     big = b"# Big\n\n" + b"word " * 2800  # 14 KiB
-    results = _batch(small, [("b1.md", big), ("b2.md", big)]).json()["results"]
-    assert [x["status"] for x in results] == ["ingested", "rejected"]
-    assert "the batch, with the files before it, is over the limit" in results[1]["reason"]
-    assert {d["doc_id"] for d in small.get("/v1/documents").json()["documents"]} == {
-        *(d for d, _, _ in before[0]),
-        "b1.md",
-    }
+    r = _batch(small, [("b1.md", big), ("b2.md", big)])
+    assert r.status_code == 413 and "over the limit of 24576 (ingest.max_file_bytes)" in r.text
+    assert snapshot(small) == before
     anonymous = httpx.post(f"{small.base_url}/v1/documents/batch", files=[("files", ("x.md", b"x"))])
     assert anonymous.status_code == 401
+
+
+def test_a_bad_entry_rejects_its_file_only(small: httpx.Client) -> None:
+    """What is wrong with one entry of ``items`` (unknown key, long title, nested or non-finite
+    metadata, a control character in the source) rejects that file; the others go in."""
+    before = snapshot(small)
+    bad = [
+        ({"source": "k0.md", "colour": "red"}, "colour"),
+        ({"source": "k1.md", "title": "t" * 201}, "title"),
+        ({"source": "k2.md", "metadata": {"deep": {"x": 1}}}, "metadata 'deep' is dict"),
+        ({"source": "k3.md", "metadata": {"x": 1e400}}, "metadata 'x' is not a finite number"),
+        ({"source": "k4\u0000.md"}, "contains control characters"),
+        ({"source": "k5.md", "doc_id": "a\nb"}, "doc_id"),
+    ]
+    files = [(f"k{i}.md", f"# K\n\nLocker {i} is by the lift.\n".encode()) for i in range(len(bad))]
+    files.append(("ok.md", b"# Ok\n\nLocker keys are at the front desk.\n"))
+    items = [entry for entry, _ in bad] + [{"source": "ok.md"}]
+    results = []
+    for at in range(0, len(files), 3):  # the fixture's batches take 3 files
+        # 1e400 is valid JSON and no finite float: Python writes it as Infinity, which JSON is not
+        r = _batch(small, files[at : at + 3], json.dumps(items[at : at + 3]).replace("Infinity", "1e400"))
+        assert r.status_code == 200, r.text
+        results += r.json()["results"]
+    assert [x["status"] for x in results] == ["rejected"] * len(bad) + ["ingested"]
+    for result, (_, needle) in zip(results, bad, strict=False):
+        assert needle in result["reason"], result
+        assert result["doc_id"] in (None, "k0.md", "k1.md", "k2.md", "k3.md"), result  # never an invalid id
+    after = {d for d, _, _ in snapshot(small)[0]}
+    assert after == {d for d, _, _ in before[0]} | {"ok.md"}
+    nan = small.post(
+        "/v1/documents", files={"file": ("nan.md", b"# N\n\nx\n")}, data={"metadata": '{"x": NaN}'}
+    )
+    assert nan.status_code == 422 and "NaN is not a number JSON allows" in nan.text
 
 
 def test_a_batch_authorizes_each_file(gw) -> None:  # noqa: F811 -- the fixture
@@ -163,3 +193,39 @@ def test_a_batch_authorizes_each_file(gw) -> None:  # noqa: F811 -- the fixture
             client.get("/v1/documents/wide.md", headers={"Authorization": f"Bearer {BOOTSTRAP}"}).status_code
             == 404
         )
+
+
+def test_the_cli_sends_smaller_batches_when_one_is_over_the_limit(
+    small: httpx.Client, tmp_path: Path
+) -> None:
+    """``kb ingest --batch 5`` against a gateway that takes 3 files per batch: the refused batch
+    goes one by one, the next ones in smaller batches; every file is ingested, in order."""
+    from typer.testing import CliRunner
+
+    from dualtrack.cli import app
+
+    for i in range(8):
+        (tmp_path / f"f{i}.md").write_text(f"# F{i}\n\nShelf {i} holds the spare cables.\n")
+    url = str(small.base_url)
+    result = CliRunner().invoke(
+        app,
+        ["kb", "ingest", str(tmp_path), "--batch", "5", "--url", url, "--api-key", KEY],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "8 ingested, 0 skipped, 0 rejected" in result.output
+    table = result.output.split("ingest summary", 1)[1]
+    rows = [table.index(f"f{i}.md ") for i in range(8)]
+    assert rows == sorted(rows)
+    metrics = small.get("/metrics").text
+
+    def requests(route: str, code: str) -> float:
+        prefix = (
+            f'dualtrack_http_request_duration_seconds_count{{method="POST",route="{route}",status="{code}"}} '
+        )
+        return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(prefix))
+
+    # 5 refused (413) and sent singly; then batches of 2: [f5, f6], then f7 alone
+    assert requests("/v1/documents/batch", "413") == 1
+    assert requests("/v1/documents", "201") == 6
+    assert requests("/v1/documents/batch", "200") == 1
