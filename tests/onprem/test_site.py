@@ -340,10 +340,53 @@ def _wait_for_top_hit(site: Site, query: str, doc_id: str, timeout_s: float = 18
     state = site.host.exec(
         "systemctl", "show", "-p", "ActiveState,NRestarts", "dualtrack-kb-sync", check=False
     )
+    complaints = site.host.exec(
+        "sh",
+        "-c",
+        "journalctl -u dualtrack-gateway --no-pager -o cat | grep -E 'WARN|ERROR|Traceback|Error' | tail -15",
+        check=False,
+    ).stdout
+    stored = site.host.exec(  # what Milvus holds of the document, asked directly
+        "sh",
+        "-c",
+        "set -a; . /etc/dualtrack/kb-sync.env; "
+        f"/opt/dualtrack/venv/bin/python -c {shlex.quote(STORED)} {shlex.quote(doc_id)} {shlex.quote(query)}",
+        check=False,
+    )
     raise AssertionError(
         f"{doc_id} is not the top hit for {query!r}: {found}\n"
-        + "\n".join([*said, *counted, state.stdout])[-6000:]
+        + "\n".join([*said, *counted, state.stdout, complaints, stored.stdout, stored.stderr[-1500:]])[-9000:]
     )
+
+
+STORED = """
+import os, sys
+from pymilvus import MilvusClient
+c = MilvusClient(uri=os.environ["DUALTRACK_MILVUS__URI"], token=os.environ.get("DUALTRACK_MILVUS__TOKEN", ""))
+name = os.environ.get("DUALTRACK_MILVUS__COLLECTION", "knowledge_base")
+doc = sys.argv[1]
+fields = ["version", "acl_key"]
+print("registry:", c.query(name + "_documents", filter=f'doc_id == "{doc}"', output_fields=fields))
+print("chunks:", c.query(name, filter=f'doc_id == "{doc}"', output_fields=fields))
+keys = {r["acl_key"] for r in c.query(name + "_documents", filter="", output_fields=["acl_key"], limit=1000)}
+print("acl keys in the registry:", sorted(keys))
+from services.config import load_settings
+from services.kb.service import KnowledgeBase
+from services.kb.access import EVERYTHING
+kb = KnowledgeBase(load_settings())
+kb.start()
+q = kb.embedder.embed_queries([sys.argv[2]])
+stored = c.query(name, filter=f'doc_id == "{doc}"', output_fields=["embedding", "text"])
+if stored:
+    import numpy as np
+    v = np.asarray(stored[0]["embedding"], dtype=np.float32)
+    print("stored vector norm", float(np.linalg.norm(v)), "cosine to the question", float(v @ q[0]))
+dense = kb.store.search(q, 5, None, None, reader=EVERYTHING)
+print("dense, fresh client:", [(h.chunk.doc_id, round(h.score, 3)) for h in dense[0]])
+both = kb.search(sys.argv[2], 5, None, None, reader=EVERYTHING)
+print("hybrid, fresh client:", [(h.chunk.doc_id, round(h.score, 3)) for h in both])
+print("segments:", c.describe_collection(name).get("num_partitions"), c.get_collection_stats(name))
+"""
 
 
 def host_changes(site: Site) -> int:
