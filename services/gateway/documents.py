@@ -41,7 +41,7 @@ def document_routes(
     admin_only: Sequence[Any],
     url: Callable[..., str],
 ) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(tags=["documents"])
     max_upload = settings.ingest.max_file_bytes
 
     @router.post(
@@ -78,7 +78,7 @@ def document_routes(
         )
         upload = _upload(file, item, _metadata(metadata), principal_of(request), max_upload)
         (result,) = knowledge.ingestor.ingest_many([upload])
-        _record(request, [result])
+        _record([result])
         audit_of(request).detail = _outcome(result)
         code = {"ingested": 201, "skipped": 200, "rejected": 422, "refused": 403}[result.status]
         return JSONResponse(_ingest_body(result).model_dump(mode="json"), status_code=code)
@@ -136,11 +136,11 @@ def document_routes(
         for i, result in zip(slots, knowledge.ingestor.ingest_many(uploads), strict=True):
             results[i] = result
         done = [r for r in results if r is not None]
-        _record(request, done)
+        _record(done)
         audit_of(request).detail = {"documents": [{"file": i, **_outcome(r)} for i, r in enumerate(done)]}
         return schemas.BatchIngestResponse(results=[_ingest_body(r) for r in done])
 
-    def _record(request: Request, results: Sequence[IngestResult]) -> None:
+    def _record(results: Sequence[IngestResult]) -> None:
         for result in results:
             metrics.ingested_documents.labels(result.status).inc()
             if result.status == "ingested" and result.classification is not None:
@@ -190,7 +190,6 @@ def document_routes(
 
     @router.get(
         "/v1/documents",
-        tags=["documents"],
         dependencies=secured,
         response_model=schemas.DocumentList,
         summary="List stored documents",
@@ -206,7 +205,6 @@ def document_routes(
 
     @router.get(
         "/v1/documents/{doc_id}",
-        tags=["documents"],
         dependencies=secured,
         response_model=schemas.DocumentDetail,
         responses={404: {}},
@@ -232,7 +230,6 @@ def document_routes(
 
     @router.get(
         "/v1/documents/{doc_id}/chunks/{chunk_id}",
-        tags=["documents"],
         dependencies=secured,
         response_model=schemas.ChunkOut,
         responses={404: {}},
@@ -268,7 +265,6 @@ def document_routes(
 
     @router.put(
         "/v1/documents/{doc_id}/access",
-        tags=["documents"],
         dependencies=[*secured, *admin_only],
         response_model=schemas.AccessChanged,
         responses={404: {}},
@@ -296,7 +292,6 @@ def document_routes(
 
     @router.delete(
         "/v1/documents/{doc_id}",
-        tags=["documents"],
         dependencies=writes,
         status_code=204,
         responses={404: {}},
