@@ -46,6 +46,24 @@ def test_backup_restore_round_trip_keeps_every_chunk(kb: KnowledgeBase, tmp_path
     assert backup.verify(pre)["counts"][kb.store.collection] == damaged
 
 
+def test_chunks_written_after_a_restore_are_ranked_with_the_restored_ones(
+    kb: KnowledgeBase, tmp_path: Path
+) -> None:
+    """BM25 ranks one collection: a passage written after a restore scores as its twin restored
+    from the backup does. (Milvus Lite keeps BM25 statistics per segment: sealing the restored
+    rows into a segment of their own made a fresh chunk score against itself alone.)"""
+    passage = b"# Parking\n\nVisitors park on level minus two; the barrier opens with the visitor code.\n"
+    ingest_samples(kb)
+    kb.ingestor.ingest_bytes(passage, "restored-parking.md")
+    dest = tmp_path / "backups"
+    backup.restore(kb.settings.milvus, backup.create(kb.settings.milvus, dest, keep=3), dest)
+    kb.store.close()
+    kb.ingestor.ingest_bytes(passage, "fresh-parking.md")
+    hits = kb.store.keyword_search(["Where do visitors park?"], 3, reader=EVERYTHING)[0]
+    assert {h.chunk.doc_id for h in hits[:2]} == {"restored-parking.md", "fresh-parking.md"}, hits
+    assert hits[0].score == pytest.approx(hits[1].score, rel=1e-3) and hits[1].score > 2 * hits[2].score
+
+
 def test_corrupt_backup_is_refused_and_nothing_changes(kb: KnowledgeBase, tmp_path: Path) -> None:
     ingest_samples(kb)
     before = _snapshot_of(kb)
