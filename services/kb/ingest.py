@@ -188,79 +188,21 @@ class Ingestor:
         version already has: a label only goes up on re-ingest (lowering one is
         :meth:`set_access`). ``acls`` likewise: the stored ACL is what all of them and the
         stored version's allow, so a re-ingest can narrow who may read, never widen it.
-        ``authorize`` may refuse the write once the outcome is known, before anything is written.
+        ``authorize`` is asked first about the stored version alone (so that nothing of it shows
+        in a refusal), then again with the outcome known, before anything is written.
         """
-        target = doc_id or doc_id_for(source)
-        with self._doc_lock(target):
-            current = self.store.get_document(target) if _DOC_ID.match(target) else None
-            if authorize is not None and current is not None:
-                try:  # before anything about the stored version can show (its ACL in an error)
-                    authorize(None, current)
-                except WriteRefused as exc:
-                    return IngestResult(name=source, status="refused", doc_id=target, reason=exc.reason)
-            prepared = self.prepare(
-                data,
-                source,
-                doc_id=doc_id,
-                labels=[*(labels or []), current.classification if current else None],
-                acls=[*(acls or []), current.acl if current else None],
-                default_acl=default_acl,
-                title=title,
-                metadata=metadata,
-            )
-            if isinstance(prepared, IngestResult):
-                return prepared
-            timings = prepared.timings
-            doc_id, version, label = (
-                prepared.record.doc_id,
-                prepared.record.version,
-                prepared.record.classification,
-            )
-            if authorize is not None:
-                try:
-                    authorize(prepared.record, current)
-                except WriteRefused as exc:
-                    return IngestResult(name=source, status="refused", doc_id=doc_id, reason=exc.reason)
-            if (
-                current is not None
-                and current.version == version
-                and self.store.count_chunks(doc_id, version) == current.chunks
-            ):
-                if self.store.count_chunks(doc_id) > current.chunks:
-                    self.store.purge_stale(doc_id, version)  # leftovers of an interrupted run
-                return IngestResult(
-                    name=source,
-                    status="skipped",
-                    doc_id=doc_id,
-                    chunks=current.chunks,
-                    version=version,
-                    classification=label,
-                    acl=prepared.record.acl,
-                    reason="unchanged",
-                    timings=timings,
-                )
-            chunks = prepared.chunks
-            started = time.perf_counter()
-            vectors = self.embedder.embed_passages([embedding_text(c) for c in chunks])
-            timings["embed"] = time.perf_counter() - started
-
-            started = time.perf_counter()
-            record = replace(prepared.record, ingested_at=time.time())
-            self.store.write_chunks(chunks, vectors, batch=self.settings.ingest.insert_batch)
-            self.store.activate(record)
-            self.store.purge_stale(doc_id, version)
-            timings["insert"] = time.perf_counter() - started
-            self._tell("document_written", record, chunks, vectors)
-        return IngestResult(
-            name=source,
-            status="ingested",
+        upload = Upload(
+            data,
+            source,
             doc_id=doc_id,
-            chunks=len(chunks),
-            version=version,
-            classification=label,
-            acl=prepared.record.acl,
-            timings=timings,
+            labels=labels,
+            acls=acls,
+            title=title,
+            metadata=metadata,
+            default_acl=default_acl,
+            authorize=authorize,
         )
+        return self.ingest_many([upload])[0]
 
     def ingest_many(self, uploads: Sequence[Upload]) -> list[IngestResult]:
         """``ingest_bytes`` for several documents, their writes batched: one registry read for
@@ -578,7 +520,7 @@ class Ingestor:
 
 @dataclass(frozen=True)
 class Upload:
-    """One document for ``Ingestor.ingest_many``: what ``ingest_bytes`` takes."""
+    """One document for ``Ingestor.ingest_many``: the arguments of ``Ingestor.ingest_bytes``."""
 
     data: bytes
     source: str
@@ -595,7 +537,7 @@ def _refusal(
     upload: Upload, new: DocumentRecord | None, current: DocumentRecord | None, doc_id: str
 ) -> IngestResult | None:
     """The upload's ``authorize`` check as a result: None when it may write (or has no check).
-    Before parsing only a stored version is checked, as in ``ingest_bytes``."""
+    Before parsing (``new`` is None) there is only a stored version to check."""
     if upload.authorize is None or (new is None and current is None):
         return None
     try:
