@@ -92,4 +92,4 @@ class SyncLedger:
             }
             for e in entries
         ]
-        self.store.call("upsert", self.store.client.upsert, self.name, data=rows)
+        self.store.upsert(self.name, rows)
