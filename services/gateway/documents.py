@@ -342,11 +342,19 @@ def document_routes(
         if new is None:
             return
         added = Acl(new.acl.entries - current.acl.entries) if current is not None else new.acl
-        if not principal.has(Role.ADMIN) and not added.within(principal.tokens()):
+        if principal.has(Role.ADMIN):
+            return
+        groups = ", ".join(sorted(principal.groups)) or "no groups"
+        if not added.within(principal.tokens()):
             raise WriteRefused(
                 f"you may give access only to your own groups or yourself; the document's access "
-                f"list would be [{new.acl}], and {principal.subject!r} is in: "
-                f"{', '.join(sorted(principal.groups)) or 'no groups'}"
+                f"list would be [{new.acl}], and {principal.subject!r} is in: {groups}"
+            )
+        if not principal.may_manage(new.acl):  # narrowed past oneself: a hand-over is an admin's
+            raise WriteRefused(
+                f"the document's access list would be [{new.acl}], which leaves out {principal.subject!r} "
+                f"(in: {groups}): you could no longer change it; an admin may hand a document over "
+                "(PUT /v1/documents/{doc_id}/access)"
             )
 
     return router

@@ -111,6 +111,13 @@ def test_contributors_write_within_their_groups(gw) -> None:
     assert r.status_code == 403 and "group:b" not in r.text  # its access list is not disclosed
     stored = httpx.get(f"{url}/v1/documents/theirs.md", headers=_as(BOOTSTRAP)).json()
     assert stored["version"] == theirs.json()["version"]  # intact
+    both = _upload(url, BOOTSTRAP, "both.md", CANARY_B, groups=["a", "b"])
+    r = _upload(url, writer, "both.md", CANARY_A, doc_id="both.md", groups=["b"])  # narrowed past herself
+    assert r.status_code == 403 and "leaves out 'wendy'" in r.json()["reason"], r.text
+    stored = httpx.get(f"{url}/v1/documents/both.md", headers=_as(BOOTSTRAP)).json()
+    assert stored["version"] == both.json()["version"]  # intact
+    r = _upload(url, writer, "both.md", CANARY_A, doc_id="both.md", groups=["a"])  # narrowed to her group
+    assert r.status_code == 201 and r.json()["access"]["groups"] == ["a"], r.text
     assert _upload(url, BOOTSTRAP, "shared.md", CANARY_B, groups=["*"]).status_code == 201
     r = httpx.delete(f"{url}/v1/documents/shared.md", headers=_as(writer))  # shared with everyone only
     assert r.status_code == 403 and "shared with [*]" in r.json()["detail"]
