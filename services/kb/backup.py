@@ -241,9 +241,10 @@ def restore(
                         batch = []
             if batch:
                 client.insert(name, batch)
-            # no flush: inserts are durable once acknowledged, and on Milvus Lite a flush seals
-            # the restored rows into a segment with BM25 statistics of its own, so chunks written
-            # after the restore would rank too low (docs/architecture.md, "BM25 on Milvus Lite")
+            # no flush: the counts below read with Strong consistency, and on Milvus Lite a flush
+            # seals the restored rows into a segment with BM25 statistics of its own, so chunks
+            # written after the restore would rank too low (docs/architecture.md, "BM25 on
+            # Milvus Lite"); Lite's log and Milvus' own sealing keep the rows
         counts = {name: _count(client, name) for name in names}
     except MilvusException as exc:
         raise BackupError(f"restore failed: Milvus: {exc.message}") from None

@@ -254,7 +254,9 @@ class Ingestor:
                 )
                 if not isinstance(prepared, IngestResult):
                     writes.append((len(results) - 1, prepared))
-            stored = self.store.version_counts([p.record.doc_id for _, p in writes])
+            stored = self.store.version_counts(
+                [p.record.doc_id for _, p in writes if p.record.doc_id in current]
+            )
             changed: list[tuple[int, PreparedDocument]] = []
             for i, p in writes:
                 r, now = p.record, current.get(p.record.doc_id)

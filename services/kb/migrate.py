@@ -144,7 +144,7 @@ def _migrate_one(client: MilvusClient, settings: Settings, name: str, progress: 
         copied += len(batch)
     if progress:
         progress(name, copied, total)
-    client.load_collection(copy)  # no flush: it would split Milvus Lite's BM25 statistics (backup.restore)
+    client.load_collection(copy)  # no flush: the counts need none (the rename seals it on Lite anyway)
     got = _count(client, copy)
     if got != total:
         client.drop_collection(copy)

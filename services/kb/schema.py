@@ -200,6 +200,13 @@ def ledger_schema() -> CollectionSchema:
     return schema
 
 
+FIELD_TYPES: Final[dict[str, DataType]] = {
+    f.name: f.dtype for fields in (chunk_schema(2), registry_schema(), ledger_schema()) for f in fields.fields
+}
+"""Every field's Milvus type, by name (a name shared by collections has one type): what a
+column-wise upsert declares."""
+
+
 def index_build_params(index: IndexSettings) -> dict[str, int]:
     """Build parameters for the configured index type (already validated)."""
     if index.type == "HNSW":

@@ -19,7 +19,6 @@ import logging
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -165,7 +164,6 @@ class KnowledgeStore:
         """Why the configured BM25 index is not used yet (the collection predates it), else None."""
         self._pending_checked = 0.0
         self.engine = "Milvus"  # "Milvus Lite" or "Milvus vX.Y.Z" once connected
-        self._described: dict[str, dict[str, Any]] = {}  # collection -> its schema, for upserts
 
     # -- connection ------------------------------------------------------------------------
 
@@ -207,7 +205,6 @@ class KnowledgeStore:
             with contextlib.suppress(Exception):
                 self._client.close()
             self._client = None
-        self._described.clear()
 
     def ping(self) -> str | None:
         """``None`` when Milvus answers and the collections are there, else why not. Never
@@ -597,59 +594,42 @@ class KnowledgeStore:
         another chunk collection than the one served (a migration's rebuild)."""
         if len(chunks) != len(vectors):
             raise ValueError("one vector per chunk is required")
-        rows = [
-            {
-                schema.ID: c.id,
-                schema.DOC_ID: c.doc_id,
-                schema.VERSION: c.version,
-                schema.CHUNK_NO: c.chunk_no,
-                schema.TEXT: c.text,
-                schema.VECTOR: vector,
-                schema.CLASSIFICATION: c.classification.value,
-                schema.SOURCE: c.source,
-                schema.PAGE: c.page,
-                schema.METADATA: c.metadata,
-                schema.ACL: c.acl.stored(),
-                schema.ACL_KEY: c.acl.key,
-            }
-            for c, vector in zip(chunks, vectors.tolist(), strict=True)
-        ]
-        self.upsert(into or self.collection, rows, batch=batch)
-
-    def upsert(self, name: str, rows: Sequence[dict[str, Any]], batch: int = 1000) -> None:
-        """Upsert ``rows`` (dicts with the same keys) into collection ``name``, ``batch`` per
-        request. Sent column-wise, through pymilvus' column-based upsert (``MilvusClient.upsert``
-        packs row by row, three times slower: the largest share of the sync consumer's own CPU
-        time), and pipelined: the next request is packed while Milvus writes the previous one."""
-        if rows:
-            self._call("upsert", self._upsert_columns, name, rows, batch)
-
-    def _upsert_columns(
-        self, name: str, rows: Sequence[dict[str, Any]], batch: int, timeout: float | None = None
-    ) -> None:
-        handler = self.client._get_connection()  # the grpc handler MilvusClient itself calls
-        described = self._described.get(name)
-        if described is None:
-            described = self._described[name] = handler.describe_collection(name, timeout=timeout)
-        types = {f["name"]: f["type"] for f in described["fields"]}
-        in_flight: deque[Any] = deque()
-        try:
-            for start in range(0, len(rows), batch):
-                part = rows[start : start + batch]
-                columns = [{"name": k, "type": types[k], "values": [r[k] for r in part]} for k in part[0]]
-                in_flight.append(
-                    handler.upsert(name, columns, timeout=timeout, schema=described, _async=True)
+        for start in range(0, len(chunks), batch):
+            rows = [
+                {
+                    schema.ID: c.id,
+                    schema.DOC_ID: c.doc_id,
+                    schema.VERSION: c.version,
+                    schema.CHUNK_NO: c.chunk_no,
+                    schema.TEXT: c.text,
+                    schema.VECTOR: vector,
+                    schema.CLASSIFICATION: c.classification.value,
+                    schema.SOURCE: c.source,
+                    schema.PAGE: c.page,
+                    schema.METADATA: c.metadata,
+                    schema.ACL: c.acl.stored(),
+                    schema.ACL_KEY: c.acl.key,
+                }
+                for c, vector in zip(
+                    chunks[start : start + batch], vectors[start : start + batch].tolist(), strict=True
                 )
-                if len(in_flight) > 1:
-                    in_flight.popleft().result()
-            while in_flight:
-                in_flight.popleft().result()
-        except Exception:
-            self._described.pop(name, None)  # the collection may have been replaced: ask again
-            for sent in in_flight:
-                with contextlib.suppress(Exception):
-                    sent.result()  # settled before a retry writes the same rows
-            raise
+            ]
+            self.upsert(into or self.collection, rows)
+
+    def upsert(self, name: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Upsert ``rows`` (dicts with the same keys) into collection ``name`` in one request,
+        sent column by column through pymilvus' column-based upsert: ``MilvusClient.upsert``
+        packs row by row, three times slower, which was the largest share of the sync
+        consumer's own CPU time (docs/benchmarks.md)."""
+        if not rows:
+            return
+        keys = rows[0].keys()
+        if any(r.keys() != keys for r in rows):
+            raise ValueError(f"rows for {name!r} must all have the fields {sorted(keys)}")
+        columns = [{"name": k, "type": schema.FIELD_TYPES[k], "values": [r[k] for r in rows]} for k in keys]
+        # the grpc handler MilvusClient.upsert calls too: it describes the collection per
+        # request and retries as MilvusClient does
+        self._call("upsert", self.client._get_connection().upsert, name, columns)
 
     def flush(self) -> None:
         """Seal growing segments so the ANN index serves them."""

@@ -203,3 +203,28 @@ def test_uri_credentials_never_reach_messages(make_settings) -> None:
     with pytest.raises(StoreUnavailable) as info:
         KnowledgeStore(make_settings(milvus={"uri": uri}).milvus, dimension=384).connect()
     assert "s3cret" not in str(info.value) and "127.0.0.1" in str(info.value)
+
+
+def test_column_wise_upserts_declare_each_field_once_and_refuse_ragged_rows(kb: KnowledgeBase) -> None:
+    """Upserts go column by column, each column declaring its type from ``schema.FIELD_TYPES``:
+    a name two collections share has one type, and rows that do not share their fields are
+    refused before anything is sent (a column would silently lose a value)."""
+    for collection in (schema.chunk_schema(384), schema.registry_schema(), schema.ledger_schema()):
+        for f in collection.fields:
+            assert schema.FIELD_TYPES[f.name] == f.dtype, f.name
+    ledger = kb.store.ensure_ledger()
+    row = {
+        schema.DOC_ID: "a.md",
+        schema.REVISION: 1,
+        schema.ORIGIN: "site",
+        schema.VERSION: "v1",
+        schema.DELETED: False,
+        schema.WRITING: "",
+        schema.WRITING_CHUNKS: 0,
+        schema.MARKER: [0.0] * schema.MARKER_DIM,
+    }
+    with pytest.raises(ValueError, match="must all have the fields"):
+        kb.store.upsert(ledger, [row, {**row, schema.DOC_ID: "b.md", "extra": 1}])
+    assert kb.store.client.query(ledger, filter="", output_fields=["count(*)"])[0]["count(*)"] == 0
+    kb.store.upsert(ledger, [row, {**row, schema.DOC_ID: "b.md"}])
+    assert kb.store.client.query(ledger, filter="", output_fields=["count(*)"])[0]["count(*)"] == 2
