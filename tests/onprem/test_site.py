@@ -275,8 +275,7 @@ def test_sync_consumer_applies_events_on_the_host(site: Site) -> None:
         text = "Visitors park on level minus two; the barrier opens with the visitor code."
         site.host.exec("/opt/dualtrack/venv/bin/python", "-c", PRODUCE_EVENT, text, f"127.0.0.1:{SYNC_PORT}")
         _wait_for_top_hit(site, "Where do visitors park?", "synced-parking")
-        metrics = _curl(site, "http://127.0.0.1:9464/metrics")
-        assert 'dualtrack_sync_events_total{outcome="applied",topic="knowledge_updates"} 1.0' in metrics
+        _wait_for_count(site, APPLIED_ONCE)
         verify = _verify_argv(site)
         result = CliRunner().invoke(app, [*verify, "--junit", str(site.state / "verify-sync.xml")])
         assert result.exit_code == 0, result.output
@@ -295,13 +294,32 @@ def test_sync_consumer_applies_events_on_the_host(site: Site) -> None:
         assert code == 0, output[-4000:]
         assert "Rewind the sync consumer" in output
         _wait_for_top_hit(site, "Where do visitors park?", "synced-parking")
-        metrics = _curl(site, "http://127.0.0.1:9464/metrics")  # the restarted consumer's
-        assert 'dualtrack_sync_events_total{outcome="applied",topic="knowledge_updates"} 1.0' in metrics
+        _wait_for_count(site, APPLIED_ONCE)  # counted by the restarted consumer
     finally:
         site.apply("--playbook", "kb_sync.yml")  # back to the default: consumer stopped and disabled
         site.host.exec("systemctl", "stop", "test-kafka-broker", check=False)
     assert (
         site.host.exec("systemctl", "is-active", "dualtrack-kb-sync", check=False).stdout.strip() != "active"
+    )
+
+
+APPLIED_ONCE = 'dualtrack_sync_events_total{outcome="applied",topic="knowledge_updates"} 1.0'
+
+
+def _wait_for_count(site: Site, line: str, timeout_s: float = 60) -> None:
+    """The consumer counts an event once its ledger entry is written, just after the registry
+    flip that makes the document searchable: a search can see it a moment before the count."""
+    deadline = time.monotonic() + timeout_s
+    counted: list[str] = []
+    while time.monotonic() < deadline:
+        metrics = _curl(site, "http://127.0.0.1:9464/metrics", check=False)
+        counted = [m for m in metrics.splitlines() if m.startswith("dualtrack_sync_events_total")]
+        if line in counted:
+            return
+        time.sleep(0.5)
+    raise AssertionError(
+        f"{line!r} not among {counted}:\n"
+        + site.host.exec("journalctl", "-u", "dualtrack-kb-sync", "-o", "cat", "-n", "60").stdout[-6000:]
     )
 
 
