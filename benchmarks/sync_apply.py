@@ -13,8 +13,9 @@ several changes of one document in a batch into one write; that saving is not co
    produced; reported: time until the committed offsets reach the end, and the events/s.
 
 Each case: the consumer is started and warmed up (group joined, one event applied), then
-the events are produced; the clock runs from the first send until the consumer group's
-committed offsets reach the last event. *Baseline* (same run, same broker, same events,
+the events are produced by a separate process (as another site's publisher would: the
+consumer does not share its interpreter with the producer); the clock runs from the first
+send until the consumer group's committed offsets reach the last event. *Baseline* (same run, same broker, same events,
 same clock): a plain consumer that only reads, parses and commits them -- what moving the
 events costs at all.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -36,6 +38,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -101,7 +104,10 @@ def make_events(n: int, with_vectors: bool, model: str, dim: int, seed: int) -> 
     return out
 
 
-def produce(bootstrap: str, topic: str, evs: list[events.DocumentUpsert]) -> dict[int, int]:
+def _send(
+    bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], ready: Any, go: Any, out: Any
+) -> None:
+    """The producer process: connects, says it is ready, sends on ``go``, reports the end offsets."""
     end: dict[int, int] = {}
 
     def report(err: object, msg: object) -> None:
@@ -109,16 +115,52 @@ def produce(bootstrap: str, topic: str, evs: list[events.DocumentUpsert]) -> dic
         end[msg.partition()] = max(end.get(msg.partition(), 0), msg.offset() + 1)  # type: ignore[attr-defined]
 
     p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 20})
-    for e in evs:
+    p.list_topics(topic, timeout=30)
+    ready.set()
+    go.wait()
+    for key, value in messages:
         while True:
             try:
-                p.produce(topic, key=events.key(e), value=events.encode(e), on_delivery=report)
+                p.produce(topic, key=key, value=value, on_delivery=report)
                 break
             except BufferError:
                 p.poll(0.2)
         p.poll(0)
     assert p.flush(60) == 0
-    return end
+    out.put(end)
+
+
+class Sender:
+    """Events sent by another process, as another site's publisher sends them: the consumer
+    under test does not share its interpreter (and its CPU time) with the producer. The process
+    is started and connected first; ``go`` starts the sending, so a clock started just before
+    it measures the events' way, not the process' start-up."""
+
+    def __init__(self, bootstrap: str, topic: str, evs: list[events.DocumentUpsert]) -> None:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process running Kafka threads
+        self._ready, self._go, self._out = ctx.Event(), ctx.Event(), ctx.Queue()
+        messages = [(events.key(e), events.encode(e)) for e in evs]
+        self._proc = ctx.Process(
+            target=_send, args=(bootstrap, topic, messages, self._ready, self._go, self._out), daemon=True
+        )
+        self._proc.start()
+        if not self._ready.wait(120):
+            raise TimeoutError("the producer process did not connect")
+
+    def go(self) -> None:
+        self._go.set()
+
+    def end(self) -> dict[int, int]:
+        """The end offset of each partition written to, once every event is acknowledged."""
+        end = self._out.get(timeout=600)
+        self._proc.join(30)
+        return end
+
+
+def produce(bootstrap: str, topic: str, evs: list[events.DocumentUpsert]) -> dict[int, int]:
+    sender = Sender(bootstrap, topic, evs)
+    sender.go()
+    return sender.end()
 
 
 def wait_caught_up(
@@ -186,8 +228,9 @@ def run_case(broker: KafkaBroker, milvus: MilvusServer, kb: KnowledgeBase, evs: 
     plain_topic = f"{topic}-plain"
     ensure_topics(settings.sync, {plain_topic: {}})
     plain = warm_consumer(broker.bootstrap, plain_topic)
+    sender = Sender(broker.bootstrap, plain_topic, evs)
     started = time.perf_counter()
-    produce(broker.bootstrap, plain_topic, evs)
+    sender.go()
     seen = 0
     while seen < len(evs):
         msgs = [m for m in plain.consume(500, timeout=0.5) if m.error() is None]  # as the consumer
@@ -197,6 +240,7 @@ def run_case(broker: KafkaBroker, milvus: MilvusServer, kb: KnowledgeBase, evs: 
         if msgs:
             plain.commit(asynchronous=False)
     base_s = time.perf_counter() - started
+    sender.end()
     plain.close()
 
     # the sync consumer, warmed up on one event, then the same number of events again
@@ -206,8 +250,10 @@ def run_case(broker: KafkaBroker, milvus: MilvusServer, kb: KnowledgeBase, evs: 
     thread.start()
     warm = produce(broker.bootstrap, topic, make_events(1, True, model, dim, seed=99))
     wait_caught_up(broker.bootstrap, settings.sync.group_id, topic, warm)
+    sender = Sender(broker.bootstrap, topic, evs)
     started = time.perf_counter()
-    end = produce(broker.bootstrap, topic, evs)
+    sender.go()
+    end = sender.end()
     wait_caught_up(broker.bootstrap, settings.sync.group_id, topic, end)
     elapsed = time.perf_counter() - started
     stop.set()
