@@ -15,9 +15,9 @@ several changes of one document in a batch into one write; that saving is not co
 Each case: the consumer is started and warmed up (group joined, one event applied), then
 the events are produced by a separate process (as another site's publisher would: the
 consumer does not share its interpreter with the producer); the clock runs from the first
-send until the consumer group's committed offsets reach the last event. *Baseline* (same run, same broker, same events,
-same clock): a plain consumer that only reads, parses and commits them -- what moving the
-events costs at all.
+send until the consumer group's committed offsets reach the last event. *Baseline* (same
+run, same broker, same events, same clock): a plain consumer that only reads, parses and
+commits them -- what moving the events costs at all.
 
     PYTHONPATH=. .venv/bin/python benchmarks/sync_apply.py [--events 2000] [--reembed 400]
         [--burst 10000] [--out bench-results/sync.json]
