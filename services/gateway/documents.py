@@ -353,8 +353,8 @@ def document_routes(
         if not principal.may_manage(new.acl):  # narrowed past oneself: a hand-over is an admin's
             raise WriteRefused(
                 f"the document's access list would be [{new.acl}], which leaves out {principal.subject!r} "
-                f"(in: {groups}): you could no longer change it; an admin may hand a document over "
-                "(PUT /v1/documents/{doc_id}/access)"
+                f"(in: {groups}): you could no longer change it; an admin may hand it over "
+                f"(PUT /v1/documents/{new.doc_id}/access)"
             )
 
     return router
