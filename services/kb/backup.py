@@ -244,7 +244,8 @@ def restore(
             # no flush: the counts below read with Strong consistency, and on Milvus Lite a flush
             # seals the restored rows into a segment with BM25 statistics of its own, so chunks
             # written after the restore would rank too low (docs/architecture.md, "BM25 on
-            # Milvus Lite"); Lite's log and Milvus' own sealing keep the rows
+            # Milvus Lite"). The rows are in Milvus' log; Lite syncs its log to disk on close,
+            # so an OS crash right after a restore is answered by restoring again
         counts = {name: _count(client, name) for name in names}
     except MilvusException as exc:
         raise BackupError(f"restore failed: Milvus: {exc.message}") from None
