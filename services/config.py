@@ -81,7 +81,15 @@ class MilvusSettings(_Section):
     uri: str = "http://127.0.0.1:19530"
     collection: str = "knowledge_base"
     token: SecretStr | None = None
-    timeout_s: float = Field(10.0, gt=0, le=600)
+    timeout_s: float = Field(10.0, gt=0, le=600, description="Deadline of one read (search, query).")
+    write_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Deadline of one write (upsert, delete). Milvus Lite seals its in-memory rows "
+        "into a segment inside the write that takes them past 128 MiB: seconds, and tens of seconds "
+        "under load. A write given up and sent again while the seal runs takes Lite minutes.",
+    )
     acl_refresh_s: float = Field(
         10.0,
         gt=0,

@@ -20,6 +20,12 @@ class StoreUnavailable(KBError):
     """Milvus cannot be reached or answered with an error."""
 
 
+class StoreTimeout(StoreUnavailable):
+    """Milvus did not answer within ``milvus.timeout_s``. Unlike a refusal, the call may still
+    complete on the server: a writer retries it whole (writes are idempotent upserts) rather
+    than taking it apart."""
+
+
 class LookupUnsupported(KBError):
     """This Milvus cannot answer the verbatim text lookup (infix LIKE needs Milvus 2.4 or later)."""
 

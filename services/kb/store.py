@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import grpc
 import numpy as np
 from pymilvus import AnnSearchRequest, CollectionSchema, MilvusClient, RRFRanker, WeightedRanker
 from pymilvus.exceptions import MilvusException
@@ -38,6 +39,7 @@ from services.kb.errors import (
     KBError,
     LookupUnsupported,
     SchemaMismatch,
+    StoreTimeout,
     StoreUnavailable,
 )
 from services.kb.filters import SearchFilter, in_list, literal
@@ -246,7 +248,15 @@ class KnowledgeStore:
         translation; for companions sharing the connection (the sync ledger)."""
         return self._call(what, fn, *args, **kwargs)
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _write(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """A write: it may have to wait for Milvus Lite to seal its in-memory rows into a segment
+        (seconds, inside the write that crossed the size line), so it gets ``write_timeout_s``.
+        Giving up sooner is worse than waiting: a write sent again while the seal runs takes
+        Lite minutes."""
+        kwargs.setdefault("timeout", self.settings.write_timeout_s)
+        return self._call(what, fn, *args, _setting="milvus.write_timeout_s", **kwargs)
+
+    def _call(self, what: str, fn: Any, *args: Any, _setting: str = "milvus.timeout_s", **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", self.settings.timeout_s)
         try:
             try:
@@ -264,6 +274,8 @@ class KnowledgeStore:
                 return fn(*args, **kwargs)
         except MilvusException as exc:
             raise StoreUnavailable(f"Milvus {what} failed at {self.where}: {exc.message}") from None
+        except grpc.RpcError as exc:  # pymilvus passes some transport errors on unwrapped
+            raise _transport_error(exc, what, self.where, f"{_setting} ({kwargs['timeout']:g} s)") from None
 
     def _when_back(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """A collection missing for a moment: the migration's first switch renames the old
@@ -629,19 +641,19 @@ class KnowledgeStore:
         columns = [{"name": k, "type": schema.FIELD_TYPES[k], "values": [r[k] for r in rows]} for k in keys]
         # the grpc handler MilvusClient.upsert calls too: it describes the collection per
         # request and retries as MilvusClient does
-        self._call("upsert", self.client._get_connection().upsert, name, columns)
+        self._write("upsert", self.client._get_connection().upsert, name, columns)
 
     def flush(self) -> None:
         """Seal growing segments so the ANN index serves them."""
         for name in (self.collection, self.registry):
-            self._call("flush", self.client.flush, name)
+            self._write("flush", self.client.flush, name)
 
     def purge_stale(self, doc_id: str, keep_version: str | None) -> None:
         """Delete the document's chunks of every version except ``keep_version``."""
         expr = f"{schema.DOC_ID} == {literal(doc_id)}"
         if keep_version is not None:
             expr += f" and {schema.VERSION} != {literal(keep_version)}"
-        self._call("delete", self.client.delete, self.collection, filter=expr)
+        self._write("delete", self.client.delete, self.collection, filter=expr)
 
     def purge_stale_many(self, keep: dict[str, str], group: int = 100) -> None:
         """``purge_stale`` for many documents: each one's rows of every version but ``keep``'s,
@@ -652,7 +664,7 @@ class KnowledgeStore:
                 f"({schema.DOC_ID} == {literal(d)} and {schema.VERSION} != {literal(v)})"
                 for d, v in items[start : start + group]
             )
-            self._call("delete", self.client.delete, self.collection, filter=expr)
+            self._write("delete", self.client.delete, self.collection, filter=expr)
 
     def delete_document(self, doc_id: str) -> bool:
         """Remove a document: registry row first (search hides it at once), then chunks."""
@@ -680,8 +692,8 @@ class KnowledgeStore:
         ids = sorted(set(doc_ids))
         for start in range(0, len(ids), group):
             expr = in_list(schema.DOC_ID, ids[start : start + group])
-            self._call("delete", self.client.delete, self.registry, filter=expr)
-            self._call("delete", self.client.delete, self.collection, filter=expr)
+            self._write("delete", self.client.delete, self.registry, filter=expr)
+            self._write("delete", self.client.delete, self.collection, filter=expr)
 
     def count_chunks(
         self, doc_id: str | None = None, version: str | None = None, *, into: str | None = None
@@ -948,6 +960,21 @@ def _has_bm25(engine: str) -> bool:
         return True
     found = re.search(r"(\d+)\.(\d+)", engine)
     return found is None or (int(found[1]), int(found[2])) >= _BM25_SINCE
+
+
+def _transport_error(exc: grpc.RpcError, what: str, where: str, deadline: str) -> StoreUnavailable:
+    """A gRPC failure pymilvus does not wrap (it retries neither a deadline nor a cancel),
+    said in the store's words rather than the channel's; ``deadline`` names the setting."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return StoreTimeout(
+            f"Milvus {what} at {where} did not answer within {deadline}; the call may still complete "
+            "(a busy Milvus: Milvus Lite seals its in-memory rows into a segment once they pass "
+            "128 MiB, which takes seconds)"
+        )
+    name = code.name if code is not None else type(exc).__name__
+    details = exc.details() if callable(getattr(exc, "details", None)) else ""
+    return StoreUnavailable(f"Milvus {what} failed at {where}: {name}: {details or 'no details'}")
 
 
 def _missing(exc: MilvusException) -> bool:

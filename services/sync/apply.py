@@ -32,7 +32,7 @@ from services.config import Settings
 from services.kb.access import Acl
 from services.kb.classification import Classification
 from services.kb.embedder import Embedder
-from services.kb.errors import KBError
+from services.kb.errors import KBError, StoreTimeout
 from services.kb.ingest import chunk_id, embedding_text
 from services.kb.models import Chunk
 from services.kb.store import DocumentRecord, KnowledgeStore
@@ -69,14 +69,14 @@ class Applier:
 
     def apply(self, events: Sequence[Event], *, from_other_sites: bool = True) -> list[Outcome]:
         """Outcomes parallel to ``events``. Raises ``KBError`` while the store is unavailable
-        (the caller retries the batch; nothing is committed). An event that still fails
+        or times out (the caller retries the batch; nothing is committed). An event that still fails
         with the store answering is isolated from its batch, retried, then dead-lettered.
         ``from_other_sites`` applies the classification policy (off for this site's own
         database changes, CDC)."""
         try:
             return self._apply(events, from_other_sites)
         except Exception as exc:
-            if isinstance(exc, KBError) and self.store.ping() is not None:
+            if self._store_trouble(exc):
                 raise
             failure: Exception = exc
         if len(events) == 1:
@@ -93,11 +93,17 @@ class Applier:
             try:
                 return self._apply([event], from_other_sites)[0]
             except Exception as exc:
-                if isinstance(exc, KBError) and self.store.ping() is not None:
+                if self._store_trouble(exc):
                     raise
                 failure = exc
         log.error("%s@%d cannot be applied: %s", event.doc_id, event.revision, failure)
         return Outcome("dead_letter", f"cannot be applied here: {type(failure).__name__}: {failure}")
+
+    def _store_trouble(self, exc: Exception) -> bool:
+        """The store, not the events, is at fault: it timed out (busy; the write may yet land)
+        or does not answer at all. The batch is retried whole; taking it apart would only
+        send the same rows again, slower, and dead-letter sound events."""
+        return isinstance(exc, StoreTimeout) or (isinstance(exc, KBError) and self.store.ping() is not None)
 
     def _apply(self, events: Sequence[Event], from_other_sites: bool) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(events)

@@ -8,10 +8,11 @@ from pymilvus import MilvusClient
 
 from services.config import ConfigError, load_settings
 from services.kb import schema
-from services.kb.access import EVERYTHING
+from services.kb.access import EVERYTHING, Acl
 from services.kb.classification import Classification
-from services.kb.errors import SchemaMismatch, StoreUnavailable
+from services.kb.errors import SchemaMismatch, StoreTimeout, StoreUnavailable
 from services.kb.filters import SearchFilter
+from services.kb.models import Chunk
 from services.kb.service import KnowledgeBase
 from services.kb.store import KnowledgeStore
 from tests.support import SAMPLES, free_port
@@ -228,3 +229,55 @@ def test_column_wise_upserts_declare_each_field_once_and_refuse_ragged_rows(kb: 
     assert kb.store.client.query(ledger, filter="", output_fields=["count(*)"])[0]["count(*)"] == 0
     kb.store.upsert(ledger, [row, {**row, schema.DOC_ID: "b.md"}])
     assert kb.store.client.query(ledger, filter="", output_fields=["count(*)"])[0]["count(*)"] == 2
+
+
+def test_a_write_past_its_deadline_is_a_timeout_in_the_store_s_words(milvus_server, make_settings) -> None:
+    """Over gRPC (a Milvus server), pymilvus hands a deadline on as a bare gRPC error; the store
+    says which call, which setting bounds it and that the call may still land (a writer then
+    retries it whole). 2,000 chunks take Milvus Lite far longer than 50 ms."""
+    store = KnowledgeStore(make_settings(milvus={"uri": milvus_server.uri}).milvus, dimension=384)
+    store.connect()
+    try:
+        # reads keep their own deadline: only writes get write_timeout_s
+        store.settings = store.settings.model_copy(update={"write_timeout_s": 0.05})
+        words = [
+            "Parking",
+            "is",
+            "behind",
+            "building",
+            "B",
+            "and",
+            "visitors",
+            "sign",
+            "in",
+            "at",
+            "the",
+            "front",
+            "desk",
+        ]
+        rows = [
+            Chunk(
+                id=f"big-{n}",
+                doc_id="big.md",
+                version="v1",
+                chunk_no=n,
+                text=" ".join(words[(n + k) % len(words)] for k in range(120)),
+                classification=Classification.INTERNAL,
+                source="big.md",
+                page=0,
+                metadata={},
+                acl=Acl.everyone(),
+            )
+            for n in range(2000)
+        ]
+        vectors = np.random.default_rng(0).normal(size=(len(rows), 384)).astype(np.float32)
+        with pytest.raises(StoreTimeout) as info:
+            store.write_chunks(
+                rows, vectors / np.linalg.norm(vectors, axis=1, keepdims=True), batch=len(rows)
+            )
+        message = str(info.value)
+        assert message.startswith("Milvus upsert at ") and "milvus.write_timeout_s (0.05 s)" in message
+        assert "Rendezvous" not in message and "debug_error_string" not in message
+        assert store.count_chunks("big.md") >= 0  # a read still answers within timeout_s
+    finally:
+        store.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from services.kb.errors import StoreTimeout
 from services.kb.ingest import chunk_id
 from services.kb.service import KnowledgeBase
 from services.sync.apply import Applier
@@ -229,3 +230,35 @@ def test_a_crash_after_the_registry_flip_leaves_no_rows_of_the_old_version(
     assert replay.apply([v2])[0].status == "applied"
     assert state(kb, "doc") == (v2.version, 1)
     assert replay.ledger.get(["doc"])["doc"].writing == ""
+
+
+def test_a_write_that_times_out_retries_the_batch_whole(milvus_server, make_settings, embedder) -> None:
+    """A Milvus that does not answer in time (Milvus Lite sealing its in-memory rows takes
+    seconds) is the store's trouble, not the events': the batch is handed back to be retried
+    whole, never taken apart and dead-lettered. The write may have landed; the retry is the
+    same idempotent write."""
+    kb = KnowledgeBase(make_settings(milvus={"uri": milvus_server.uri}), embedder=embedder)
+    kb.start()
+    try:
+        applier = Applier(kb.settings, kb.store, kb.embedder)
+        applier.ledger.ensure()
+        dim, model = kb.store.dimension, kb.embedder.model_id
+        batch = [
+            upsert(
+                f"doc-{d}",
+                1,
+                [f"Paragraph {n} of document {d} about parking and visitors." for n in range(600)],
+                vectors=unit_vectors(600, dim, seed=d),
+                model=model,
+            )
+            for d in range(2)
+        ]
+        roomy = kb.store.settings
+        kb.store.settings = roomy.model_copy(update={"write_timeout_s": 0.005})  # 1,200 chunks take longer
+        with pytest.raises(StoreTimeout, match="milvus.write_timeout_s"):
+            applier.apply(batch)
+        kb.store.settings = roomy
+        assert [o.status for o in applier.apply(batch)] == ["applied", "applied"]
+        assert [state(kb, e.doc_id) for e in batch] == [(e.version, 600) for e in batch]
+    finally:
+        kb.close()
