@@ -330,6 +330,8 @@ def main() -> int:
         help="dense only (milvus.full_text false: an engine without BM25)",
     )
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, not {args.repeat}")
 
     work = Path(tempfile.mkdtemp(prefix="dualtrack-bench-sync-"))
     broker = KafkaBroker(work).start()

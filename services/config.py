@@ -81,7 +81,9 @@ class MilvusSettings(_Section):
     uri: str = "http://127.0.0.1:19530"
     collection: str = "knowledge_base"
     token: SecretStr | None = None
-    timeout_s: float = Field(10.0, gt=0, le=600, description="Deadline of one read (search, query).")
+    timeout_s: float = Field(
+        10.0, gt=0, le=600, description="Deadline of every call but writes: searches, queries, schema calls."
+    )
     write_timeout_s: float = Field(
         60.0,
         gt=0,

@@ -84,6 +84,16 @@ def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusSe
     server.stop()
 
 
+@pytest.fixture
+def own_milvus_server(tmp_path: Path) -> Iterator[MilvusServer]:
+    """A Milvus Lite server for one test: for tests that leave it busy (a write given up on
+    keeps running there), so the next test's server answers at once."""
+    (tmp_path / "own-milvus").mkdir()
+    server = MilvusServer(tmp_path / "own-milvus" / "data").start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
     broker = KafkaBroker(tmp_path_factory.mktemp("kafka")).start()

@@ -41,6 +41,7 @@ from services.config import AccessSettings, ConfigError, MilvusSettings, load_se
 from services.kb import schema
 from services.kb.errors import KBError
 from services.kb.rows import plain, rows
+from services.kb.store import MILVUS_ERRORS, milvus_message
 
 FORMAT = "dualtrack-kb-backup/1"
 PREFIX = "kb-"
@@ -142,8 +143,8 @@ def create(settings: MilvusSettings, dest: Path, keep: int, prefix: str = PREFIX
             )
         desc = client.describe_collection(settings.collection)
         dim = next(int(f["params"]["dim"]) for f in desc["fields"] if f["name"] == schema.VECTOR)
-    except MilvusException as exc:
-        raise BackupError(f"backup failed: Milvus: {exc.message}") from None
+    except MILVUS_ERRORS as exc:
+        raise BackupError(f"backup failed: Milvus: {milvus_message(exc)}") from None
     finally:
         client.close()
     manifest = {
@@ -247,8 +248,8 @@ def restore(
             # Milvus Lite"). The rows are in Milvus' log; Lite syncs its log to disk on close,
             # so an OS crash right after a restore is answered by restoring again
         counts = {name: _count(client, name) for name in names}
-    except MilvusException as exc:
-        raise BackupError(f"restore failed: Milvus: {exc.message}") from None
+    except MILVUS_ERRORS as exc:
+        raise BackupError(f"restore failed: Milvus: {milvus_message(exc)}") from None
     finally:
         client.close()
     if counts != manifest["counts"]:

@@ -21,9 +21,10 @@ class StoreUnavailable(KBError):
 
 
 class StoreTimeout(StoreUnavailable):
-    """Milvus did not answer within ``milvus.timeout_s``. Unlike a refusal, the call may still
-    complete on the server: a writer retries it whole (writes are idempotent upserts) rather
-    than taking it apart."""
+    """Milvus did not answer within its deadline (``milvus.timeout_s`` for a read,
+    ``milvus.write_timeout_s`` for a write). Unlike a refusal, the call may still complete on
+    the server: a writer sends the same writes again (upserts of deterministic ids, deletes of
+    what the new version replaces) rather than taking them apart."""
 
 
 class LookupUnsupported(KBError):

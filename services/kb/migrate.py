@@ -30,7 +30,7 @@ from services.kb import schema
 from services.kb.access import Acl, acls_from_rules, combine
 from services.kb.errors import EngineUnsupported, KBError
 from services.kb.rows import plain, rows
-from services.kb.store import KnowledgeStore, display_uri
+from services.kb.store import MILVUS_ERRORS, KnowledgeStore, display_uri, milvus_message
 
 COPYING = "__migrating"
 KEPT = "__premigration"
@@ -88,9 +88,9 @@ def migrate(settings: Settings, progress: Progress | None = None) -> list[Migrat
         for name in (milvus.collection, schema.registry_name(milvus.collection)):
             done.append(_migrate_one(client, settings, name, progress))
         return done
-    except MilvusException as exc:
+    except MILVUS_ERRORS as exc:
         raise MigrationError(
-            f"migration stopped at Milvus {display_uri(milvus.uri)}: {exc.message}; "
+            f"migration stopped at Milvus {display_uri(milvus.uri)}: {milvus_message(exc)}; "
             "the original collections are intact or kept as *__premigration: rerun `dualtrack kb migrate`"
         ) from None
     finally:

@@ -46,7 +46,7 @@ from services.kb.errors import KBError
 from services.kb.filters import literal
 from services.kb.ingest import Ingestor, embedding_text
 from services.kb.models import Block, Chunk
-from services.kb.store import DocumentRecord, KnowledgeStore
+from services.kb.store import MILVUS_ERRORS, DocumentRecord, KnowledgeStore, milvus_message
 
 MIN_OVERLAP = 16
 """Shortest repeat (characters) taken for the overlap between neighbouring chunks."""
@@ -128,9 +128,9 @@ class _Relayout:
     def run(self) -> Relaid:
         try:
             return self._run()
-        except MilvusException as exc:
+        except MILVUS_ERRORS as exc:
             raise RelayoutError(
-                f"the rebuild stopped at Milvus {self.store.where}: {exc.message}; what is served is "
+                f"the rebuild stopped at Milvus {self.store.where}: {milvus_message(exc)}; what is served is "
                 "intact: rerun `dualtrack kb migrate` to go on"
             ) from None
 

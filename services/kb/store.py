@@ -190,7 +190,7 @@ class KnowledgeStore:
         try:
             client = MilvusClient(uri=uri, token=token, timeout=self.settings.timeout_s)
         except MilvusException as exc:
-            raise StoreUnavailable(f"Milvus at {self.where} is unreachable: {exc.message}") from None
+            raise StoreUnavailable(f"Milvus at {self.where} is unreachable: {milvus_message(exc)}") from None
         except Exception as exc:  # milvus-lite raises plain errors for a locked/invalid path
             raise StoreUnavailable(f"Milvus at {self.where} cannot be opened: {exc}") from None
         try:
@@ -229,7 +229,7 @@ class KnowledgeStore:
         except Exception as exc:
             # the client is shared with in-flight requests: report, never close it here;
             # pymilvus re-establishes its channel once Milvus answers again
-            return f"Milvus at {self.where} is not answering: {_message(exc)}"
+            return f"Milvus at {self.where} is not answering: {milvus_message(exc)}"
         missing = [n for n in (self.collection, self.registry) if n not in names]
         try:  # a rebuilt collection is served through an alias, which the listing leaves out
             missing = [
@@ -238,7 +238,7 @@ class KnowledgeStore:
                 if not self.client.has_collection(n, timeout=min(self.settings.timeout_s, 3.0))
             ]
         except Exception as exc:
-            return f"Milvus at {self.where} is not answering: {_message(exc)}"
+            return f"Milvus at {self.where} is not answering: {milvus_message(exc)}"
         if missing:
             return f"collection {missing[0]!r} is missing in Milvus at {self.where}"
         return None
@@ -273,7 +273,7 @@ class KnowledgeStore:
                         self._client.load_collection(name, timeout=self.settings.timeout_s)
                 return fn(*args, **kwargs)
         except MilvusException as exc:
-            raise StoreUnavailable(f"Milvus {what} failed at {self.where}: {exc.message}") from None
+            raise StoreUnavailable(f"Milvus {what} failed at {self.where}: {milvus_message(exc)}") from None
         except grpc.RpcError as exc:  # pymilvus passes some transport errors on unwrapped
             raise _transport_error(exc, what, self.where, f"{_setting} ({kwargs['timeout']:g} s)") from None
 
@@ -669,7 +669,7 @@ class KnowledgeStore:
     def delete_document(self, doc_id: str) -> bool:
         """Remove a document: registry row first (search hides it at once), then chunks."""
         existed = self.get_document(doc_id) is not None
-        self._call(
+        self._write(
             "delete", self.client.delete, self.registry, filter=f"{schema.DOC_ID} == {literal(doc_id)}"
         )
         self.purge_stale(doc_id, None)
@@ -683,7 +683,7 @@ class KnowledgeStore:
     def delete_chunks(self, chunk_ids: Sequence[str], batch: int = 1000) -> None:
         """Delete chunks by primary key: exact, and far cheaper for Milvus than a filter."""
         for start in range(0, len(chunk_ids), batch):
-            self._call(
+            self._write(
                 "delete", self.client.delete, self.collection, ids=list(chunk_ids[start : start + batch])
             )
 
@@ -969,12 +969,10 @@ def _transport_error(exc: grpc.RpcError, what: str, where: str, deadline: str) -
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return StoreTimeout(
             f"Milvus {what} at {where} did not answer within {deadline}; the call may still complete "
-            "(a busy Milvus: Milvus Lite seals its in-memory rows into a segment once they pass "
-            "128 MiB, which takes seconds)"
+            "(Milvus is busy: Milvus Lite, for one, seals its in-memory rows into a segment inside "
+            "the write that takes them past 128 MiB, which takes seconds)"
         )
-    name = code.name if code is not None else type(exc).__name__
-    details = exc.details() if callable(getattr(exc, "details", None)) else ""
-    return StoreUnavailable(f"Milvus {what} failed at {where}: {name}: {details or 'no details'}")
+    return StoreUnavailable(f"Milvus {what} failed at {where}: {milvus_message(exc)}")
 
 
 def _missing(exc: MilvusException) -> bool:
@@ -990,5 +988,17 @@ def _since() -> str:
     return ".".join(map(str, _BM25_SINCE))
 
 
-def _message(exc: Exception) -> str:
-    return getattr(exc, "message", None) or str(exc)
+MILVUS_ERRORS = (MilvusException, grpc.RpcError)
+"""What a pymilvus call raises: its own exception, or a bare gRPC error for the status codes it
+does not retry (a deadline, a cancel, a refused permission)."""
+
+
+def milvus_message(exc: BaseException) -> str:
+    """What went wrong, without the channel's debug string (peer addresses, file and line of the
+    gRPC core), which pymilvus appends to the messages of errors it gave up retrying."""
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code() if callable(getattr(exc, "code", None)) else None
+        details = exc.details() if callable(getattr(exc, "details", None)) else ""
+        return f"{code.name if code is not None else type(exc).__name__}: {details or 'no details'}"
+    message = str(getattr(exc, "message", None) or exc)
+    return message.split(", debug=", 1)[0]

@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from services.config import Settings
 from services.kb.classification import Classification
-from services.kb.errors import KBError
+from services.kb.errors import KBError, StoreTimeout
 from services.kb.ingest import Ingestor
 from services.kb.service import KnowledgeBase
 from services.sync import cdc, events
@@ -39,6 +39,8 @@ from services.sync.metrics import ConsumerMetrics
 log = logging.getLogger(__name__)
 
 REASON_HEADER = "dualtrack.dlq.reason"
+TIMEOUT_PAUSE_S = 5.0
+"""The least wait before a batch whose write timed out is sent again."""
 
 
 class SyncConsumer:
@@ -141,6 +143,10 @@ class SyncConsumer:
                 return self.applier.apply(batch, from_other_sites=from_sites)
             except KBError as exc:
                 self.metrics.store_retries.inc()
+                if isinstance(exc, StoreTimeout):
+                    # the write given up on may still be running (a Lite seal): sent again at
+                    # once it would be slower still
+                    delay = max(delay, TIMEOUT_PAUSE_S)
                 log.warning("knowledge base unavailable (%s); retrying in %.1fs", exc, delay)
                 if stop.wait(delay):
                     return None  # stopping: nothing applied for sure, nothing committed

@@ -39,7 +39,7 @@ class ConsumerMetrics:
         )
         self.store_retries = Counter(
             "dualtrack_sync_store_retries_total",
-            "Batches retried because the knowledge base was unavailable",
+            "Batches retried because the knowledge base was unavailable or did not answer in time",
             registry=r,
         )
 

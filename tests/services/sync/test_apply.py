@@ -232,12 +232,12 @@ def test_a_crash_after_the_registry_flip_leaves_no_rows_of_the_old_version(
     assert replay.ledger.get(["doc"])["doc"].writing == ""
 
 
-def test_a_write_that_times_out_retries_the_batch_whole(milvus_server, make_settings, embedder) -> None:
+def test_a_write_that_times_out_retries_the_batch_whole(own_milvus_server, make_settings, embedder) -> None:
     """A Milvus that does not answer in time (Milvus Lite sealing its in-memory rows takes
     seconds) is the store's trouble, not the events': the batch is handed back to be retried
     whole, never taken apart and dead-lettered. The write may have landed; the retry is the
     same idempotent write."""
-    kb = KnowledgeBase(make_settings(milvus={"uri": milvus_server.uri}), embedder=embedder)
+    kb = KnowledgeBase(make_settings(milvus={"uri": own_milvus_server.uri}), embedder=embedder)
     kb.start()
     try:
         applier = Applier(kb.settings, kb.store, kb.embedder)
