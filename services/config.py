@@ -14,6 +14,7 @@ import re
 import socket
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -122,6 +123,12 @@ class MilvusSettings(_Section):
             raise ValueError("must be a local path or http(s)://host:port")
         if "://" in v and not v.startswith(("http://", "https://", "tcp://", "unix:")):
             raise ValueError("scheme must be http:// or https:// (or a local path for Milvus Lite)")
+        if "://" in v and "@" in v.split("://", 1)[1] and "@" not in urlsplit(v).netloc:
+            # read as a path, the password would be shown wherever the address is
+            raise ValueError(
+                "has user:password@ with an unescaped / ? or # in it: percent-encode them "
+                "(%2F %3F %23), or give the credentials as milvus.token"
+            )
         return v
 
     @property
@@ -320,8 +327,6 @@ family would let anyone who knows the published key sign)."""
 
 def loopback_or_https(url: str, key: str) -> str:
     """``url`` must be https, or http to a loopback address (a test or local provider)."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     host = parts.hostname or ""
     loopback = host == "localhost" or host.startswith("127.") or host == "::1"

@@ -206,6 +206,10 @@ def test_uri_credentials_never_reach_messages(make_settings) -> None:
     with pytest.raises(StoreUnavailable) as info:
         KnowledgeStore(make_settings(milvus={"uri": uri}).milvus, dimension=384).connect()
     assert "s3cret" not in str(info.value) and "127.0.0.1" in str(info.value)
+    # a password with an unescaped "/" would read as a path, and be shown with the address
+    with pytest.raises(ConfigError, match="percent-encode") as refused:
+        make_settings(milvus={"uri": "http://root:s3/cret@127.0.0.1:19530"})
+    assert "s3/cret" not in str(refused.value) and "cret" not in str(refused.value)
 
 
 def test_column_wise_upserts_declare_each_field_once_and_refuse_ragged_rows(kb: KnowledgeBase) -> None:
