@@ -34,6 +34,7 @@ from pydantic_settings import (
 
 from services.kb.access import Acl, AclError, AclRule
 from services.kb.classification import Classification, PathRule
+from services.kb.sandbox import ParserLimits
 
 PACKAGED_MODEL = "packaged:all-MiniLM-L6-v2"
 """The offline model shipped inside a PyPI wheel: the default, works without a hub."""
@@ -300,6 +301,24 @@ class IngestSettings(_Section):
         description="Most files one POST /v1/documents/batch may carry (their bytes together "
         "stay within max_file_bytes).",
     )
+    parser_cpu_s: int = Field(
+        60,
+        ge=1,
+        le=3600,
+        description="CPU seconds one document's parse may use (it runs in a child process of its own).",
+    )
+    parser_memory_mb: int = Field(
+        2048,
+        ge=256,
+        le=65536,
+        description="Address space one document's parse may use, in MiB (the child's RLIMIT_AS).",
+    )
+    parser_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Wall-clock seconds one document's parse may take."
+    )
+
+    def parser_limits(self) -> ParserLimits:
+        return ParserLimits(self.parser_cpu_s, self.parser_memory_mb, self.parser_timeout_s)
 
 
 class RetrievalSettings(_Section):
@@ -423,6 +442,13 @@ class GatewaySettings(_Section):
     public_url: str | None = Field(None, description="Base URL used in citation links.")
     oidc: OidcSettings | None = Field(None, description="Company sign-in; off when not set.")
     keys_file: Path | None = Field(None, description="Service API keys (`dualtrack keys`); off when not set.")
+    max_request_bytes: int = Field(
+        2 * 1024 * 1024,
+        ge=1024,
+        le=1024**3,
+        description="Largest body of any request but an upload (those: ingest.max_file_bytes), "
+        "refused from its Content-Length before it is read.",
+    )
 
     @model_validator(mode="after")
     def _open_only_on_loopback(self) -> GatewaySettings:

@@ -59,6 +59,24 @@ def test_firewall_allowlist_loaded(host, listeners) -> None:
     assert ruleset.stdout.count("drop") >= 3 and 'iifname "lo" accept' in ruleset.stdout
 
 
+@pytest.mark.parametrize("unit", SERVICES)
+def test_services_stop_with_the_firewall(host, unit: str) -> None:
+    """No port without its allowlist: each service is bound to the firewall unit (it stops when
+    the table is removed) and ordered after it (it starts once the table is loaded)."""
+    shown = host.run(f"systemctl show {unit} --property=BindsTo --property=After").stdout
+    deps = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+    assert "dualtrack-firewall.service" in deps.get("BindsTo", "").split(), (
+        f"{unit} runs without the firewall"
+    )
+    assert "dualtrack-firewall.service" in deps.get("After", "").split(), f"{unit} may start before it"
+
+
+def test_nftables_start_keeps_the_allowlist(host) -> None:
+    """nftables.service flushes every table when it starts or reloads: it loads ours again."""
+    shown = host.run("systemctl show nftables --property=ExecStartPost --property=ExecReload").stdout
+    assert shown.count(f"{CONFIG_DIR}/firewall.nft") >= 2, shown
+
+
 def test_secret_files_are_private(host) -> None:
     """Every settings/secret file the roles wrote: 0600, never group- or world-readable."""
     names = host.run(f"find {CONFIG_DIR} -type f -name '*.env' -o -type f -path '*/secrets/*'").stdout.split()

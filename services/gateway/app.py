@@ -86,6 +86,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     app.state.answers = answers
     base_url = settings.gateway.base_url()
     max_upload = settings.ingest.max_file_bytes
+    max_request = settings.gateway.max_request_bytes
 
     def auth(
         request: Request,
@@ -110,7 +111,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         entry = request.state.audit = auditor.begin(request)
         egress.collecting(entry.egress)
         # from the headers alone: no body is read (or spooled to disk) for an anonymous request
-        rejection = await authenticate(request, authenticator) or _upload_gate(request)
+        rejection = await authenticate(request, authenticator) or _body_gate(request)
         if rejection is None and _mutates(request):
             entry.principal = getattr(request.state, "principal", None)
             if not entry.begin():
@@ -134,27 +135,31 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         response.headers["X-Request-ID"] = entry.request_id
         return response
 
-    def _upload_gate(request: Request) -> Response | None:
-        """Uploads are size-checked from their headers alone, so an oversized (or length-less,
-        chunked) body is never written to disk."""
-        if request.method != "POST" or request.url.path not in UPLOADS:
-            return None
-        try:  # the role is checked before the body is read, too
-            _require(principal_of(request), Role.CONTRIBUTOR)
-        except HTTPException as exc:
-            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
-        length = request.headers.get("content-length", "")
-        if not length.isdigit():
+    def _body_gate(request: Request) -> Response | None:
+        """Every body is size-checked from its headers alone, so an oversized (or length-less,
+        chunked) one is never read, nor an upload spooled to disk: uploads up to
+        ``ingest.max_file_bytes``, anything else up to ``gateway.max_request_bytes``."""
+        upload = request.method == "POST" and request.url.path in UPLOADS
+        if upload:
+            try:  # the role is checked before the body is read, too
+                _require(principal_of(request), Role.CONTRIBUTOR)
+            except HTTPException as exc:
+                return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        length = request.headers.get("content-length")
+        if length is None and (upload or "transfer-encoding" in request.headers):
+            what = "uploads need" if upload else "a request body needs"
             return JSONResponse(
-                {"detail": "uploads need a Content-Length header"},
-                status_code=status.HTTP_411_LENGTH_REQUIRED,
+                {"detail": f"{what} a Content-Length header"}, status_code=status.HTTP_411_LENGTH_REQUIRED
             )
-        if int(length) > max_upload + _MULTIPART_OVERHEAD:
+        if length is None:
+            return None
+        limit, key = (
+            (max_upload, "ingest.max_file_bytes") if upload else (max_request, "gateway.max_request_bytes")
+        )
+        if not length.isdigit() or int(length) > limit + (_MULTIPART_OVERHEAD if upload else 0):
+            what = "upload" if upload else "request body"
             return JSONResponse(
-                {
-                    "detail": f"upload is {length} bytes, over the limit of {max_upload} "
-                    "(ingest.max_file_bytes)"
-                },
+                {"detail": f"{what} is {length} bytes, over the limit of {limit} ({key})"},
                 status_code=status.HTTP_413_CONTENT_TOO_LARGE,
             )
         return None

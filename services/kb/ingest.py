@@ -31,8 +31,8 @@ from services.kb.chunker import chunk_blocks
 from services.kb.classification import Classification, labels_from_rules, most_restrictive
 from services.kb.embedder import Embedder
 from services.kb.errors import DocumentRejected
-from services.kb.loaders import load_document
 from services.kb.models import Block, Chunk, ChunkDraft
+from services.kb.sandbox import parse_isolated
 from services.kb.schema import MAX_DOC_ID, MAX_SOURCE
 from services.kb.sidecar import read_sidecar
 from services.kb.store import DocumentRecord, KnowledgeStore
@@ -322,7 +322,7 @@ class Ingestor:
 
         started = time.perf_counter()
         try:
-            doc = load_document(data, source)
+            doc = parse_isolated(data, source, self.settings.ingest.parser_limits())
         except DocumentRejected as exc:
             return _rejected(source, exc.reason, doc_id)
         timings["parse"] = time.perf_counter() - started

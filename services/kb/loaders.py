@@ -272,6 +272,8 @@ def load_pdf(data: bytes, name: str) -> LoadedDocument:
         raise
     except PyPdfError as exc:
         raise DocumentRejected(name, f"corrupt or unreadable PDF: {exc}") from None
+    except MemoryError:
+        raise  # the parser's memory limit (services.kb.sandbox) says so
     except Exception as exc:  # a hostile PDF can raise anything from zlib to RecursionError
         raise DocumentRejected(name, f"corrupt or unreadable PDF ({type(exc).__name__}): {exc}") from None
     if not pages:
@@ -301,6 +303,8 @@ def load_docx(data: bytes, name: str) -> LoadedDocument:
         document = docx.Document(io.BytesIO(data))
     except (PackageNotFoundError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise DocumentRejected(name, f"corrupt or unreadable .docx: {exc}") from None
+    except MemoryError:
+        raise
     except Exception as exc:  # lxml raises its own hierarchy for broken XML parts
         raise DocumentRejected(name, f"corrupt or unreadable .docx: {exc}") from None
     sections: list[tuple[str | None, list[str]]] = [(None, [])]

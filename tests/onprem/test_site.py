@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -173,8 +175,10 @@ def test_backup_and_restore_keep_every_chunk(site: Site) -> None:
     )
 
 
-def test_firewall_admits_only_the_allowlist(site: Site) -> None:
-    """A client namespace behind a veth pair: 10.99.0.2 is allowlisted, 10.98.0.2 is not."""
+@contextmanager
+def _client(site: Site) -> Iterator[Callable[[str, str, int], bool]]:
+    """A client namespace behind a veth pair: 10.99.0.2 is allowlisted, 10.98.0.2 is not. Yields
+    ``reach(source, target, port)``: whether a TCP connection from ``source`` is accepted."""
     setup = """
     ip netns add client
     ip link add fw0 type veth peer name fw1 netns client
@@ -183,16 +187,24 @@ def test_firewall_admits_only_the_allowlist(site: Site) -> None:
     ip -n client link set fw1 up; ip -n client link set lo up
     """
     site.host.exec("sh", "-c", setup)
+
+    def reach(source: str, target: str, port: int) -> bool:
+        probe = (
+            "import socket,sys; s=socket.socket(); s.settimeout(2); s.bind((sys.argv[1],0)); "
+            "sys.exit(s.connect_ex((sys.argv[2], int(sys.argv[3]))))"
+        )
+        cmd = f"ip netns exec client python3 -c {shlex.quote(probe)} {source} {target} {port}"
+        return site.host.exec("sh", "-c", cmd, check=False).returncode == 0
+
     try:
+        yield reach
+    finally:
+        site.host.exec("ip", "netns", "del", "client", check=False)
+        site.host.exec("ip", "link", "del", "fw0", check=False)
 
-        def reach(source: str, target: str, port: int) -> bool:
-            probe = (
-                "import socket,sys; s=socket.socket(); s.settimeout(2); s.bind((sys.argv[1],0)); "
-                "sys.exit(s.connect_ex((sys.argv[2], int(sys.argv[3]))))"
-            )
-            cmd = f"ip netns exec client python3 -c {shlex.quote(probe)} {source} {target} {port}"
-            return site.host.exec("sh", "-c", cmd, check=False).returncode == 0
 
+def test_firewall_admits_only_the_allowlist(site: Site) -> None:
+    with _client(site) as reach:
         assert reach("10.99.0.2", "10.99.0.1", 8080)  # gateway: allowlisted client
         assert reach("10.99.0.2", "10.99.0.1", 19530)  # Milvus: allowlisted client
         assert not reach("10.98.0.2", "10.98.0.1", 8080)  # gateway: anyone else is dropped
@@ -200,9 +212,56 @@ def test_firewall_admits_only_the_allowlist(site: Site) -> None:
         assert not reach("10.99.0.2", "10.99.0.1", 8000)  # Triton: nobody but the host itself
         counters = site.host.exec("nft", "list", "table", "inet", "dualtrack").stdout
         assert "packets 0 bytes 0 drop" not in counters.split("dualtrack gateway")[0][-200:]
-    finally:
-        site.host.exec("ip", "netns", "del", "client", check=False)
-        site.host.exec("ip", "link", "del", "fw0", check=False)
+
+
+BOUND = ("dualtrack-milvus", "dualtrack-gateway", "dualtrack-triton")
+
+
+def _state(site: Site, *units: str) -> list[str]:
+    return site.host.exec("systemctl", "is-active", *units, check=False).stdout.split()
+
+
+def _table_loaded(site: Site) -> bool:
+    return site.host.exec("nft", "list", "table", "inet", "dualtrack", check=False).returncode == 0
+
+
+def test_no_service_is_reachable_while_its_allowlist_is_absent(site: Site) -> None:
+    """nftables.service starts, stops and restarts with `flush ruleset`; the firewall unit may be
+    stopped by hand. Each time, either the allowlist is back in place or the services are down."""
+    with _client(site) as reach:
+        try:
+            # starting nftables flushes every table: the dualtrack one is loaded again in that start
+            site.host.exec("systemctl", "start", "nftables")
+            assert _table_loaded(site) and _state(site, *BOUND) == ["active"] * 3
+            assert reach("10.99.0.2", "10.99.0.1", 8080) and not reach("10.98.0.2", "10.98.0.1", 8080)
+
+            # stopping nftables (or the firewall unit): the table goes, and the services with it
+            site.host.exec("systemctl", "stop", "nftables")
+            assert not _table_loaded(site)
+            assert _state(site, "dualtrack-firewall", *BOUND) == ["inactive"] * 4
+            for port in (8080, 19530):
+                assert not reach("10.98.0.2", "10.98.0.1", port)
+
+            # starting a service brings its allowlist first
+            site.host.exec("systemctl", "start", *BOUND)
+            assert _table_loaded(site) and _state(site, "dualtrack-firewall") == ["active"]
+            _wait_ready(site)
+            assert not reach("10.98.0.2", "10.98.0.1", 8080)
+
+            # restarting nftables restarts them behind the reloaded table
+            gateway_pid = site.host.exec("systemctl", "show", "dualtrack-gateway", "-p", "MainPID").stdout
+            site.host.exec("systemctl", "restart", "nftables")
+            assert _table_loaded(site) and _state(site, *BOUND) == ["active"] * 3
+            assert (
+                site.host.exec("systemctl", "show", "dualtrack-gateway", "-p", "MainPID").stdout
+                != gateway_pid
+            )
+            _wait_ready(site)
+            assert reach("10.99.0.2", "10.99.0.1", 8080) and not reach("10.98.0.2", "10.98.0.1", 8080)
+        finally:
+            site.host.exec("systemctl", "stop", "nftables", check=False)  # as the site was converged
+            site.host.exec("systemctl", "start", *BOUND, check=False)
+            _wait_ready(site)
 
 
 def test_inventory_missing_a_required_secret_is_named_and_nothing_changes(site: Site, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ Milvus Lite and the real offline embedding model."""
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
@@ -308,6 +309,23 @@ def test_uploads_are_gated_before_the_body_is_read(gateway: httpx.Client) -> Non
     assert no_length.status_code == 411 and "Content-Length" in no_length.json()["detail"]
 
 
+def test_every_body_is_capped_before_it_is_read(gateway: httpx.Client) -> None:
+    big = json.dumps({"query": "x" * (3 * 1024 * 1024)}).encode()
+    for path in ("/v1/search", "/v1/chat/completions", "/v1/ask"):
+        r = gateway.post(path, content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413, (path, r.text)
+        assert "over the limit of 2097152 (gateway.max_request_bytes)" in r.json()["detail"]
+
+    def chunked():
+        yield b'{"query": '
+        yield b'"vacation"}'
+
+    r = gateway.post("/v1/search", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 411 and "a request body needs a Content-Length" in r.json()["detail"]
+    small = gateway.post("/v1/search", json={"query": "vacation"})
+    assert small.status_code == 200, small.text
+
+
 def test_impossible_doc_ids_are_404(gateway: httpx.Client) -> None:
     for bad in ("a%0Ab", "%22%20or%201%3D%3D1"):
         assert gateway.get(f"/v1/documents/{bad}").status_code == 404
@@ -347,3 +365,26 @@ def test_a_code_the_store_cannot_look_up_keeps_the_answer_local(make_settings, e
     assert (unlooked["route"], unlooked["route_reason"]) == ("extractive", "verbatim-lookup-unavailable")
     assert unlooked["failover"] is None  # the cloud was never tried
     assert plain["route_reason"] == "no-sensitive-content"  # no code: nothing to look up
+
+
+def test_a_document_that_exhausts_its_parser_is_refused_and_the_gateway_stays_up(
+    make_settings, embedder
+) -> None:
+    from pypdf import PdfWriter
+
+    writer = PdfWriter()
+    for _ in range(60_000):
+        writer.add_blank_page(612, 792)
+    pages = io.BytesIO()
+    writer.write(pages)
+    settings = make_settings(gateway={"api_key": KEY}, ingest={"parser_cpu_s": 1})
+    with serve(create_app(settings, KnowledgeBase(settings, embedder=embedder))) as url:
+        wait_ready(url)
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
+            load_samples(client)
+            before = snapshot(client)
+            r = upload(client, "pages.pdf", pages.getvalue())
+            assert r.status_code == 422, r.text
+            assert "more than 1 s of CPU (ingest.parser_cpu_s)" in r.json()["reason"]
+            assert client.get("/healthz").json() == {"status": "ok"}
+            assert snapshot(client) == before
