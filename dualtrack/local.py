@@ -293,7 +293,9 @@ class LocalStack:
 
     def _gateway_health(self) -> str:
         try:
-            r = httpx.get(f"{self.gateway_url}/readyz", timeout=2.0)
+            # with the stack's key: the reasons are shown to a principal with the monitor role
+            headers = {"Authorization": f"Bearer {self.api_key()}"}
+            r = httpx.get(f"{self.gateway_url}/readyz", headers=headers, timeout=2.0)
         except httpx.HTTPError:
             return "down"
         if r.status_code == 200:

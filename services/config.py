@@ -361,13 +361,13 @@ class ClaimSettings(_Section):
     subject: str = Field("sub", min_length=1)
     groups: str = Field("groups", min_length=1, description="Dotted path to a list of group names.")
     roles: str = Field("roles", min_length=1, description="Dotted path to a list of role names.")
-    role_map: dict[str, Literal["reader", "contributor", "admin"]] = Field(
+    role_map: dict[str, Literal["monitor", "reader", "contributor", "admin"]] = Field(
         default_factory=dict,
         description="The provider's role names (in the roles claim) -> dualtrack roles; none by default, "
         "so every role above reader is granted explicitly. Set `roles` to the groups claim's path "
         "to grant roles by group.",
     )
-    default_role: Literal["reader", "contributor", "admin", "none"] = Field(
+    default_role: Literal["monitor", "reader", "contributor", "admin", "none"] = Field(
         "reader", description="The role of a signed-in user none of whose roles is mapped ('none': refuse)."
     )
     clearance_by_group: dict[str, Classification] = Field(

@@ -45,7 +45,9 @@ def _duration(value: str) -> timedelta | None:
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Argument(help="What uses the key (lower-case, e.g. ingest-bot)")],
-    role: Annotated[list[Role], typer.Option("--role", help="reader, contributor, admin (repeatable)")],
+    role: Annotated[
+        list[Role], typer.Option("--role", help="monitor, reader, contributor, admin (repeatable)")
+    ],
     group: Annotated[
         list[str] | None, typer.Option("--group", help="A group it acts for (repeatable)")
     ] = None,

@@ -133,7 +133,7 @@ class KeyStore:
             )
         roles = frozenset(roles)
         if not roles:
-            raise KeyStoreError("a key needs at least one role (reader, contributor, admin)")
+            raise KeyStoreError("a key needs at least one role (monitor, reader, contributor, admin)")
         groups = frozenset(groups)
         if expires_in is not None and expires_in <= timedelta(0):
             raise KeyStoreError(f"expires_in must be positive, got {expires_in}")

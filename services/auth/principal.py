@@ -14,6 +14,8 @@ from services.kb.classification import Classification
 class Role(StrEnum):
     """What a principal may do. Each role includes the ones before it."""
 
+    MONITOR = "monitor"
+    """metrics and readiness details: what a Prometheus scrape or an operator's probe needs"""
     READER = "reader"
     """search, ask, chat"""
     CONTRIBUTOR = "contributor"

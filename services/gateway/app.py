@@ -8,6 +8,7 @@ model in a background thread at start-up so ``/healthz`` answers at once and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -20,17 +21,19 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from services.audit import egress
 from services.audit.log import AuditLog
 from services.auth.authenticator import Authenticator
+from services.auth.errors import AuthError
 from services.auth.principal import Principal, Role
 from services.config import Settings
 from services.gateway import schemas
 from services.gateway.answering import answer_routes
 from services.gateway.audit import Auditor, audit_of, passages
-from services.gateway.auth import authenticate, bearer, is_public, principal_of
+from services.gateway.auth import DOCS_ASSETS, authenticate, bearer, is_probe, is_public, principal_of
 from services.gateway.documents import document_routes
 from services.gateway.metrics import Metrics
 from services.kb.access import EVERYTHING, Reader
@@ -74,7 +77,8 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
             publisher.close()
         knowledge.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc load their scripts from here, never from a CDN
+        static_url=DOCS_ASSETS,
         title="dualtrack gateway",
         version="0.1.0",
         summary="Private knowledge base: ingest, search and cited answers",
@@ -95,7 +99,11 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         """The middleware authenticated the request; this declares the scheme in OpenAPI."""
         assert request.state.principal is not None
 
-    secured = [Depends(auth)]
+    def reader(request: Request) -> None:
+        _require(principal_of(request), Role.READER)
+
+    signed_in = [Depends(auth)]
+    secured = [*signed_in, Depends(reader)]  # every endpoint that reads content
 
     def contributor(request: Request) -> None:
         _require(principal_of(request), Role.CONTRIBUTOR)
@@ -127,7 +135,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         metrics.request_seconds.labels(
             request.method, route_path or "unmatched", str(response.status_code)
         ).observe(time.perf_counter() - started)
-        if not is_public(request):
+        if not is_public(request) and not is_probe(request):
             entry.principal = getattr(request.state, "principal", None)
             entry.route_path, entry.target = route_path, dict(request.scope.get("path_params") or {})
             if not entry.deferred and not entry.finish(response.status_code):
@@ -192,12 +200,34 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         responses={503: {"model": schemas.Ready}},
         summary="Readiness: model loaded and Milvus reachable",
     )
-    def readyz() -> JSONResponse:
-        r = knowledge.readiness()
-        body = schemas.Ready(ready=r.ready, model=r.model, milvus=r.milvus, reasons=r.reasons, notes=r.notes)
-        return JSONResponse(body.model_dump(), status_code=200 if r.ready else 503)
+    async def readyz(request: Request) -> JSONResponse:
+        r = await asyncio.to_thread(knowledge.readiness)
+        body = schemas.Ready(ready=r.ready)
+        if await _monitors(request):
+            body = schemas.Ready(
+                ready=r.ready, model=r.model, milvus=r.milvus, reasons=r.reasons, notes=r.notes
+            )
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if r.ready else 503)
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    async def _monitors(request: Request) -> bool:
+        """Whether the request's credentials (if any) carry the monitor role; a probe without
+        any, or with bad ones, gets the bare answer, never an error."""
+        if request.headers.get("authorization") is None:
+            return False
+        try:
+            return (await authenticator.principal(request.headers["authorization"])).has(Role.MONITOR)
+        except AuthError:
+            return False
+
+    def monitor(request: Request) -> None:
+        _require(principal_of(request), Role.MONITOR)
+
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        summary="Prometheus metrics (the monitor role)",
+        dependencies=[*signed_in, Depends(monitor)],
+    )
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -19,18 +19,33 @@ bearer = HTTPBearer(
 )
 """Declared on the secured endpoints so the OpenAPI description shows the scheme."""
 
-PUBLIC_PATHS = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-)
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+DOCS_ASSETS = "/docs/assets"
+"""Where the API pages' scripts and styles are served (public, like the pages)."""
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def is_public(request: Request) -> bool:
-    """A probe or the API description: answered without sign-in (and not audited)."""
+PROBES = frozenset({"/metrics"})
+"""Signed in (the monitor role), but not audited: a scrape every few seconds is no access to
+content, and would bury the records that are."""
+
+
+def is_probe(request: Request) -> bool:
+    return _own_path(request) in PROBES
+
+
+def _own_path(request: Request) -> str:
     path, root = request.url.path, request.scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :]  # served under a prefix (behind a proxy): the app's own path
-    return path in PUBLIC_PATHS
+    return path
+
+
+def is_public(request: Request) -> bool:
+    """A liveness or readiness probe or the API description: answered without sign-in (and not
+    audited)."""
+    path = _own_path(request)
+    return path in PUBLIC_PATHS or path.startswith(DOCS_ASSETS + "/")
 
 
 async def authenticate(request: Request, authenticator: Authenticator) -> JSONResponse | None:

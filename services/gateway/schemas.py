@@ -190,13 +190,14 @@ class DocumentList(BaseModel):
 
 
 class Ready(BaseModel):
+    """Whether the gateway can serve. The details (which part is not ready, and why) name
+    hosts and settings: they are shown only to a principal with the monitor role (or more)."""
+
     ready: bool
-    model: bool
-    milvus: bool
-    reasons: list[str]
-    notes: list[str] = Field(
-        default_factory=list, description="Served, but less well than configured, and why."
-    )
+    model: bool | None = None
+    milvus: bool | None = None
+    reasons: list[str] | None = None
+    notes: list[str] | None = Field(None, description="Served, but less well than configured, and why.")
 
 
 # -- OpenAI-compatible chat completions -----------------------------------------------------------

@@ -302,7 +302,7 @@ def test_model_error_is_a_clear_error_not_a_hang(gateway: str, sites: dict[str, 
 
 
 def _metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+    for line in httpx.get(f"{url}/metrics", headers=AUTH).text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
@@ -351,7 +351,7 @@ def test_official_openai_client(gateway: str) -> None:
 
 
 def test_route_decisions_are_counted(gateway: str) -> None:
-    metrics = httpx.get(f"{gateway}/metrics").text
+    metrics = httpx.get(f"{gateway}/metrics", headers=AUTH).text
     assert 'dualtrack_route_decisions_total{reason="confidential-context",target="local"}' in metrics
     assert 'dualtrack_route_decisions_total{reason="no-sensitive-content",target="cloud"}' in metrics
     assert 'dualtrack_llm_answers_total{route="cloud"}' in metrics

@@ -64,8 +64,50 @@ def test_auth_is_required_except_for_probes(gateway: httpx.Client) -> None:
     assert httpx.post(base + "/v1/search", json={"query": "x"}).status_code == 401
     wrong = httpx.post(base + "/v1/search", json={"query": "x"}, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
-    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
+    for path in ("/healthz", "/readyz", "/openapi.json", "/docs"):
         assert httpx.get(base + path).status_code == 200, path
+    assert httpx.get(base + "/readyz").json() == {"ready": True}  # no hosts, no reasons
+    assert httpx.get(base + "/metrics").status_code == 401
+
+
+def test_metrics_and_readiness_details_need_the_monitor_role(make_settings, embedder, tmp_path: Path) -> None:
+    from services.auth.keys import KeyStore
+    from services.auth.principal import Role
+    from services.kb.classification import Classification
+
+    store = KeyStore(tmp_path / "keys.db")
+    monitor, _ = store.create("prometheus", [Role.MONITOR], [], Classification.PUBLIC, None)
+    settings = make_settings(gateway={"api_key": KEY, "keys_file": str(tmp_path / "keys.db")})
+    with serve(create_app(settings, KnowledgeBase(settings, embedder=embedder))) as url:
+        wait_ready(url)
+        scrape = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {monitor}"})
+        assert scrape.status_code == 200 and "dualtrack_" in scrape.text
+        ready = httpx.get(url + "/readyz", headers={"Authorization": f"Bearer {monitor}"}).json()
+        assert ready["ready"] is True and ready["milvus"] is True and "reasons" in ready
+        # the monitor role reads no content
+        search = httpx.post(
+            url + "/v1/search", json={"query": "x"}, headers={"Authorization": f"Bearer {monitor}"}
+        )
+        assert search.status_code == 403
+        wrong = httpx.get(url + "/readyz", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 200 and wrong.json() == {"ready": True}
+
+
+def test_api_pages_load_nothing_from_outside(gateway: httpx.Client) -> None:
+    """/docs and /redoc work on a host without internet: every script, style and icon they
+    name is served here, without sign-in."""
+    import re
+
+    base = str(gateway.base_url)
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(base + page).text
+        urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", html)
+        assets = [u for u in urls if not u.startswith("/openapi.json")]
+        assert assets, html
+        for url in assets:
+            assert url.startswith("/") and not url.startswith("//"), f"{page} loads {url}"
+            assert httpx.get(base + url).status_code == 200, url
+        assert "cdn." not in html and "fonts.googleapis" not in html
 
 
 def test_auth_without_a_key_refuses_to_start(make_settings) -> None:
@@ -237,7 +279,8 @@ def test_milvus_down_then_up(make_settings, embedder, tmp_path: Path) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
     with serve(app) as url:
         assert httpx.get(url + "/healthz").status_code == 200
-        ready = httpx.get(url + "/readyz")
+        assert httpx.get(url + "/readyz").json() == {"ready": False}  # the details need a monitor
+        ready = httpx.get(url + "/readyz", headers=headers)
         assert ready.status_code == 503
         assert ready.json()["model"] is True and ready.json()["milvus"] is False
         assert f"127.0.0.1:{port}" in ready.json()["reasons"][0]
