@@ -442,6 +442,15 @@ class GatewaySettings(_Section):
     public_url: str | None = Field(None, description="Base URL used in citation links.")
     oidc: OidcSettings | None = Field(None, description="Company sign-in; off when not set.")
     keys_file: Path | None = Field(None, description="Service API keys (`dualtrack keys`); off when not set.")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) the gateway serves HTTPS with; with tls_key_file."
+    )
+    tls_key_file: Path | None = Field(None, description="The certificate's private key (PEM).")
+    insecure_http: bool = Field(
+        False,
+        description="Serve plain HTTP on a non-loopback address: only behind a TLS-terminating proxy "
+        "on the same host, since bearer keys and answers would otherwise cross the network in clear.",
+    )
     max_request_bytes: int = Field(
         2 * 1024 * 1024,
         ge=1024,
@@ -453,6 +462,15 @@ class GatewaySettings(_Section):
     @model_validator(mode="after")
     def _open_only_on_loopback(self) -> GatewaySettings:
         loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given = "tls_cert_file" if self.tls_cert_file is not None else "tls_key_file"
+            raise ValueError(f"gateway.{given} is set alone: HTTPS needs both tls_cert_file and tls_key_file")
+        if not loopback and self.tls_cert_file is None and not self.insecure_http:
+            raise ValueError(
+                f"gateway.host = {self.host!r} without gateway.tls_cert_file and tls_key_file: bearer keys "
+                "and confidential answers would cross the network in clear; give it a certificate (or set "
+                "gateway.insecure_http = true behind a TLS-terminating proxy on this host)"
+            )
         if not self.auth_enabled and not loopback:
             raise ValueError(
                 f"gateway.auth_enabled = false with gateway.host = {self.host!r}: without sign-in "
@@ -461,7 +479,8 @@ class GatewaySettings(_Section):
         return self
 
     def base_url(self) -> str:
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+        scheme = "https" if self.tls_cert_file is not None else "http"
+        return (self.public_url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
 
 
 DLP_ENTITIES = (

@@ -8,6 +8,7 @@ the knowledge-base collections present, the gateway ready, backups scheduled.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 import pytest
@@ -77,6 +78,30 @@ def test_nftables_start_keeps_the_allowlist(host) -> None:
     assert shown.count(f"{CONFIG_DIR}/firewall.nft") >= 2, shown
 
 
+MAX_EXPOSURE = 2.5
+"""The most `systemd-analyze security` exposure a dualtrack service may show (0 = fully
+confined, 10 = not at all). The sandbox the services share (dualtrack_unit_sandbox) scores 1.2
+with loopback-only networking (the local model) and 1.4 with the network the others need
+(systemd 252, Debian bookworm); 2.5 leaves room for a unit's own needs (a GPU's devices) and
+fails any unit that lost its sandbox (8.3 for one with only NoNewPrivileges, ProtectSystem and
+PrivateTmp)."""
+
+
+@pytest.mark.parametrize("unit", [*SERVICES, "dualtrack-llama", "dualtrack-kb-sync", "dualtrack-backup"])
+def test_units_are_sandboxed(host, unit: str) -> None:
+    unit_file = host.file(f"/etc/systemd/system/{unit}.service")
+    if not unit_file.exists:
+        pytest.skip(f"{unit} is not installed on this host")
+    if "docker compose" in unit_file.content_string:
+        pytest.skip(f"{unit} runs Milvus standalone under Docker: its containers are confined by Docker")
+    report = host.run(f"systemd-analyze security --no-pager {unit}.service").stdout
+    found = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", report)
+    assert found, report[-500:]
+    exposure = float(found.group(1))
+    worst = [line.split()[1] for line in report.splitlines() if line.startswith("✗")][:8]
+    assert exposure <= MAX_EXPOSURE, f"{unit}: exposure {exposure} over {MAX_EXPOSURE}; open: {worst}"
+
+
 def test_secret_files_are_private(host) -> None:
     """Every settings/secret file the roles wrote: 0600, never group- or world-readable."""
     names = host.run(f"find {CONFIG_DIR} -type f -name '*.env' -o -type f -path '*/secrets/*'").stdout.split()
@@ -102,12 +127,52 @@ def test_knowledge_base_collections_exist(host, gateway_env) -> None:
     assert {collection, f"{collection}_documents"} <= set(json.loads(out.stdout))
 
 
-def test_gateway_ready(host, listeners) -> None:
+TLS_DIR = f"{CONFIG_DIR}/tls"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _server_name(host) -> str:
+    """The first DNS name of the gateway's certificate: what clients connect to."""
+    sans = host.run(f"openssl x509 -in {TLS_DIR}/gateway.crt -noout -ext subjectAltName").stdout
+    names = re.findall(r"DNS:([^,\s]+)", sans)
+    assert names, f"the gateway's certificate names no host: {sans.strip()}"
+    return names[0]
+
+
+def test_gateway_ready(host, listeners, gateway_env) -> None:
+    """Asked as a client would: over HTTPS, the chain checked against the site CA and the name
+    against the certificate."""
     (gateway,) = listeners["dualtrack-gateway"]
     address = "127.0.0.1" if gateway.address in WILDCARDS else gateway.address
-    out = host.run(f"curl -sf http://{address}:{gateway.port}/readyz")
+    if "DUALTRACK_GATEWAY__TLS_CERT_FILE" in gateway_env:
+        name = _server_name(host)
+        ca = f"--cacert {TLS_DIR}/ca.crt" if host.file(f"{TLS_DIR}/ca.crt").exists else ""
+        url = f"https://{name}:{gateway.port}/readyz"
+        out = host.run(f"curl -sSf {ca} --resolve {name}:{gateway.port}:{address} {url}")
+    else:
+        out = host.run(f"curl -sSf http://{address}:{gateway.port}/readyz")
     assert out.rc == 0, f"/readyz: {out.stdout or out.stderr}"
     assert json.loads(out.stdout).get("ready") is True
+
+
+def test_gateway_certificate(host, listeners, gateway_env) -> None:
+    """Off loopback the gateway speaks HTTPS only, with a certificate its CA vouches for, that
+    matches its key and is not about to expire."""
+    (gateway,) = listeners["dualtrack-gateway"]
+    if "DUALTRACK_GATEWAY__TLS_CERT_FILE" not in gateway_env:
+        assert gateway.address in LOOPBACK, f"the gateway serves plain HTTP on {gateway.address}"
+        pytest.skip("the gateway listens on loopback only, without TLS")
+    cert, key = f"{TLS_DIR}/gateway.crt", f"{TLS_DIR}/gateway.key"
+    if host.file(f"{TLS_DIR}/ca.crt").exists:
+        chain = host.run(f"openssl verify -CAfile {TLS_DIR}/ca.crt {cert}")
+        assert chain.rc == 0, f"the site CA does not vouch for the certificate: {chain.stdout}{chain.stderr}"
+    soon = host.run(f"openssl x509 -in {cert} -noout -checkend {14 * 24 * 3600}")
+    assert soon.rc == 0, "the gateway's certificate expires within 14 days: renew it"
+    public = host.run(f"openssl x509 -in {cert} -noout -pubkey").stdout
+    assert public and host.run(f"openssl pkey -in {key} -pubout").stdout == public, (
+        "key and certificate differ"
+    )
+    assert host.file(key).mode == 0o600 and host.file(key).user == "root"
 
 
 def test_backups_scheduled(host) -> None:

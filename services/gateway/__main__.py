@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 import sys
 
 import uvicorn
@@ -19,7 +21,20 @@ def main() -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.gateway.host, port=settings.gateway.port, log_level="info")
+    gateway = settings.gateway
+    tls: dict[str, str] = {}
+    for key, path in (("ssl_certfile", gateway.tls_cert_file), ("ssl_keyfile", gateway.tls_key_file)):
+        if path is not None:
+            setting = "gateway.tls_cert_file" if key == "ssl_certfile" else "gateway.tls_key_file"
+            if not os.access(path, os.R_OK):
+                print(f"error: {setting} = {str(path)!r} cannot be read by this user", file=sys.stderr)
+                return 2
+            tls[key] = str(path)
+    try:
+        uvicorn.run(app, host=gateway.host, port=gateway.port, log_level="info", **tls)
+    except ssl.SSLError as exc:
+        print(f"error: gateway.tls_cert_file / tls_key_file: {exc.reason or exc}", file=sys.stderr)
+        return 2
     return 0
 
 

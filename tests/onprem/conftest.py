@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from dualtrack.cli import app
 from dualtrack.plan import PLANS_DIR
 from tests.onprem.host import OnPremHost
-from tests.support import SAMPLES, gemma_gguf
+from tests.support import SAMPLES, gemma_gguf, issue_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_VARS = ROOT / "ansible" / "inventories" / "example" / "group_vars" / "all.yml"
@@ -25,6 +25,12 @@ API_KEY = 'test-api-key-0123456789\\"$x`y'  # every character systemd unescapes
 CLOUD_TOKEN = "eyJhbGciOiJub25lIn0.e30.cloud-SECRET-jwt"
 VAULT_PASSWORD = "vault-test-password"
 SAMPLE_DOC = SAMPLES / "handbook" / "employee-handbook.md"
+GATEWAY_NAME = "kb.dualtrack.test"
+"""The name the test site's gateway certificate is issued for (and clients use)."""
+GATEWAY = f"https://{GATEWAY_NAME}:8080"
+CLIENT_TLS = ("--cacert", "/etc/dualtrack/tls/ca.crt", "--resolve", f"{GATEWAY_NAME}:8080:127.0.0.1")
+"""What curl on the host needs to reach the gateway as a client would: the site CA, and the
+name pointed at loopback."""
 
 
 @pytest.fixture(autouse=True)
@@ -207,10 +213,17 @@ def site(onprem_host: OnPremHost, wheelhouse: Path, tmp_path_factory: pytest.Tem
     """``site.yml`` converged once through ``dualtrack onprem apply`` (the first run's output is kept)."""
     _podman_env_vars()
     base = tmp_path_factory.mktemp("site")
+    tls = issue_tls(base / "tls", names=(GATEWAY_NAME,), ips=("127.0.0.1", "10.99.0.1"))
+    https = {
+        "gateway_tls_cert": str(tls.cert),
+        "gateway_tls_key": str(tls.key),
+        "gateway_tls_ca": str(tls.ca),
+        "gateway_tls_server_name": GATEWAY_NAME,
+    }
     inventory = write_site(
         base / "inventory",
         onprem_host,
-        site_vars(),
+        {**site_vars(), **https},
         vault={"gateway_api_key": API_KEY, "gateway_cloud_token": CLOUD_TOKEN},
     )
     converged = Site(

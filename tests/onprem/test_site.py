@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,23 +21,21 @@ import pytest
 from typer.testing import CliRunner
 
 from dualtrack.cli import app
-from tests.onprem.conftest import API_KEY, CLOUD_TOKEN, SAMPLE_DOC, Site, write_site
+from tests.onprem.conftest import API_KEY, CLIENT_TLS, CLOUD_TOKEN, GATEWAY, SAMPLE_DOC, Site, write_site
 from tests.support import SAMPLES, tansu_argv, tansu_binary
 
 pytestmark = pytest.mark.slow
 
 
 def _curl(site: Site, *args: str, check: bool = True) -> str:
-    done = site.host.exec("curl", "-sS", "--max-time", "60", *args, check=False)
+    done = site.host.exec("curl", "-sS", "--max-time", "60", *CLIENT_TLS, *args, check=False)
     if check:
         assert done.returncode == 0, done.stderr
     return done.stdout
 
 
 def _api(site: Site, method: str, path: str, *args: str) -> dict:
-    out = _curl(
-        site, "-X", method, "-H", f"Authorization: Bearer {API_KEY}", *args, f"http://127.0.0.1:8080{path}"
-    )
+    out = _curl(site, "-X", method, "-H", f"Authorization: Bearer {API_KEY}", *args, f"{GATEWAY}{path}")
     return json.loads(out) if out.strip() else {}
 
 
@@ -93,7 +92,7 @@ def test_verify_passes_and_catches_a_stopped_service(site: Site) -> None:
 def _wait_ready(site: Site, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if '"ready":true' in _curl(site, "http://127.0.0.1:8080/readyz", check=False).replace(" ", ""):
+        if '"ready":true' in _curl(site, f"{GATEWAY}/readyz", check=False).replace(" ", ""):
             return
         time.sleep(1)
     raise AssertionError("the gateway did not become ready")
@@ -212,6 +211,44 @@ def test_firewall_admits_only_the_allowlist(site: Site) -> None:
         assert not reach("10.99.0.2", "10.99.0.1", 8000)  # Triton: nobody but the host itself
         counters = site.host.exec("nft", "list", "table", "inet", "dualtrack").stdout
         assert "packets 0 bytes 0 drop" not in counters.split("dualtrack gateway")[0][-200:]
+
+
+def test_the_gateway_speaks_only_https_on_the_lan(site: Site) -> None:
+    """A client on the LAN (the allowlisted namespace) with the site CA: a verified handshake for
+    the certificate's name; plain HTTP gets nothing. The key is root's file: the gateway's user
+    reads it only as its unit's credential."""
+    with _client(site):
+
+        def lan_curl(*args: str) -> subprocess.CompletedProcess[str]:
+            return site.host.exec(
+                "ip", "netns", "exec", "client", "curl", "-sS", "--max-time", "10", *args, check=False
+            )
+
+        name = GATEWAY.split("//")[1].split(":")[0]
+        ok = lan_curl(
+            "--cacert",
+            "/etc/dualtrack/tls/ca.crt",
+            "--resolve",
+            f"{name}:8080:10.99.0.1",
+            f"{GATEWAY}/healthz",
+        )
+        assert ok.returncode == 0 and '"ok"' in ok.stdout, ok.stderr
+        untrusted = lan_curl("--resolve", f"{name}:8080:10.99.0.1", f"{GATEWAY}/healthz")
+        assert untrusted.returncode == 60, untrusted.stderr  # the system store does not know the site CA
+        wrong_name = lan_curl(
+            "--cacert",
+            "/etc/dualtrack/tls/ca.crt",
+            "https://other.example:8080/healthz",
+            "--resolve",
+            "other.example:8080:10.99.0.1",
+        )
+        assert wrong_name.returncode == 60, wrong_name.stderr  # the name is checked too
+        plain = lan_curl("http://10.99.0.1:8080/healthz")
+        assert plain.returncode != 0 and '"ok"' not in plain.stdout
+    key = site.host.exec("stat", "-c", "%a %U", "/etc/dualtrack/tls/gateway.key").stdout.split()
+    assert key == ["600", "root"]
+    shown = site.host.exec("systemctl", "show", "dualtrack-gateway", "-p", "LoadCredential").stdout
+    assert "gateway.key:/etc/dualtrack/tls/gateway.key" in shown
 
 
 BOUND = ("dualtrack-milvus", "dualtrack-gateway", "dualtrack-triton")
@@ -390,7 +427,7 @@ def _wait_for_top_hit(site: Site, query: str, doc_id: str, timeout_s: float = 18
         out = _curl(
             site,
             *("-X", "POST", "-H", f"Authorization: Bearer {API_KEY}", "-H", "Content-Type: application/json"),
-            *("-d", body, "http://127.0.0.1:8080/v1/search"),
+            *("-d", body, f"{GATEWAY}/v1/search"),
             check=False,  # the gateway may be restarting (restore)
         )
         try:
