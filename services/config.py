@@ -866,9 +866,19 @@ def format_validation_error(exc: ValidationError, cfg: Path | None = None) -> st
 
 
 def _redact(key: str, value: object) -> str:
-    if any(s in key.lower() for s in ("key", "token", "password", "secret")):
-        return "'***'"
-    if key.endswith("uri") and isinstance(value, str) and "@" in value:
-        return repr(value.split("://", 1)[0] + "://***@" + value.rsplit("@", 1)[1])
-    text = repr(value)
+    text = repr(_masked(key, value))
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _masked(key: str, value: object) -> object:
+    """``value`` with every secret in it masked: a section-wide error (a model validator) shows
+    the whole section, whose other keys may hold the API key or a password."""
+    if any(s in key.lower() for s in ("key", "token", "password", "secret")) and not key.endswith("_file"):
+        return "***"
+    if key.endswith("uri") and isinstance(value, str) and "@" in value:
+        return value.split("://", 1)[0] + "://***@" + value.rsplit("@", 1)[1]
+    if isinstance(value, dict):
+        return {k: _masked(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(key, v) for v in value]
+    return value

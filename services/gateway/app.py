@@ -33,7 +33,15 @@ from services.config import Settings
 from services.gateway import schemas
 from services.gateway.answering import answer_routes
 from services.gateway.audit import Auditor, audit_of, passages
-from services.gateway.auth import DOCS_ASSETS, authenticate, bearer, is_probe, is_public, principal_of
+from services.gateway.auth import (
+    DOCS_ASSETS,
+    authenticate,
+    bearer,
+    is_probe,
+    is_public,
+    own_path,
+    principal_of,
+)
 from services.gateway.documents import document_routes
 from services.gateway.metrics import Metrics
 from services.kb.access import EVERYTHING, Reader
@@ -147,7 +155,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
         """Every body is size-checked from its headers alone, so an oversized (or length-less,
         chunked) one is never read, nor an upload spooled to disk: uploads up to
         ``ingest.max_file_bytes``, anything else up to ``gateway.max_request_bytes``."""
-        upload = request.method == "POST" and request.url.path in UPLOADS
+        upload = request.method == "POST" and own_path(request) in UPLOADS
         if upload:
             try:  # the role is checked before the body is read, too
                 _require(principal_of(request), Role.CONTRIBUTOR)
@@ -190,7 +198,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
     # -- health --------------------------------------------------------------------------
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:  # on the event loop: busy worker threads cannot stall it
         return {"status": "ok"}
 
     @app.get(
@@ -316,7 +324,7 @@ def create_app(settings: Settings, kb: KnowledgeBase | None = None) -> FastAPI:
 def _mutates(request: Request) -> bool:
     """An upload, a delete or an access change: recorded before it acts, too."""
     return request.method in ("PUT", "PATCH", "DELETE") or (
-        request.method == "POST" and request.url.path in UPLOADS
+        request.method == "POST" and own_path(request) in UPLOADS
     )
 
 

@@ -31,20 +31,19 @@ content, and would bury the records that are."""
 
 
 def is_probe(request: Request) -> bool:
-    return _own_path(request) in PROBES
+    return own_path(request) in PROBES
 
 
-def _own_path(request: Request) -> str:
+def own_path(request: Request) -> str:
+    """The path within the app: without the prefix it is served under (behind a proxy)."""
     path, root = request.url.path, request.scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :]  # served under a prefix (behind a proxy): the app's own path
-    return path
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def is_public(request: Request) -> bool:
     """A liveness or readiness probe or the API description: answered without sign-in (and not
     audited)."""
-    path = _own_path(request)
+    path = own_path(request)
     return path in PUBLIC_PATHS or path.startswith(DOCS_ASSETS + "/")
 
 

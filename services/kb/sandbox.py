@@ -19,6 +19,7 @@ limits) followed by ``size`` bytes of document; one JSON line per answer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -74,10 +75,18 @@ class ParserServer:
                     if attempt == 2 or isinstance(exc, TimeoutError):
                         raise DocumentRejected(name, "the parser server did not answer") from None
                     continue
-                answer = json.loads(line)
-                if "rejected" in answer:
-                    raise DocumentRejected(name, str(answer["rejected"]))
-                return _document(answer["document"])
+                try:
+                    answer = json.loads(line)
+                    if "rejected" in answer:
+                        reason = answer["rejected"]
+                        raise DocumentRejected(name, reason if isinstance(reason, str) else "rejected")
+                    return _document(answer["document"])
+                except DocumentRejected:
+                    raise
+                except Exception:
+                    # not an answer this protocol gives: whatever wrote it, that server is not used again
+                    self._stop()
+                    raise DocumentRejected(name, "the parser's answer could not be read") from None
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -86,7 +95,12 @@ class ParserServer:
 
     def _server(self) -> subprocess.Popen[bytes]:
         if self._proc is None or self._proc.poll() is not None:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            # only what an interpreter needs: the gateway's settings and secrets stay out of reach
+            env = {
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "LANG": "C.UTF-8",
+                "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+            }
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "services.kb.sandbox"],
                 stdin=subprocess.PIPE,
@@ -111,9 +125,15 @@ def parse_isolated(data: bytes, name: str, limits: ParserLimits) -> LoadedDocume
     return _server.parse(data, name, limits)
 
 
+def _wait_readable(fd: int, timeout_s: float) -> bool:
+    """``poll``, not ``select``: a gateway with many open files has descriptors past 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(max(timeout_s, 0) * 1000))
+
+
 def _readline(stream: IO[bytes], timeout_s: float) -> bytes:
-    ready, _, _ = select.select([stream], [], [], timeout_s)
-    if not ready:
+    if not _wait_readable(stream.fileno(), timeout_s):
         raise TimeoutError
     line = stream.readline()
     if not line:
@@ -162,10 +182,17 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
 def _one(data: bytes, name: str, limits: ParserLimits) -> dict[str, Any]:
     reader, writer = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: limits, one parse, one answer, gone
-        os.close(reader)
-        _child(writer, data, name, limits)
-        os._exit(0)
+    if pid == 0:  # the child: limits, one parse, one answer, gone -- whatever happens
+        try:
+            os.setsid()  # its own process group: a timeout kills whatever it started, too
+            os.dup2(writer, 3)
+            os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)  # the next documents arrive on the server's stdin: not for it
+            os.close(null)
+            _child(3, data, name, limits)
+        finally:
+            os._exit(0)
     os.close(writer)
     chunks: list[bytes] = []
     deadline = time.monotonic() + limits.timeout_s
@@ -173,14 +200,15 @@ def _one(data: bytes, name: str, limits: ParserLimits) -> dict[str, Any]:
     with os.fdopen(reader, "rb") as answer:
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([answer], [], [], left)[0]:
+            if left <= 0 or not _wait_readable(answer.fileno(), left):
                 timed_out = True
-                os.kill(pid, signal.SIGKILL)
                 break
             chunk = answer.read1(1 << 20)
             if not chunk:
                 break
             chunks.append(chunk)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)  # on a timeout, and anything it left running
     _, status = os.waitpid(pid, 0)
     if timed_out:
         return {"rejected": f"parsing took longer than {limits.timeout_s:g} s (ingest.parser_timeout_s)"}
@@ -195,9 +223,8 @@ def _one(data: bytes, name: str, limits: ParserLimits) -> dict[str, Any]:
 def _child(writer: int, data: bytes, name: str, limits: ParserLimits) -> None:
     from services.kb.loaders import load_document
 
-    memory = limits.memory_mb * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))  # SIGXCPU, then SIGKILL
+    _limit(resource.RLIMIT_AS, limits.memory_mb * 1024 * 1024, 0)
+    _limit(resource.RLIMIT_CPU, limits.cpu_s, 1)  # SIGXCPU, then SIGKILL a second later
     try:
         answer: dict[str, Any] = {"document": _plain(load_document(data, name))}
     except DocumentRejected as exc:
@@ -216,6 +243,15 @@ def _child(writer: int, data: bytes, name: str, limits: ParserLimits) -> None:
         out.write(payload)
 
 
+def _limit(which: int, soft: int, grace: int) -> None:
+    """Lower a limit to ``soft`` (hard: ``soft + grace``), never above a hard limit already set
+    (a unit's LimitAS=, say): the stricter one stands."""
+    _, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY:
+        soft, grace = min(soft, hard), min(grace, max(hard - soft, 0))
+    resource.setrlimit(which, (soft, soft + grace))
+
+
 def _death(status: int, limits: ParserLimits) -> str:
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU:
         return f"parsing used more than {limits.cpu_s} s of CPU (ingest.parser_cpu_s)"
@@ -225,7 +261,8 @@ def _death(status: int, limits: ParserLimits) -> str:
             f"the parser was killed: more than {limits.cpu_s} s of CPU (ingest.parser_cpu_s) or out "
             f"of memory (ingest.parser_memory_mb, {limits.memory_mb} MB)"
         )
-    return f"the parser stopped without an answer (status {status}); the file cannot be read"
+    code = os.waitstatus_to_exitcode(status)
+    return f"the parser stopped without an answer (exit status {code}); the file cannot be read"
 
 
 def _memory(limits: ParserLimits) -> str:

@@ -216,7 +216,7 @@ def test_firewall_admits_only_the_allowlist(site: Site) -> None:
 def test_the_gateway_speaks_only_https_on_the_lan(site: Site) -> None:
     """A client on the LAN (the allowlisted namespace) with the site CA: a verified handshake for
     the certificate's name; plain HTTP gets nothing. The key is root's file: the gateway's user
-    reads it only as its unit's credential."""
+    reads only the running unit's copy, in its runtime directory."""
     with _client(site):
 
         def lan_curl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -247,8 +247,8 @@ def test_the_gateway_speaks_only_https_on_the_lan(site: Site) -> None:
         assert plain.returncode != 0 and '"ok"' not in plain.stdout
     key = site.host.exec("stat", "-c", "%a %U", "/etc/dualtrack/tls/gateway.key").stdout.split()
     assert key == ["600", "root"]
-    shown = site.host.exec("systemctl", "show", "dualtrack-gateway", "-p", "LoadCredential").stdout
-    assert "gateway.key:/etc/dualtrack/tls/gateway.key" in shown
+    copy = site.host.exec("stat", "-c", "%a %U", "/run/dualtrack-gateway/tls.key").stdout.split()
+    assert copy == ["400", "dualtrack"]
 
 
 BOUND = ("dualtrack-milvus", "dualtrack-gateway", "dualtrack-triton")

@@ -81,6 +81,12 @@ def test_secret_values_are_not_echoed(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert "milvus.token" in str(info.value) and "s3cr3t-token" not in str(info.value)
 
 
+def test_a_section_wide_error_masks_the_secrets_in_the_section() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(gateway={"host": "0.0.0.0", "api_key": "SUPER-SECRET-KEY-123"})
+    assert "gateway.tls_cert_file" in str(info.value) and "SUPER-SECRET-KEY-123" not in str(info.value)
+
+
 def test_missing_config_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DUALTRACK_CONFIG", str(tmp_path / "nope.toml"))
     with pytest.raises(ConfigError, match="nope.toml: file not found"):

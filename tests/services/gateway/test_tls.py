@@ -68,8 +68,6 @@ def test_https_with_the_site_ca(https_gateway: str, tls: TlsFiles) -> None:
     context = ssl.create_default_context(cafile=str(tls.ca))
     r = httpx.get(https_gateway + "/v1/models", verify=context, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200 and r.url.scheme == "https"
-    with httpx.Client(verify=context) as client:  # TLS 1.2 at least, with a verified chain and name
-        client.get(https_gateway + "/healthz")
     # a client that does not trust the site CA refuses the connection
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         httpx.get(https_gateway + "/healthz", timeout=5)

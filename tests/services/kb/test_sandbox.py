@@ -9,9 +9,11 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+from pathlib import Path
 
 import pytest
 
+from services.kb import sandbox
 from services.kb.errors import DocumentRejected
 from services.kb.sandbox import ParserLimits, parse_isolated
 from tests.support import SAMPLES
@@ -94,9 +96,34 @@ def test_deeply_nested_html_gives_its_text_or_a_reason() -> None:
         assert doc.text.strip() == "deep text"
 
 
-def test_the_parser_cannot_kill_this_process(huge_pdf: bytes) -> None:
-    pid = os.getpid()
+def test_after_limits_are_hit_the_next_document_parses(huge_pdf: bytes) -> None:
     for limits in (ParserLimits(1, 2048, 60), ParserLimits(60, 256, 60)):
         with pytest.raises(DocumentRejected):
             parse_isolated(huge_pdf, "pages.pdf", limits)
-    assert os.getpid() == pid and parse_isolated(b"still here", "a.txt", ROOMY).text.strip() == "still here"
+    assert parse_isolated(b"still here", "a.txt", ROOMY).text.strip() == "still here"
+
+
+def test_the_parser_sees_none_of_the_gateways_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DUALTRACK_GATEWAY__API_KEY", "secret-key-the-parser-must-not-see")
+    sandbox._server.close()  # a fresh server, started with the secret in this process' environment
+    assert parse_isolated(b"hello", "a.txt", ROOMY).text.strip() == "hello"
+    proc = sandbox._server._proc
+    assert proc is not None
+    environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+    assert b"secret-key-the-parser-must-not-see" not in environ and b"DUALTRACK_" not in environ
+
+
+def test_parsing_works_with_descriptors_past_1024() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    sandbox._server.close()
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:  # the parser server's pipes now get numbers select() cannot take
+        assert parse_isolated(b"# T\n\nmany files open", "many.md", ROOMY).title == "T"
+    finally:
+        for fd in held:
+            os.close(fd)
+        sandbox._server.close()
