@@ -5,6 +5,7 @@ on-prem default) are started; the real ``SyncConsumer`` runs in this process wit
 packaged embedding model. Each event is a different document of 2 chunks (~120-word
 passages cut from the sample corpus), so every event costs a write (the consumer folds
 several changes of one document in a batch into one write; that saving is not counted).
+Every event is signed as a publishing site signs it, and the consumer verifies each one.
 
 1. **with vectors**: every event carries its chunk vectors from the same model id, so the
    consumer stores them as shipped;
@@ -33,6 +34,7 @@ Against Milvus standalone (2.3 has no BM25, hence dense only):
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -59,13 +61,21 @@ from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
 from services.config import Settings, load_settings  # noqa: E402
 from services.kb.service import KnowledgeBase  # noqa: E402
-from services.sync import events  # noqa: E402
+from services.sync import events, signing  # noqa: E402
 from services.sync.consumer import SyncConsumer  # noqa: E402
 from services.sync.kafka import ensure_topics  # noqa: E402
 from services.sync.metrics import ConsumerMetrics  # noqa: E402
 from tests.support import SAMPLES, KafkaBroker, MilvusServer  # noqa: E402
 
 PARTITIONS = 3
+
+
+@functools.cache
+def signer() -> signing.Signer:
+    """The benchmark site's signing key (a new one per run, in a private temporary directory)."""
+    path = Path(tempfile.mkdtemp(prefix="dualtrack-bench-key-")) / "bench.pem"
+    signing.generate(path)
+    return signing.Signer(path)
 
 
 def passages(words_per: int = 120) -> list[str]:
@@ -127,10 +137,10 @@ def _send(
     p.list_topics(topic, timeout=30)
     ready.set()
     go.wait()
-    for key, value in messages:
+    for key, value, headers in messages:
         while True:
             try:
-                p.produce(topic, key=key, value=value, on_delivery=report)
+                p.produce(topic, key=key, value=value, headers=headers, on_delivery=report)
                 break
             except BufferError:
                 p.poll(0.2)
@@ -148,7 +158,9 @@ class Sender:
     def __init__(self, bootstrap: str, topic: str, evs: list[events.DocumentUpsert]) -> None:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process running Kafka threads
         self._ready, self._go, self._out = ctx.Event(), ctx.Event(), ctx.Queue()
+        # signed as the publishing site's relay signs them (the consumer verifies every one)
         messages = [(events.key(e), events.encode(e)) for e in evs]
+        messages = [(k, v, signer().headers(k, v)) for k, v in messages]
         self._proc = ctx.Process(
             target=_send, args=(bootstrap, topic, messages, self._ready, self._go, self._out), daemon=True
         )
@@ -221,6 +233,7 @@ def settings_for(broker: KafkaBroker, milvus: dict[str, Any], topic: str, collec
             "replication_factor": 1,
             "session_timeout_ms": 6000,
             "metrics_port": 0,
+            "trusted_keys": {"bench": [signing.public_text(signer().public)]},
         },
     )
 

@@ -676,7 +676,19 @@ class CdcSettings(_Section):
     """Debezium change events from one source table, mapped to documents: each row is a
     document whose text is ``content_column``; ``op: d`` deletes it."""
 
+    bootstrap_servers: str = Field(
+        min_length=1,
+        description="The site's own Kafka (Kafka Connect's brokers): CDC rows are read from "
+        "the premises, never from the cloud's brokers.",
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL"] = "PLAINTEXT"
+    ca_file: Path | None = Field(None, description="CA bundle for SSL; the system store when unset.")
     topic: str = Field(description="The Debezium topic, e.g. ``kb.public.articles``.")
+    dead_letter_topic: str = Field(
+        "",
+        description="On the site's broker; empty means ``<topic>.dlq``. Rows refused there keep "
+        "their content: it never left the premises.",
+    )
     table: str = Field(
         description="``schema.table`` (or ``db.table``) the events must come from; others are "
         "dead-lettered, so a mis-routed topic never writes into the knowledge base."
@@ -690,12 +702,20 @@ class CdcSettings(_Section):
     format: Literal["txt", "md", "html"] = Field("md", description="How the content column is parsed.")
     doc_id_prefix: str = Field("cdc-", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$|^$")
 
-    @field_validator("topic")
+    @field_validator("topic", "dead_letter_topic")
     @classmethod
     def _topic(cls, v: str) -> str:
-        if not _TOPIC.match(v):
+        if v and not _TOPIC.match(v):
             raise ValueError("must be 1-249 characters of letters, digits, '.', '_' or '-'")
         return v
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.dead_letter_topic or f"{self.topic}.dlq"
+
+
+def _brokers(servers: str) -> set[str]:
+    return {s.strip().lower() for s in servers.split(",") if s.strip()}
 
 
 class SyncSettings(_Section):
@@ -740,10 +760,41 @@ class SyncSettings(_Section):
     partitions: int = Field(6, ge=1, le=1000)
     replication_factor: int = Field(3, ge=1, le=10)
     retention_ms: int = Field(
-        -1,
-        ge=-1,
-        description="How long the updates topic keeps events; -1 (forever) lets any site rebuild "
-        "its store by replaying the topic in order.",
+        7 * 24 * 3600 * 1000,
+        ge=3600 * 1000,
+        le=365 * 24 * 3600 * 1000,
+        description="How long the updates topic keeps events (1 hour to 365 days; set on the topic "
+        "when it is created and whenever the consumer starts): an erased document's events are "
+        "gone from the brokers after it. A site that joins later is seeded with "
+        "``dualtrack sync publish-existing`` at each publishing site.",
+    )
+    signing_key_file: Path | None = Field(
+        None,
+        description="This site's Ed25519 private key (PEM; ``dualtrack sync keygen``): every event "
+        "published is signed with it. Required to publish while require_signatures is on.",
+    )
+    trusted_keys: dict[str, list[str]] = Field(
+        {},
+        description="origin -> the base64 Ed25519 public keys its events may be signed with (more "
+        "than one during a rotation). An event is applied only if signed by a key of the origin it names.",
+    )
+    require_signatures: bool = Field(
+        True,
+        description="Refuse (dead-letter) unsigned, wrongly signed and replayed events. Off only in "
+        "a lab: then anyone who can write to the topic can write into this knowledge base.",
+    )
+    max_clock_skew_s: float = Field(
+        300.0,
+        ge=0,
+        le=3600,
+        description="How far a publisher's clock may run ahead of this host's; an event sent longer "
+        "ago than retention_ms plus this is a replay.",
+    )
+    shared_writers: list[str] = Field(
+        [],
+        description="Origins whose events may replace or delete a document that another origin "
+        "owns here ('*': every trusted origin). Empty: only a document's owner (the origin that "
+        "created it; this site for its own uploads) changes it.",
     )
     max_message_bytes: int = Field(
         8 * 1024 * 1024,
@@ -771,6 +822,38 @@ class SyncSettings(_Section):
         if v is Classification.CONFIDENTIAL:
             raise ValueError("confidential content never leaves the premises: use public or internal")
         return v
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _trusted(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        from services.sync.signing import SigningError, parse_public
+
+        for origin, keys in v.items():
+            if not origin or len(origin) > 128:
+                raise ValueError(f"origin {origin[:40]!r} must be 1-128 characters")
+            for i, text in enumerate(keys):
+                try:
+                    parse_public(text, f"[{origin!r}][{i}]")
+                except SigningError as exc:
+                    raise ValueError(str(exc)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _cdc_on_premises(self) -> SyncSettings:
+        if self.cdc is None:
+            return self
+        shared = _brokers(self.cdc.bootstrap_servers) & _brokers(self.bootstrap_servers)
+        cloud = [
+            b for b in _brokers(self.cdc.bootstrap_servers) if b.rsplit(":", 1)[0].endswith(".amazonaws.com")
+        ]
+        if shared or cloud:
+            why = "also in sync.bootstrap_servers (the cloud's)" if shared else "an AWS (MSK) broker"
+            raise ValueError(
+                f"cdc.bootstrap_servers {self.cdc.bootstrap_servers!r} names "
+                f"{sorted(shared or cloud)[0]!r}, {why}: a site's database rows are read from its own "
+                "Kafka on the premises, never the cloud's"
+            )
+        return self
 
     @model_validator(mode="after")
     def _security(self) -> SyncSettings:

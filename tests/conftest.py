@@ -99,3 +99,11 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBrok
     broker = KafkaBroker(tmp_path_factory.mktemp("kafka")).start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def site_kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """A second broker: the site's own Kafka, where Debezium writes (the other is the cloud's)."""
+    broker = KafkaBroker(tmp_path_factory.mktemp("site-kafka")).start()
+    yield broker
+    broker.stop()

@@ -47,8 +47,11 @@ def sync_publish_existing(
 
     settings = settings_or_fail()
     kb = KnowledgeBase(settings)
+    try:
+        publisher = Publisher(settings, lambda: kb.store, lambda: kb.embedder.model_id)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
     kb.load_model()
-    publisher = Publisher(settings, lambda: kb.store, lambda: kb.embedder.model_id)
     try:
         with Progress(TextColumn("{task.description}"), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
             task = bar.add_task("queueing documents", total=None)
@@ -71,6 +74,37 @@ def sync_publish_existing(
     finally:
         publisher.close(timeout=5)
         kb.close()
+
+
+@sync_app.command("keygen")
+def sync_keygen(
+    path: Annotated[Path, typer.Argument(help="Where to write the new private key (never over a file)")],
+    origin: Annotated[
+        str | None, typer.Option(help="The site the key signs for (default: sync.site_id or the host name)")
+    ] = None,
+) -> None:
+    """Make a site's Ed25519 signing key (``sync.signing_key_file``) and print its public key
+    for the other sites' ``sync.trusted_keys``. Store the private key in the vault
+    (``dualtrack_sync_signing_key``); for a rotation, trust the new public key everywhere
+    before the site switches, and drop the old one after the topic's retention."""
+    import json
+
+    from services.sync import signing
+
+    site = origin or settings_or_fail().sync.origin
+    try:
+        public = signing.generate(path)
+    except FileExistsError:
+        raise fail(f"{path} exists: a signing key is never overwritten (rotate to a new file)") from None
+    except OSError as exc:
+        raise fail(f"cannot write {path}: {exc.strerror}") from None
+    text = signing.public_text(public)
+    console.print(f"private key written to {path} (mode 0600): keep it in the vault, never in git")
+    console.print(f"key id {signing.key_id(public)}; on every consuming site, trust it for {site!r}:")
+    sys.stdout.write(
+        f"  TOML:     [sync.trusted_keys]\n            {json.dumps(site)} = [{json.dumps(text)}]\n"
+        f"  Ansible:  dualtrack_sync_trusted_keys: {{{json.dumps(site)}: [{json.dumps(text)}]}}\n"
+    )
 
 
 @sync_app.command("rewind")

@@ -90,6 +90,10 @@ REGISTRY_OUTPUT_FIELDS: Final = (
     ACL,
 )
 
+SYNCED_FROM: Final = "synced_from"
+"""Registry metadata key naming the origin of a document a sync consumer applied: such documents
+are the origin's (to publish, and to change), never re-published from here."""
+
 # sync ledger fields (DOC_ID, VERSION, MARKER shared): the newest change applied per document
 REVISION: Final = "revision"
 ORIGIN: Final = "origin"

@@ -680,6 +680,12 @@ class KnowledgeStore:
         rows = self._registry_rows(doc_ids, [schema.DOC_ID, schema.VERSION, schema.CHUNKS])
         return {r[schema.DOC_ID]: (r[schema.VERSION], int(r[schema.CHUNKS])) for r in rows}
 
+    def origins(self, doc_ids: Sequence[str]) -> dict[str, str | None]:
+        """``doc_id -> the origin it was synced from`` for registered documents; None for
+        this site's own (uploaded or ingested here)."""
+        rows = self._registry_rows(doc_ids, [schema.DOC_ID, schema.METADATA])
+        return {r[schema.DOC_ID]: _json(r.get(schema.METADATA)).get(schema.SYNCED_FROM) or None for r in rows}
+
     def delete_chunks(self, chunk_ids: Sequence[str], batch: int = 1000) -> None:
         """Delete chunks by primary key: exact, and far cheaper for Milvus than a filter."""
         for start in range(0, len(chunk_ids), batch):

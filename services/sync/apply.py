@@ -9,6 +9,11 @@ same rows), the registry flipped, the previous version's rows deleted by primary
 key, and the ledger entry written last. A crash anywhere before that leaves the
 event to be applied again, with the same result.
 
+A document belongs to one origin: the site it was synced from, or this site for its own
+uploads. An event from another origin that would replace or delete it is dead-lettered
+unless ``sync.shared_writers`` names that origin, so a site (or a leaked key of one) can
+never overwrite what another site published.
+
 An event this store must not hold (a classification above ``sync.max_classification``)
 is dead-lettered *and* acts as a delete at its revision, so an earlier, permitted
 copy of the document does not linger here.
@@ -113,9 +118,18 @@ class Applier:
         winner_at: dict[str, int] = {}
         limit = self.settings.sync.max_classification
         cap = self.settings.ingest.max_chunks_per_document
+        owners = self._owners(events, known)
         for i, event in enumerate(events):
             change: Event = event
             refused: Outcome | None = None
+            owner = owners.get(event.doc_id)
+            if owner is not None and owner != event.origin and not self._may_replace(event.origin):
+                outcomes[i] = Outcome(
+                    "dead_letter",
+                    f"{event.doc_id!r} belongs to {owner!r} here: {event.origin!r} may not replace or delete "
+                    "it (sync.shared_writers)",
+                )
+                continue
             if isinstance(event, DocumentUpsert):
                 if from_other_sites and event.classification.rank > limit.rank:
                     refused = Outcome(
@@ -153,6 +167,7 @@ class Applier:
                 outcomes[previous] = Outcome("applied", "superseded within the batch")
             winners[event.doc_id] = change
             winner_at[event.doc_id] = i
+            owners[event.doc_id] = change.origin
             known[event.doc_id] = _entry(change)
             if refused is not None:
                 outcomes[i] = refused
@@ -161,6 +176,22 @@ class Applier:
             if outcomes[i] is None:
                 outcomes[i] = Outcome("applied")
         return [o for o in outcomes if o is not None]
+
+    def _owners(self, events: Sequence[Event], known: dict[str, LedgerEntry]) -> dict[str, str]:
+        """Who owns each document here: the origin a registered document was synced from, this
+        site for its own, else the origin of the last change applied (a delete included)."""
+        site = self.settings.sync.origin
+        owners = {
+            doc: origin or site for doc, origin in self.store.origins([e.doc_id for e in events]).items()
+        }
+        for doc, entry in known.items():
+            if entry.origin:  # not a blank entry (a first write that never finished)
+                owners.setdefault(doc, entry.origin)
+        return owners
+
+    def _may_replace(self, origin: str) -> bool:
+        writers = self.settings.sync.shared_writers
+        return "*" in writers or origin in writers
 
     def _write(self, changes: Sequence[Event], before: dict[str, LedgerEntry]) -> None:
         upserts = [e for e in changes if isinstance(e, DocumentUpsert)]

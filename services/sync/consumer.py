@@ -6,11 +6,15 @@ Delivery is at-least-once and the effect exactly-once:
   dead-letter records) are done, so a crash re-delivers, never skips;
 * applying is idempotent and newest-wins (``services.sync.apply``), so a
   re-delivered, duplicated or out-of-order event changes nothing it should not;
-* a message that cannot be applied (not JSON, unknown schema version, vectors
-  that disagree with their declared dimension, a refused classification) goes to
-  the dead-letter topic with the reason in its headers, and the consumer moves on
-  (confidential content and a site's own database rows are recorded without their
-  payload);
+* an event from the sites is applied only if a key in ``sync.trusted_keys`` for the
+  origin it names signed it, within the topic's retention (``services.sync.signing``);
+* a message that cannot be applied (unsigned, wrongly signed or replayed; not JSON,
+  unknown schema version, vectors of the wrong dimension or norm, a refused
+  classification, a document another origin owns) goes to the dead-letter topic with
+  the reason in its headers, and the consumer moves on (confidential content is
+  recorded without its payload);
+* the site's own database changes (Debezium, ``sync.cdc``) are read from the site's
+  own broker, and their dead letters stay there;
 * while the knowledge base is unavailable the batch is retried with back-off and
   nothing is committed;
 * SIGTERM finishes the batch in hand, commits it, and leaves the group.
@@ -22,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -33,14 +38,41 @@ from services.kb.ingest import Ingestor
 from services.kb.service import KnowledgeBase
 from services.sync import cdc, events
 from services.sync.apply import Applier, Outcome
-from services.sync.kafka import consumer_config, ensure_topics, producer_config, serve_token, topic_configs
+from services.sync.kafka import (
+    client_config,
+    consumer_config,
+    ensure_topics,
+    producer_config,
+    serve_token,
+    site_client_config,
+    topic_configs,
+)
 from services.sync.metrics import ConsumerMetrics
+from services.sync.signing import Rejected, verifier_for
 
 log = logging.getLogger(__name__)
 
 REASON_HEADER = "dualtrack.dlq.reason"
 TIMEOUT_PAUSE_S = 5.0
 """The least wait before a batch whose write timed out is sent again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One broker the consumer reads: the cloud's updates topic (signed events from the sites)
+    or the site's own Debezium topic (``sync.cdc``, on the premises)."""
+
+    topic: str
+    dlq_topic: str
+    client: dict[str, Any]
+    cdc: bool
+
+
+@dataclass(slots=True)
+class Reader:
+    source: Source
+    consumer: Consumer
+    dlq: Producer
 
 
 class SyncConsumer:
@@ -51,49 +83,66 @@ class SyncConsumer:
         self.sync = settings.sync
         self.kb = kb
         self.metrics = metrics or ConsumerMetrics()
+        self.verifier = verifier_for(self.sync)  # no trusted key: refused here, not event by event
+        if self.verifier is None:
+            log.warning("sync.require_signatures is off: events are applied without checking who sent them")
         self.applier = Applier(settings, kb.store, kb.embedder)
         self.ingestor = Ingestor(settings, kb.embedder, kb.store)  # CDC rows: parse + chunk only
+        self.sources = [Source(self.sync.topic, self.sync.dlq_topic, client_config(self.sync), cdc=False)]
+        if self.sync.cdc is not None:
+            self.sources.append(
+                Source(self.sync.cdc.topic, self.sync.cdc.dlq_topic, site_client_config(self.sync), cdc=True)
+            )
         self._last_lag = 0.0
 
     @property
     def topics(self) -> list[str]:
-        return [self.sync.topic] + ([self.sync.cdc.topic] if self.sync.cdc else [])
+        return [s.topic for s in self.sources]
 
     def prepare_topics(self) -> None:
-        """Create our topics if missing (the Debezium topic belongs to Debezium)."""
-        if self.sync.create_topics:
-            created = ensure_topics(self.sync, topic_configs(self.sync))
-            for name in created:
-                log.info("created topic %s", name)
+        """Create our topics if missing, and hold the updates topic to ``sync.retention_ms``
+        (the Debezium topic belongs to Debezium; its dead-letter topic, on the site's broker, is ours)."""
+        if not self.sync.create_topics:
+            return
+        created = ensure_topics(self.sync, topic_configs(self.sync))
+        for source in self.sources[1:]:
+            dlq = topic_configs(self.sync)[self.sync.dlq_topic]
+            created += ensure_topics(self.sync, {source.dlq_topic: dlq}, client=source.client)
+        for name in created:
+            log.info("created topic %s", name)
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set."""
         self.prepare_topics()
-        consumer = Consumer({**consumer_config(self.sync), "error_cb": _log_error})
-        dlq = Producer({**producer_config(self.sync), "error_cb": _log_error})
-        consumer.subscribe(self.topics)
-        log.info("consuming %s as group %s", ", ".join(self.topics), self.sync.group_id)
+        readers: list[Reader] = []
         try:
+            for source in self.sources:
+                consumer = Consumer({**consumer_config(self.sync, source.client), "error_cb": _log_error})
+                dlq = Producer({**producer_config(self.sync, source.client), "error_cb": _log_error})
+                readers.append(Reader(source, consumer, dlq))
+                consumer.subscribe([source.topic])
+                log.info("consuming %s as group %s", source.topic, self.sync.group_id)
             while not stop.is_set():
-                messages = consumer.consume(self.sync.batch_size, timeout=0.5)
-                if messages:
-                    started = time.perf_counter()
-                    if self.handle(consumer, dlq, messages, stop):
-                        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+                for reader in readers:
+                    messages = reader.consumer.consume(self.sync.batch_size, timeout=0.5 / len(readers))
+                    if messages:
+                        started = time.perf_counter()
+                        if self.handle(reader, messages, stop):
+                            self.metrics.batch_seconds.observe(time.perf_counter() - started)
                 if time.monotonic() - self._last_lag > 5:
-                    self.update_lag(consumer)
+                    for reader in readers:
+                        self.update_lag(reader.consumer)
         finally:
-            consumer.close()  # leaves the group at once: partitions move without waiting for a timeout
-            dlq.flush(10)
+            for reader in readers:
+                reader.consumer.close()  # leaves the group at once: partitions move without a timeout
+                reader.dlq.flush(10)
 
-    def handle(
-        self, consumer: Consumer, dlq: Producer, messages: Sequence[Message], stop: threading.Event
-    ) -> bool:
+    def handle(self, reader: Reader, messages: Sequence[Message], stop: threading.Event) -> bool:
         """Apply one batch and commit it; False when stopped before it was applied."""
-        updates: list[tuple[Message, Any]] = []
-        changes: list[tuple[Message, Any]] = []
+        batch: list[tuple[Message, Any]] = []
         dead: list[tuple[Message, str, bool]] = []
         offsets: dict[tuple[str, int], int] = {}
+        cdc_source = reader.source.cdc
         for m in messages:
             if m.error() is not None:
                 if m.error().code() != KafkaError._PARTITION_EOF:
@@ -101,40 +150,47 @@ class SyncConsumer:
                 continue
             offsets[(m.topic(), m.partition())] = m.offset() + 1
             try:
-                if self.sync.cdc is not None and m.topic() == self.sync.cdc.topic:
+                if cdc_source:
+                    assert self.sync.cdc is not None
                     event = cdc.translate(m.value(), m.key(), self.sync.cdc, self.ingestor)
                     if event is not None:
-                        changes.append((m, event))
+                        batch.append((m, event))
                 else:
-                    updates.append((m, events.decode(m.value())))
-            except events.InvalidEvent as exc:
+                    batch.append((m, self._read(m)))
+            except (events.InvalidEvent, Rejected) as exc:
                 self.metrics.outcome(m.topic(), "dead_letter")
-                dead.append((m, str(exc), self._private(m)))
+                dead.append((m, str(exc), False))
             except Exception as exc:  # a message that crashes the parser must not crash-loop us
                 log.exception("cannot read %s[%d]@%d", m.topic(), m.partition(), m.offset())
                 self.metrics.outcome(m.topic(), "dead_letter")
-                dead.append((m, f"cannot be read: {type(exc).__name__}: {exc}", self._private(m)))
-        for batch, from_sites in ((updates, True), (changes, False)):
-            if not batch:
-                continue
-            outcomes = self._apply([e for _, e in batch], from_sites, stop)
+                dead.append((m, f"cannot be read: {type(exc).__name__}: {exc}", False))
+        if batch:
+            outcomes = self._apply([e for _, e in batch], not cdc_source, stop)
             if outcomes is None:
                 return False
             for (m, event), outcome in zip(batch, outcomes, strict=True):
                 self.metrics.outcome(m.topic(), outcome.status)
                 if outcome.status == "dead_letter":
-                    private = outcome.sensitive or not from_sites or _confidential(event)
+                    private = outcome.sensitive or (not cdc_source and _confidential(event))
                     dead.append((m, outcome.reason or "unprocessable", private))
         self.metrics.reembedded.inc(self.applier.reembedded_chunks)
         self.applier.reembedded_chunks = 0
-        self._dead_letter(dlq, dead)
-        self._commit(consumer, offsets)
+        self._dead_letter(reader, dead)
+        self._commit(reader.consumer, offsets)
         return True
 
-    def _private(self, m: Message) -> bool:
-        """Dead letters of a site's own database rows (CDC) keep the reason, not the row:
-        its classification is unknown until it is parsed."""
-        return self.sync.cdc is not None and m.topic() == self.sync.cdc.topic
+    def _read(self, m: Message) -> Any:
+        """One message of the updates topic as an event: signed by a trusted key of the origin
+        it names (checked before the body is parsed), sent within the topic's retention."""
+        signer = self.verifier.verify(m.headers(), m.key(), m.value()) if self.verifier else None
+        event = events.decode(m.value())
+        if signer is not None and event.origin != signer.origin:
+            raise Rejected(
+                f"forged origin: signed with {signer.origin!r}'s key, but the event names {event.origin!r}"
+            )
+        if m.key() != events.key(event):
+            raise events.InvalidEvent(f"message key {m.key()!r} is not the event's doc_id {event.doc_id!r}")
+        return event
 
     def _apply(self, batch: list[Any], from_sites: bool, stop: threading.Event) -> list[Outcome] | None:
         delay = 0.5
@@ -152,9 +208,10 @@ class SyncConsumer:
                     return None  # stopping: nothing applied for sure, nothing committed
                 delay = min(delay * 2, 30.0)
 
-    def _dead_letter(self, dlq: Producer, dead: list[tuple[Message, str, bool]]) -> None:
+    def _dead_letter(self, reader: Reader, dead: list[tuple[Message, str, bool]]) -> None:
         if not dead:
             return
+        dlq = reader.dlq
         failures: list[str] = []
 
         def report(err: KafkaError | None, _msg: Message) -> None:
@@ -176,7 +233,7 @@ class SyncConsumer:
                 value = None  # the reason and the coordinates still point at the original
             try:
                 dlq.produce(
-                    self.sync.dlq_topic, key=m.key(), value=value, headers=headers, on_delivery=report
+                    reader.source.dlq_topic, key=m.key(), value=value, headers=headers, on_delivery=report
                 )
             except KafkaException as exc:
                 failures.append(str(exc))
@@ -227,31 +284,39 @@ def rewind(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
     stopped). After a restore, the topic is read again and the restored ledger
     lets exactly the newer events apply. Returns events to re-read per topic."""
     sync = settings.sync
-    topics = [sync.topic] + ([sync.cdc.topic] if sync.cdc else [])
-    consumer = Consumer({**consumer_config(sync), "error_cb": _log_error})
+    pending: dict[str, int] = {}
+    sources = [(sync.topic, client_config(sync))]
+    if sync.cdc is not None:
+        sources.append((sync.cdc.topic, site_client_config(sync)))
+    for topic, client in sources:
+        pending.update(_rewind_one(settings, topic, client, timeout))
+    return pending
+
+
+def _rewind_one(settings: Settings, topic: str, client: dict[str, Any], timeout: float) -> dict[str, int]:
+    sync = settings.sync
+    consumer = Consumer({**consumer_config(sync, client), "error_cb": _log_error})
     try:
         serve_token(consumer, sync)
         try:
             meta = consumer.list_topics(timeout=timeout)
         except KafkaException as exc:
-            raise ConnectionError(f"Kafka at {sync.bootstrap_servers} is unreachable: {exc}") from None
+            raise ConnectionError(f"Kafka at {client['bootstrap.servers']} is unreachable: {exc}") from None
+        if topic not in meta.topics:
+            return {}
         start: list[TopicPartition] = []
-        pending: dict[str, int] = {}
-        for topic in topics:
-            if topic not in meta.topics:
-                continue
-            for p in meta.topics[topic].partitions:
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-                start.append(TopicPartition(topic, p, low))
-                pending[topic] = pending.get(topic, 0) + high - low
-        if start:
-            try:
-                consumer.commit(offsets=start, asynchronous=False)
-            except KafkaException as exc:
-                raise ConnectionError(
-                    f"cannot rewind group {sync.group_id!r} ({exc}); stop the consumer first"
-                ) from None
-        return pending
+        pending = 0
+        for p in meta.topics[topic].partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            start.append(TopicPartition(topic, p, low))
+            pending += high - low
+        try:
+            consumer.commit(offsets=start, asynchronous=False)
+        except KafkaException as exc:
+            raise ConnectionError(
+                f"cannot rewind group {sync.group_id!r} on {topic!r} ({exc}); stop the consumer first"
+            ) from None
+        return {topic: pending}
     finally:
         consumer.close()
 

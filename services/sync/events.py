@@ -50,9 +50,10 @@ SCHEMA_VERSION: Final = 1
 UPSERT: Final = "document.upsert"
 DELETE: Final = "document.delete"
 MAX_CHUNKS: Final = 100_000
-SYNCED_FROM: Final = "synced_from"
-"""Registry metadata key naming the origin of a document a consumer applied (such documents
-are the origin's to publish, never re-published from here)."""
+NORM_TOLERANCE: Final = 1e-3
+"""How far a shipped vector's length may be from 1: embeddings are stored L2-normalised, and a
+vector that is not (zero, NaN, scaled) would rank wrongly here without anyone noticing."""
+SYNCED_FROM: Final = schema.SYNCED_FROM
 
 
 class InvalidEvent(ValueError):
@@ -164,6 +165,16 @@ class DocumentUpsert(_Event):
                         f"chunk {c.chunk_no} has a {got}-d vector but embedding.dimension "
                         f"is {self.embedding.dimension}"
                     )
+            vectors = self.vectors()
+            assert vectors is not None
+            with np.errstate(all="ignore"):
+                norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+            bad = np.flatnonzero(~(np.abs(norms - 1.0) <= NORM_TOLERANCE))  # NaN fails too
+            if bad.size:
+                raise ValueError(
+                    f"chunk {int(bad[0])} has a vector of norm {norms[bad[0]]:.4g}: shipped vectors are "
+                    f"L2-normalised (finite, norm 1 ± {NORM_TOLERANCE})"
+                )
         return self
 
     def vectors(self) -> np.ndarray | None:

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
 from services.config import ConfigError, SyncSettings
 
@@ -61,6 +61,20 @@ def _msk_iam_token(region: str) -> Any:
     return refresh
 
 
+def site_client_config(sync: SyncSettings) -> dict[str, Any]:
+    """Connection settings for the site's own broker, the one Debezium writes to (``sync.cdc``)."""
+    assert sync.cdc is not None
+    conf: dict[str, Any] = {
+        "bootstrap.servers": sync.cdc.bootstrap_servers,
+        "security.protocol": sync.cdc.security_protocol,
+        "client.id": f"dualtrack-{sync.origin}-cdc",
+        "logger": logging.getLogger("services.sync.librdkafka"),
+    }
+    if sync.cdc.ca_file is not None:
+        conf["ssl.ca.location"] = str(sync.cdc.ca_file)
+    return conf
+
+
 def serve_token(client: Any, sync: SyncSettings) -> None:
     """librdkafka asks for an OAUTHBEARER token through ``poll``: serve it before the first
     request of a client that is not polled otherwise (admin, rewind)."""
@@ -68,10 +82,11 @@ def serve_token(client: Any, sync: SyncSettings) -> None:
         client.poll(1.0)
 
 
-def producer_config(sync: SyncSettings) -> dict[str, Any]:
-    """Idempotent, acks=all: a retried send is never duplicated nor reordered."""
+def producer_config(sync: SyncSettings, client: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Idempotent, acks=all: a retried send is never duplicated nor reordered. ``client``: the
+    connection (default: the updates brokers)."""
     return {
-        **client_config(sync),
+        **(client or client_config(sync)),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 20,
@@ -81,10 +96,10 @@ def producer_config(sync: SyncSettings) -> dict[str, Any]:
     }
 
 
-def consumer_config(sync: SyncSettings) -> dict[str, Any]:
+def consumer_config(sync: SyncSettings, client: dict[str, Any] | None = None) -> dict[str, Any]:
     """Offsets are committed by hand, after the knowledge-base write."""
     return {
-        **client_config(sync),
+        **(client or client_config(sync)),
         "group.id": sync.group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -96,15 +111,25 @@ def consumer_config(sync: SyncSettings) -> dict[str, Any]:
     }
 
 
-def ensure_topics(sync: SyncSettings, topics: dict[str, dict[str, str]], timeout: float = 30.0) -> list[str]:
-    """Create the missing ``topics`` (name -> topic config); returns those created.
-    The replication factor is capped at the broker count (a one-broker dev cluster)."""
-    admin = AdminClient(client_config(sync))
+def ensure_topics(
+    sync: SyncSettings,
+    topics: dict[str, dict[str, str]],
+    timeout: float = 30.0,
+    client: dict[str, Any] | None = None,
+) -> list[str]:
+    """Create the missing ``topics`` (name -> topic config) and bring the retention of the
+    existing ones to what is configured; returns those created. The replication factor
+    is capped at the broker count (a one-broker dev cluster). ``client``: the connection
+    (default: the updates brokers)."""
+    conf = client or client_config(sync)
+    admin = AdminClient(conf)
     serve_token(admin, sync)
+    where = conf["bootstrap.servers"]
     try:
         meta = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise ConnectionError(f"Kafka at {sync.bootstrap_servers} is unreachable: {exc}") from None
+        raise ConnectionError(f"Kafka at {where} is unreachable: {exc}") from None
+    _enforce_retention(admin, {n: c for n, c in topics.items() if n in meta.topics}, timeout)
     missing = [name for name in topics if name not in meta.topics]
     if not missing:
         return []
@@ -131,10 +156,47 @@ def ensure_topics(sync: SyncSettings, topics: dict[str, dict[str, str]], timeout
     return created
 
 
+def _enforce_retention(admin: AdminClient, existing: dict[str, dict[str, str]], timeout: float) -> None:
+    """A topic created before the retention was set (or with another) is given the configured
+    ``retention.ms``: how long an erased document's events stay on the brokers is the setting,
+    not the topic's history."""
+    wanted = {n: c["retention.ms"] for n, c in existing.items() if "retention.ms" in c}
+    if not wanted:
+        return
+    resources = [ConfigResource("topic", n) for n in wanted]
+    try:
+        described = admin.describe_configs(resources, request_timeout=timeout)
+        entries = {r.name: f.result().get("retention.ms") for r, f in described.items()}
+    except KafkaException as exc:
+        raise ConnectionError(f"cannot read the retention of {sorted(wanted)}: {exc}") from None
+    current = {n: e.value if e is not None else None for n, e in entries.items()}
+    stale = {n: v for n, v in wanted.items() if current.get(n) != v}
+    if not stale:
+        return
+    changes = [
+        ConfigResource(
+            "topic",
+            n,
+            incremental_configs=[ConfigEntry("retention.ms", v, incremental_operation=AlterConfigOpType.SET)],
+        )
+        for n, v in stale.items()
+    ]
+    for resource, future in admin.incremental_alter_configs(changes, request_timeout=timeout).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            raise ConnectionError(
+                f"cannot set retention.ms={stale[resource.name]} on topic {resource.name!r}: {exc}"
+            ) from None
+        log.info(
+            "topic %s: retention.ms %s -> %s", resource.name, current.get(resource.name), stale[resource.name]
+        )
+
+
 def topic_configs(sync: SyncSettings) -> dict[str, dict[str, str]]:
     """The sync topics and their settings.
 
-    The updates topic uses ``delete`` retention (forever by default), not compaction:
+    The updates topic uses ``delete`` retention (``sync.retention_ms``), not compaction:
     compaction keeps the *last* event per key, which after concurrent edits at two sites
     can be an older revision, so a site replaying a compacted topic could settle on the
     wrong version. The dead-letter topic keeps its records for 90 days."""

@@ -6,7 +6,8 @@ queued: a document above ``sync.max_classification`` (``confidential`` always)
 is never published; if an earlier, publishable version of it was, a delete is
 published instead so other sites drop their copy. Everything that may leave
 goes through the durable :class:`~services.sync.outbox.Outbox` and a relay
-thread with an idempotent, acks=all producer.
+thread with an idempotent, acks=all producer, which signs each message with the site's
+key as it sends it (``services.sync.signing``).
 
 Each published change is also written to this store's ledger, so the site's own
 events coming back from the topic, and older changes from other sites, are
@@ -28,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from services.config import Settings
 from services.kb.models import Chunk
 from services.kb.store import DocumentRecord, KnowledgeStore
-from services.sync import events
+from services.sync import events, signing
 from services.sync.kafka import producer_config
 from services.sync.ledger import LedgerEntry, SyncLedger
 from services.sync.metrics import PublisherMetrics
@@ -49,6 +50,7 @@ class Publisher:
     ) -> None:
         self.settings = settings
         self.sync = settings.sync
+        self._signer = signing.signer_for(self.sync)  # before anything is created: refused whole
         self._store = store
         self._model_id = model_id
         self._ledger: SyncLedger | None = None
@@ -259,7 +261,10 @@ class Publisher:
     ) -> None:
         while True:
             try:
-                self._producer.produce(self.sync.topic, key=key, value=value, on_delivery=callback)
+                headers = self._signer.headers(key, value) if self._signer else None
+                self._producer.produce(
+                    self.sync.topic, key=key, value=value, headers=headers, on_delivery=callback
+                )
                 return
             except BufferError:  # librdkafka's queue is full: let it drain
                 self._producer.poll(0.5)

@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dualtrack.cli import app
+from services.sync import signing
 from tests.onprem.conftest import API_KEY, CLIENT_TLS, CLOUD_TOKEN, GATEWAY, SAMPLE_DOC, Site, write_site
 from tests.support import SAMPLES, tansu_argv, tansu_binary
 
@@ -326,14 +327,30 @@ def test_restricting_ssh_without_admin_networks_is_refused(site: Site) -> None:
 SYNC_PORT = 19092
 PRODUCE_EVENT = """
 import sys, time
+from pathlib import Path
 from confluent_kafka import Producer
-from services.sync import events
-e = events.DocumentUpsert(origin="site-hq", doc_id="synced-parking", revision=time.time_ns() // 1000,
+from services.sync import events, signing
+text, bootstrap, key_file, doc_id, forge = sys.argv[1:6]
+e = events.DocumentUpsert(origin="site-hq", doc_id=doc_id, revision=time.time_ns() // 1000,
     version="ab" * 16, content_hash="cd" * 32, classification="internal", source="hq/parking.md",
-    title="Parking", chunks=[events.EventChunk(chunk_no=0, text=sys.argv[1])])
-p = Producer({"bootstrap.servers": sys.argv[2], "enable.idempotence": True, "acks": "all"})
-p.produce("knowledge_updates", key=events.key(e), value=events.encode(e))
+    title="Parking", chunks=[events.EventChunk(chunk_no=0, text=text)])
+key, value = events.key(e), events.encode(e)
+headers = signing.Signer(Path(key_file)).headers(key, value)
+if forge == "forge":
+    value = value.replace(b"minus two", b"minus six")  # altered after it was signed
+p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
+p.produce("knowledge_updates", key=key, value=value, headers=headers)
 assert p.flush(30) == 0
+"""
+READ_DEAD_LETTERS = """
+import sys
+from confluent_kafka import Consumer
+c = Consumer({"bootstrap.servers": sys.argv[1], "group.id": "dlq-reader", "auto.offset.reset": "earliest"})
+c.subscribe(["knowledge_updates.dlq"])
+for m in c.consume(10, timeout=10):
+    if m.error() is None:
+        print(m.key().decode(), dict(m.headers())["dualtrack.dlq.reason"].decode())
+c.close()
 """
 
 
@@ -345,6 +362,12 @@ def test_sync_consumer_applies_events_on_the_host(site: Site) -> None:
     site.host.exec(
         "systemd-run", "--unit", "test-kafka-broker", *tansu_argv("/usr/local/bin/tansu", SYNC_PORT)
     )
+    hq_key = site.state / "site-hq.pem"
+    if not hq_key.exists():
+        signing.generate(hq_key)
+    site.host.copy_in(hq_key, "/root/site-hq.pem")
+    trust = site.state / "trust.json"
+    trust.write_text(json.dumps({"dualtrack_sync_trusted_keys": {"site-hq": [_public(hq_key)]}}))
     plaintext = [
         "--playbook",
         "kb_sync.yml",
@@ -356,6 +379,9 @@ def test_sync_consumer_applies_events_on_the_host(site: Site) -> None:
         "dualtrack_sync_security_protocol=PLAINTEXT",
     ]
     try:
+        code, output = site.apply(*plaintext)  # nobody's key is trusted: refused before anything runs
+        assert code != 0 and "dualtrack_sync_trusted_keys" in " ".join(output.split()), output[-4000:]
+        plaintext += ["-e", f"@{trust}"]
         code, output = site.apply(*plaintext)
         assert code == 0, output[-4000:]
         env = site.host.exec("cat", "/etc/dualtrack/kb-sync.env").stdout
@@ -369,9 +395,27 @@ def test_sync_consumer_applies_events_on_the_host(site: Site) -> None:
         # a backup without the event: the restore below must bring it back through the topic
         assert site.host.exec("systemctl", "start", "dualtrack-backup.service", check=False).returncode == 0
         text = "Visitors park on level minus two; the barrier opens with the visitor code."
-        site.host.exec("/opt/dualtrack/venv/bin/python", "-c", PRODUCE_EVENT, text, f"127.0.0.1:{SYNC_PORT}")
+        python, broker = "/opt/dualtrack/venv/bin/python", f"127.0.0.1:{SYNC_PORT}"
+        site.host.exec(python, "-c", PRODUCE_EVENT, text, broker, "/root/site-hq.pem", "synced-parking", "-")
         _wait_for_top_hit(site, "Where do visitors park?", "synced-parking")
         _wait_for_count(site, APPLIED_ONCE)
+        # the same site's event, altered on the way: dead-lettered with the reason, never applied
+        site.host.exec(
+            python, "-c", PRODUCE_EVENT, text, broker, "/root/site-hq.pem", "forged-parking", "forge"
+        )
+        _wait_for_count(site, DEAD_LETTERED_ONCE)
+        dead = site.host.exec(python, "-c", READ_DEAD_LETTERS, broker).stdout
+        assert "forged-parking wrongly signed: the signature does not match 'site-hq'" in dead, dead
+        hits = _api(
+            site,
+            "POST",
+            "/v1/search",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps({"query": "Where do visitors park?", "top_k": 5}),
+        )
+        assert "forged-parking" not in json.dumps(hits)
         verify = _verify_argv(site)
         result = CliRunner().invoke(app, [*verify, "--junit", str(site.state / "verify-sync.xml")])
         assert result.exit_code == 0, result.output
@@ -400,6 +444,11 @@ def test_sync_consumer_applies_events_on_the_host(site: Site) -> None:
 
 
 APPLIED_ONCE = 'dualtrack_sync_events_total{outcome="applied",topic="knowledge_updates"} 1.0'
+DEAD_LETTERED_ONCE = 'dualtrack_sync_events_total{outcome="dead_letter",topic="knowledge_updates"} 1.0'
+
+
+def _public(key: Path) -> str:
+    return signing.public_text(signing.Signer(key).public)
 
 
 def _wait_for_count(site: Site, line: str, timeout_s: float = 60) -> None:

@@ -1,5 +1,6 @@
 """Fixtures for the sync tests: events built by hand, settings pointed at the session
-broker with a topic and group of their own, and reading a topic back."""
+broker with a topic and group of their own, signed as the sites sign them, and reading
+a topic back."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,7 @@ from confluent_kafka import Consumer, Message, Producer
 from services.config import Settings
 from services.kb.embedder import Embedder
 from services.kb.service import KnowledgeBase
-from services.sync import events
+from services.sync import events, signing
 from services.sync.consumer import SyncConsumer
 from services.sync.metrics import ConsumerMetrics
 from tests.support import KafkaBroker
@@ -70,17 +72,44 @@ def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+SITES = ("site-a", "site-b", "site-c")
+"""The sites of the sync tests; each has its own signing key, trusted by all of them."""
+
+
+def key_file(keys: Path, origin: str) -> Path:
+    """``origin``'s private key in ``keys`` (made on first use, as ``dualtrack sync keygen`` does)."""
+    path = keys / f"{origin}.pem"
+    if not path.exists():
+        signing.generate(path)
+    return path
+
+
+def public_key(keys: Path, origin: str) -> str:
+    return signing.public_text(signing.Signer(key_file(keys, origin)).public)
+
+
+@pytest.fixture(scope="session")
+def site_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    keys = tmp_path_factory.mktemp("site-keys")
+    for origin in SITES:
+        key_file(keys, origin)
+    return keys
+
+
 @pytest.fixture
 def sync_settings(
-    make_settings: Callable[..., Settings], kafka_broker: KafkaBroker, tmp_path: Any
+    make_settings: Callable[..., Settings], kafka_broker: KafkaBroker, site_keys: Path, tmp_path: Any
 ) -> Callable[..., Settings]:
-    """Settings for one site: its own Milvus Lite file, the shared broker, this test's topic."""
+    """Settings for one site: its own Milvus Lite file, the shared broker, this test's topic,
+    its own signing key and the other sites' public keys."""
     topic = f"updates-{uuid.uuid4().hex[:8]}"
 
     def make(site: str = "b", **sync: Any) -> Settings:
         return make_settings(
             milvus={"uri": str(tmp_path / f"kb-{site}.db")},
             sync={
+                "signing_key_file": str(key_file(site_keys, f"site-{site}")),
+                "trusted_keys": {o: [public_key(site_keys, o)] for o in SITES},
                 "bootstrap_servers": kafka_broker.bootstrap,
                 "topic": topic,
                 "group_id": f"kb-{site}-{topic}",
@@ -98,10 +127,23 @@ def sync_settings(
     return make
 
 
+Headers = list[tuple[str, bytes]]
+
+
+def signed(settings: Settings, origin: str, key: bytes | None, value: bytes | None) -> Headers:
+    """The headers ``origin``'s publisher would send with (key, value)."""
+    assert settings.sync.signing_key_file is not None
+    return signing.Signer(key_file(settings.sync.signing_key_file.parent, origin)).headers(key, value)
+
+
 def produce(
-    settings: Settings, messages: Sequence[tuple[bytes | None, bytes | None]], topic: str | None = None
+    settings: Settings,
+    messages: Sequence[tuple[bytes | None, bytes | None] | tuple[bytes | None, bytes | None, Headers | None]],
+    topic: str | None = None,
+    bootstrap: str | None = None,
 ) -> dict[int, int]:
-    """Send raw (key, value) messages; returns the last offset written per partition."""
+    """Send raw (key, value[, headers]) messages (to the updates brokers unless ``bootstrap``
+    names others); returns the last offset written per partition."""
     last: dict[int, int] = {}
 
     def report(err: Any, msg: Message) -> None:
@@ -109,10 +151,20 @@ def produce(
         last[msg.partition()] = max(last.get(msg.partition(), -1), msg.offset())
 
     p = Producer(
-        {"bootstrap.servers": settings.sync.bootstrap_servers, "enable.idempotence": True, "acks": "all"}
+        {
+            "bootstrap.servers": bootstrap or settings.sync.bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+        }
     )
-    for key, value in messages:
-        p.produce(topic or settings.sync.topic, key=key, value=value, on_delivery=report)
+    for key, value, *headers in messages:
+        p.produce(
+            topic or settings.sync.topic,
+            key=key,
+            value=value,
+            headers=headers[0] if headers else None,
+            on_delivery=report,
+        )
         p.poll(0)
     assert p.flush(30) == 0
     return last
@@ -121,7 +173,18 @@ def produce(
 def send_events(
     settings: Settings, evs: Sequence[events.DocumentUpsert | events.DocumentDelete]
 ) -> dict[int, int]:
-    return produce(settings, [(events.key(e), events.encode(e)) for e in evs])
+    """Send events as their origins' publishers would: each signed with its origin's key."""
+    return produce(settings, signed_messages(settings, evs))
+
+
+def signed_messages(
+    settings: Settings, evs: Sequence[events.DocumentUpsert | events.DocumentDelete]
+) -> list[tuple[bytes | None, bytes | None, Headers | None]]:
+    out: list[tuple[bytes | None, bytes | None, Headers | None]] = []
+    for e in evs:
+        key, value = events.key(e), events.encode(e)
+        out.append((key, value, signed(settings, e.origin, key, value)))
+    return out
 
 
 def read_topic(bootstrap: str, topic: str, expect: int | None = None, timeout: float = 20.0) -> list[Message]:

@@ -76,7 +76,9 @@ def test_a_delete_racing_an_upsert(kb: KnowledgeBase, applier: Applier) -> None:
     assert state(kb, "memo") == (back.version, 1)
 
 
-def test_equal_revisions_are_ordered_by_origin(kb: KnowledgeBase, applier: Applier) -> None:
+def test_equal_revisions_are_ordered_by_origin(kb: KnowledgeBase, make_settings) -> None:
+    shared = make_settings(milvus={"uri": kb.settings.milvus.uri}, sync={"shared_writers": ["*"]})
+    applier = Applier(shared, kb.store, kb.embedder)
     a = upsert("shared", 50, ["from a."], origin="site-a")
     b = upsert("shared", 50, ["from b."], origin="site-b")
     applier.apply([b])

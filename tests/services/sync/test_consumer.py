@@ -7,26 +7,32 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from services.config import Settings
+from services.config import ConfigError, Settings
 from services.kb.embedder import Embedder
-from services.sync import events
+from services.kb.service import KnowledgeBase
+from services.sync import events, signing
 from services.sync.consumer import REASON_HEADER, SyncConsumer, rewind
 from services.sync.kafka import ensure_topics, topic_configs
 from tests.services.sync.conftest import (
     counter,
     delete,
+    key_file,
     produce,
     read_topic,
     running_consumer,
     send_events,
+    signed,
     unit_vectors,
     upsert,
 )
+from tests.support import KafkaBroker
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
@@ -47,15 +53,18 @@ def reason(message: Any) -> str:
 
 
 def test_hostile_stream_ends_in_the_right_state(
-    sync_settings: Callable[..., Settings], embedder: Embedder
+    sync_settings: Callable[..., Settings], embedder: Embedder, tmp_path: Path
 ) -> None:
     settings = sync_settings()
     dim = embedder.dimension
     good_vectors = unit_vectors(2, dim, seed=7)
-    stream: list[tuple[bytes | None, bytes | None]] = []
+    stream: list[tuple[bytes | None, bytes | None, Any]] = []
 
     def add(e: Any) -> None:
-        stream.append((events.key(e), events.encode(e)))
+        raw(events.key(e), events.encode(e), e.origin)
+
+    def raw(key: bytes | None, value: bytes | None, origin: str | None = "site-a") -> None:
+        stream.append((key, value, signed(settings, origin, key, value) if origin else None))
 
     v1 = upsert("travel", 10, ["Economy class for flights under six hours."])
     v2 = upsert("travel", 20, ["Business class above six hours.", "Book through the portal."])
@@ -63,19 +72,47 @@ def test_hostile_stream_ends_in_the_right_state(
     memo = upsert("memo", 10, ["Quarterly numbers."])
     add(memo), add(delete("memo", 11)), add(memo)  # a delete racing a redelivered upsert
     add(upsert("vectors", 5, ["a.", "b."], vectors=good_vectors, model=embedder.model_id))
-    stream.append((b"junk", b"{not json"))
+    raw(b"junk", b"{not json")
     v3 = json.loads(events.encode(upsert("future", 1, ["x."])))
     v3["schema_version"] = 2
-    stream.append((b"future", json.dumps(v3).encode()))
+    raw(b"future", json.dumps(v3).encode())
     wrong = json.loads(
         events.encode(upsert("wrongdim", 1, ["y."], vectors=unit_vectors(1, dim, 8), model="m"))
     )
     wrong["embedding"]["dimension"] = dim + 1  # vectors disagree with the declared dimension
-    stream.append((b"wrongdim", json.dumps(wrong).encode()))
-    stream.append((b"empty", None))
+    raw(b"wrongdim", json.dumps(wrong).encode())
+    raw(b"empty", None)
     add(upsert("secret", 1, ["Falcon terms."], classification="confidential"))
+    # forgeries: each a well-formed event that must not be applied
+    unsigned = upsert("unsigned", 1, ["Wire the payment to the new account."])
+    raw(events.key(unsigned), events.encode(unsigned), origin=None)
+    tampered = upsert("tampered", 1, ["Parking is on level two."])
+    k, v = events.key(tampered), events.encode(tampered)
+    stream.append((k, v.replace(b"level two", b"level six"), signed(settings, "site-a", k, v)))
+    stranger = upsert("stranger", 1, ["Signed by a key nobody trusts."], origin="site-x")
+    k, v = events.key(stranger), events.encode(stranger)
+    stream.append((k, v, signing.Signer(key_file(tmp_path, "site-x")).headers(k, v)))
+    impostor = upsert("impostor", 1, ["Site c says so."], origin="site-c")
+    k, v = events.key(impostor), events.encode(impostor)
+    stream.append((k, v, signed(settings, "site-a", k, v)))  # site-a's key speaking for site-c
+    replayed = upsert("replayed", 1, ["An event captured eight days ago."])
+    k, v = events.key(replayed), events.encode(replayed)
+    long_ago = (time.time_ns() // 1000) - 8 * 24 * 3600 * 10**6
+    key_a = signing.Signer(key_file(settings.sync.signing_key_file.parent, "site-a"))
+    stream.append((k, v, key_a.headers(k, v, sent_at=long_ago)))
+    scaled = json.loads(events.encode(upsert("scaled", 1, ["x."], vectors=good_vectors[:1], model="m")))
+    scaled["chunks"][0]["vector"] = events.encode_vector(good_vectors[0] * 2)
+    raw(b"scaled", json.dumps(scaled).encode())
+    add(upsert("owned", 1, ["Site a wrote this."]))
+    add(upsert("owned", 2, ["Site c overwrites it."], origin="site-c"))  # not site c's to change
     add(upsert("after-the-bad-ones", 1, ["The consumer kept going."]))
-    ensure_topics(settings.sync, topic_configs(settings.sync))  # as the consumer does on start
+    refused = {b"junk", b"future", b"wrongdim", b"empty", b"secret", b"unsigned", b"tampered"}
+    refused |= {b"stranger", b"impostor", b"replayed", b"scaled", b"owned"}
+    # a topic made before the retention was finite: the consumer sets it on start
+    ensure_topics(
+        settings.sync,
+        {settings.sync.topic: {**topic_configs(settings.sync)[settings.sync.topic], "retention.ms": "-1"}},
+    )
     produce(settings, stream)
 
     with running_consumer(settings, embedder) as (consumer, kb):
@@ -85,29 +122,72 @@ def test_hostile_stream_ends_in_the_right_state(
         assert kb.store.get_document("memo") is None and kb.store.count_chunks("memo") == 0
         assert kb.store.count_chunks("vectors") == 2
         assert kb.store.get_document("after-the-bad-ones") is not None
-        for doc in ("future", "wrongdim", "secret"):
+        for doc in ("future", "wrongdim", "secret", "unsigned", "tampered", "stranger", "impostor"):
             assert kb.store.get_document(doc) is None
-        assert counter(consumer, "dead_letter") == 5
-        assert (
-            counter(consumer, "applied") + counter(consumer, "stale") + counter(consumer, "duplicate")
-            == len(stream) - 5
-        )
+        assert kb.store.get_document("replayed") is None and kb.store.get_document("scaled") is None
+        owned = kb.store.get_document("owned")
+        assert owned is not None and owned.metadata["synced_from"] == "site-a"
+        assert "Site a wrote" in kb.store.chunks_of("owned", owned.version)[0].text
+        assert counter(consumer, "dead_letter") == len(refused)
+        assert counter(consumer, "applied") + counter(consumer, "stale") + counter(
+            consumer, "duplicate"
+        ) == len(stream) - len(refused)
 
-    dlq = read_topic(settings.sync.bootstrap_servers, settings.sync.dlq_topic, expect=5)
+    dlq = read_topic(settings.sync.bootstrap_servers, settings.sync.dlq_topic, expect=len(refused))
     by_key = {m.key(): m for m in dlq}
     admin = AdminClient({"bootstrap.servers": settings.sync.bootstrap_servers})
     (described,) = admin.describe_configs([ConfigResource("topic", settings.sync.topic)]).values()
     config = {name: entry.value for name, entry in described.result().items()}
-    assert config["cleanup.policy"] == "delete" and config["retention.ms"] == "-1"  # never compacted
-    assert set(by_key) == {b"junk", b"future", b"wrongdim", b"empty", b"secret"}
+    assert config["cleanup.policy"] == "delete"  # never compacted
+    assert config["retention.ms"] == str(7 * 24 * 3600 * 1000)  # the setting, not the topic's history
+    assert set(by_key) == refused
     assert "not JSON" in reason(by_key[b"junk"]) and by_key[b"junk"].value() == b"{not json"
     assert "schema_version 2 is not supported" in reason(by_key[b"future"])
     assert f"{dim}-d vector but embedding.dimension is {dim + 1}" in reason(by_key[b"wrongdim"])
     assert "empty message" in reason(by_key[b"empty"])
     assert "confidential" in reason(by_key[b"secret"])
     assert by_key[b"secret"].value() is None, "a refused confidential event is never copied"
+    assert reason(by_key[b"unsigned"]).startswith("unsigned: no dualtrack.key_id")
+    assert reason(by_key[b"tampered"]).startswith("wrongly signed: the signature does not match 'site-a'")
+    assert "not in sync.trusted_keys" in reason(by_key[b"stranger"])
+    assert reason(by_key[b"impostor"]) == (
+        "forged origin: signed with 'site-a''s key, but the event names 'site-c'"
+    )
+    assert reason(by_key[b"replayed"]).startswith("replayed: sent 192.0 h ago")
+    assert "chunk 0 has a vector of norm 2" in reason(by_key[b"scaled"])
+    assert "'owned' belongs to 'site-a' here: 'site-c' may not replace" in reason(by_key[b"owned"])
     headers = dict(by_key[b"junk"].headers())
     assert headers["dualtrack.dlq.topic"] == settings.sync.topic.encode()
+
+
+def test_shared_writers_may_change_what_another_origin_owns(
+    sync_settings: Callable[..., Settings], embedder: Embedder
+) -> None:
+    """Sites that edit the same documents say so (``sync.shared_writers``); newest wins among them."""
+    settings = sync_settings(shared_writers=["site-c"])
+    first = upsert("rota", 1, ["Site a drafted the rota."])
+    second = upsert("rota", 2, ["Site c revised the rota."], origin="site-c")
+    send_events(settings, [first, second, delete("rota", 3, origin="site-c")])
+    send_events(settings, [upsert("rota", 4, ["Site a wants it back."])])  # a: not a shared writer
+    with running_consumer(settings, embedder) as (consumer, kb):
+        wait_for(lambda: handled(consumer) >= 4, what="4 handled")
+        assert counter(consumer, "applied") == 3 and counter(consumer, "dead_letter") == 1
+        assert kb.store.get_document("rota") is None  # site c's delete stands; a's upsert is refused
+
+
+def test_a_consumer_without_trusted_keys_refuses_to_start(
+    sync_settings: Callable[..., Settings], embedder: Embedder
+) -> None:
+    settings = sync_settings(trusted_keys={})
+    kb = KnowledgeBase(settings, embedder=embedder)
+    with pytest.raises(ConfigError, match="sync.trusted_keys is empty"):
+        SyncConsumer(settings, kb)
+    lab = sync_settings(trusted_keys={}, require_signatures=False)
+    send_events(lab, [upsert("lab", 1, ["Unsigned events apply only where signatures are off."])])
+    produce(lab, [(b"lab2", events.encode(upsert("lab2", 1, ["No headers at all."])))])
+    with running_consumer(lab, embedder) as (consumer, kb):
+        wait_for(lambda: handled(consumer) >= 2, what="2 handled")
+        assert counter(consumer, "applied") == 2
 
 
 def test_restart_resumes_after_the_last_committed_batch(
@@ -204,11 +284,20 @@ def debezium(
 
 
 def test_debezium_changes_become_documents(
-    sync_settings: Callable[..., Settings], embedder: Embedder
+    sync_settings: Callable[..., Settings], embedder: Embedder, site_kafka_broker: KafkaBroker
 ) -> None:
+    """Debezium writes to the site's own broker: the consumer reads the CDC topic there (and
+    the updates topic from the other, the cloud's), and dead-letters refused rows there too."""
     cdc_topic = "kb.public.articles"
+    site = site_kafka_broker.bootstrap
     settings = sync_settings(
-        cdc={"topic": cdc_topic, "table": "public.articles", "classification_column": "label", "format": "md"}
+        cdc={
+            "bootstrap_servers": site,
+            "topic": cdc_topic,
+            "table": "public.articles",
+            "classification_column": "label",
+            "format": "md",
+        }
     )
     row1 = {
         "id": 1,
@@ -244,6 +333,7 @@ def test_debezium_changes_become_documents(
             ),
         ],
         topic=cdc_topic,
+        bootstrap=site,
     )
     with running_consumer(settings, embedder) as (consumer, kb):
 
@@ -268,9 +358,12 @@ def test_debezium_changes_become_documents(
         assert count("stale") == 1 and count("dead_letter") == 3
         hits = kb.search("Where do I get the VPN client?", top_k=1)
         assert hits[0].chunk.doc_id == "cdc-1"
-    dlq = read_topic(settings.sync.bootstrap_servers, settings.sync.dlq_topic, expect=3)
+    dlq = read_topic(site, f"{cdc_topic}.dlq", expect=3)
     reasons = sorted(reason(m) for m in dlq)
     assert any("REPLICA IDENTITY FULL" in r for r in reasons), reasons
     assert any("TRUNCATE" in r for r in reasons), reasons
     assert any("sync.cdc.table is 'public.articles'" in r for r in reasons), reasons
-    assert all(m.value() is None for m in dlq), "a site's own rows are dead-lettered without their content"
+    assert all(m.value() is not None for m in dlq), "on the site's broker a refused row keeps its content"
+    cloud = read_topic(settings.sync.bootstrap_servers, settings.sync.dlq_topic, timeout=3)
+    assert not [m for m in cloud if m.topic() == cdc_topic or b"articles" in (m.value() or b"")]
+    assert set(rewind(settings)) == {settings.sync.topic, cdc_topic}  # each on its own broker

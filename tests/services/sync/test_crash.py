@@ -5,6 +5,7 @@ Lite server; SIGTERM then stops it cleanly."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -25,7 +26,16 @@ from services.config import PACKAGED_MODEL, load_settings
 from services.kb import schema
 from services.kb.ingest import chunk_id
 from services.sync import events
-from tests.services.sync.conftest import delete, produce, unit_vectors, upsert
+from tests.services.sync.conftest import (
+    SITES,
+    delete,
+    key_file,
+    produce,
+    public_key,
+    signed_messages,
+    unit_vectors,
+    upsert,
+)
 from tests.support import ROOT, KafkaBroker, MilvusServer, free_port
 
 DOCS = 500
@@ -96,7 +106,7 @@ def milvus_server(tmp_path: Path) -> Iterator[MilvusServer]:
 
 
 def test_kill_9_mid_stream_then_restart_gives_the_exact_state(
-    kafka_broker: KafkaBroker, milvus_server: MilvusServer, tmp_path: Path
+    kafka_broker: KafkaBroker, milvus_server: MilvusServer, site_keys: Path, tmp_path: Path
 ) -> None:
     topic = f"crash-{uuid.uuid4().hex[:8]}"
     collection = f"crash_{uuid.uuid4().hex[:8]}"
@@ -115,6 +125,7 @@ def test_kill_9_mid_stream_then_restart_gives_the_exact_state(
         "DUALTRACK_SYNC__SESSION_TIMEOUT_MS": "6000",
         "DUALTRACK_SYNC__BATCH_SIZE": "100",
         "DUALTRACK_SYNC__METRICS_PORT": str(port),
+        "DUALTRACK_SYNC__TRUSTED_KEYS": json.dumps({o: [public_key(site_keys, o)] for o in SITES}),
     }
     evs = stream()
     assert len(evs) == EVENTS
@@ -124,12 +135,13 @@ def test_kill_9_mid_stream_then_restart_gives_the_exact_state(
             "topic": topic,
             "partitions": 3,
             "replication_factor": 1,
+            "signing_key_file": str(key_file(site_keys, "site-a")),
         }
     )
     from services.sync.kafka import ensure_topics
 
     ensure_topics(settings.sync, {topic: {}})
-    last = produce(settings, [(events.key(e), events.encode(e)) for e in evs])
+    last = produce(settings, signed_messages(settings, evs))
     end = {p: o + 1 for p, o in last.items()}
 
     def start() -> subprocess.Popen[bytes]:

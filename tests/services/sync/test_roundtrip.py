@@ -196,14 +196,20 @@ def test_publish_existing_sends_what_a_site_already_holds(
         "DUALTRACK_SYNC__OUTBOX_PATH": str(settings.sync.outbox_path),
     }.items():
         monkeypatch.setenv(key, value)
+    unsigned = CliRunner().invoke(app, ["sync", "publish-existing"])
+    assert unsigned.exit_code != 0 and "sync.signing_key_file is unset" in " ".join(unsigned.output.split())
+    monkeypatch.setenv("DUALTRACK_SYNC__SIGNING_KEY_FILE", str(settings.sync.signing_key_file))
     result = CliRunner().invoke(app, ["sync", "publish-existing"])
     assert result.exit_code == 0, result.output
     assert f"{len(stored)} documents queued; 1 withheld" in result.output
     messages = read_topic(settings.sync.bootstrap_servers, settings.sync.topic, expect=len(shareable))
-    from services.sync import events
+    from services.sync import events, signing
 
     received = {e.doc_id: e for e in (events.decode(m.value()) for m in messages)}
     assert set(received) == shareable
+    verifier = signing.verifier_for(settings.sync)
+    assert verifier is not None
+    assert {verifier.verify(m.headers(), m.key(), m.value()).origin for m in messages} == {"site-a"}
     for doc_id, event in received.items():
         assert event.version == stored[doc_id].version
         assert event.vectors() is not None
