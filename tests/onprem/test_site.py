@@ -343,13 +343,17 @@ p.produce("knowledge_updates", key=key, value=value, headers=headers)
 assert p.flush(30) == 0
 """
 READ_DEAD_LETTERS = """
-import sys
+import sys, time, uuid
 from confluent_kafka import Consumer
-c = Consumer({"bootstrap.servers": sys.argv[1], "group.id": "dlq-reader", "auto.offset.reset": "earliest"})
+c = Consumer({"bootstrap.servers": sys.argv[1], "group.id": uuid.uuid4().hex,
+    "auto.offset.reset": "earliest", "enable.auto.commit": False})
 c.subscribe(["knowledge_updates.dlq"])
-for m in c.consume(10, timeout=10):
-    if m.error() is None:
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    m = c.poll(1.0)
+    if m is not None and m.error() is None:
         print(m.key().decode(), dict(m.headers())["dualtrack.dlq.reason"].decode())
+        break
 c.close()
 """
 
