@@ -11,7 +11,9 @@ Every event is signed as a publishing site signs it, and the consumer verifies e
    consumer stores them as shipped;
 2. **re-embedding**: the same kind of events without vectors, embedded on apply;
 3. **lag recovery**: with the consumer caught up and idle, a burst of ``--burst`` events is
-   produced; reported: time until the committed offsets reach the end, and the events/s.
+   produced; reported: time until the committed offsets reach the end, and the events/s;
+4. **signatures**: verifying the signatures of the with-vectors events, per event, against
+   decoding the same events (no broker, no store).
 
 Each case: the consumer is started and warmed up (group joined, one event applied), then
 the events are produced by a separate process (as another site's publisher would: the
@@ -160,7 +162,7 @@ class Sender:
         self._ready, self._go, self._out = ctx.Event(), ctx.Event(), ctx.Queue()
         # signed as the publishing site's relay signs them (the consumer verifies every one)
         messages = [(events.key(e), events.encode(e)) for e in evs]
-        messages = [(k, v, signer().headers(k, v)) for k, v in messages]
+        messages = [(k, v, signer().headers(topic, k, v)) for k, v in messages]
         self._proc = ctx.Process(
             target=_send, args=(bootstrap, topic, messages, self._ready, self._go, self._out), daemon=True
         )
@@ -325,6 +327,33 @@ def run_case(
     return result
 
 
+def signature_cost(evs: list[events.DocumentUpsert], repeat: int) -> dict:
+    """What checking signatures adds per event, with no broker or store in the way: verifying
+    each message's signature against decoding its body (the parse every event gets anyway),
+    the best of ``repeat`` passes over the same signed messages."""
+    verifier = signing.Verifier({"bench": [signing.public_text(signer().public)]}, 3600.0, 300.0)
+    messages = [(events.key(e), events.encode(e)) for e in evs]
+    signed = [(k, v, signer().headers("bench", k, v)) for k, v in messages]
+    verify_s = decode_s = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        for k, v, h in signed:
+            verifier.verify("bench", h, k, v)
+        verify_s = min(verify_s, time.perf_counter() - started)
+        started = time.perf_counter()
+        for _k, v, _h in signed:
+            events.decode(v)
+        decode_s = min(decode_s, time.perf_counter() - started)
+    result = {
+        "events": len(evs),
+        "verify_us_per_event": round(verify_s / len(evs) * 1e6, 1),
+        "decode_us_per_event": round(decode_s / len(evs) * 1e6, 1),
+        "verify_to_decode": round(verify_s / decode_s, 2),
+    }
+    print(f"signatures: {result}", flush=True)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=2000, help="events with vectors")
@@ -372,6 +401,9 @@ def main() -> int:
 
             return run_case(broker, milvus, kb, make, name, args.repeat)
 
+        figures["signatures"] = signature_cost(
+            make_events(args.events, True, model, dim, seed=9), args.repeat
+        )
         figures["with_vectors"] = case("with_vectors", args.events, True, seed=1)
         figures["reembedding"] = case("reembedding", args.reembed, False, seed=2)
         figures["reembedding"]["ratio_to_with_vectors"] = round(

@@ -253,13 +253,19 @@ def testinfra_spec(name: str, hostvars: dict[str, Any]) -> str:
     raise OnPremError(f"{name}: ansible_connection {connection!r} is not supported by verify")
 
 
+CERT_DAYS_ENV = "DUALTRACK_VERIFY_CERT_DAYS"
+"""How the verify checks learn ``--cert-days``: they run in a pytest process of their own."""
+
+
 def verify(
     inventory: Path,
     limit: str | None = None,
     junit: Path | None = None,
     vault_password_file: Path | None = None,
+    cert_days: int = 14,
 ) -> int:
-    """Run the testinfra checks (``ansible/verify``) against the inventory's hosts; pytest's exit code."""
+    """Run the testinfra checks (``ansible/verify``) against the inventory's hosts; pytest's exit code.
+    ``cert_days``: a certificate that expires sooner than this fails the check."""
     hosts = inventory_hosts(inventory, limit or "onprem", vault_password_file)
     specs = ",".join(testinfra_spec(name, hv) for name, hv in hosts.items())
     argv = [
@@ -278,4 +284,5 @@ def verify(
     ]
     if junit is not None:
         argv.append(f"--junitxml={junit}")
-    return subprocess.run(argv, check=False).returncode
+    env = {**os.environ, CERT_DAYS_ENV: str(cert_days)}
+    return subprocess.run(argv, check=False, env=env).returncode

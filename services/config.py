@@ -715,7 +715,20 @@ class CdcSettings(_Section):
 
 
 def _brokers(servers: str) -> set[str]:
-    return {s.strip().lower() for s in servers.split(",") if s.strip()}
+    """``host:port`` entries as compared: lower case, no trailing dot, Kafka's port by default."""
+    out = set()
+    for entry in servers.split(","):
+        host, _, port = (
+            entry.strip().lower().rpartition(":") if ":" in entry else (entry.strip().lower(), "", "")
+        )
+        if host or port:
+            out.add(f"{host.rstrip('.')}:{port or '9092'}")
+    return out
+
+
+_AWS = re.compile(r"\.amazonaws\.com(\.cn)?$")
+_ORIGIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_ORIGIN_RULE = "1-128 letters, digits, '.', '_', ':' or '-', starting with a letter or digit"
 
 
 class SyncSettings(_Section):
@@ -829,8 +842,8 @@ class SyncSettings(_Section):
         from services.sync.signing import SigningError, parse_public
 
         for origin, keys in v.items():
-            if not origin or len(origin) > 128:
-                raise ValueError(f"origin {origin[:40]!r} must be 1-128 characters")
+            if not _ORIGIN.match(origin):
+                raise ValueError(f"origin {origin[:40]!r} is not a site name ({_ORIGIN_RULE})")
             for i, text in enumerate(keys):
                 try:
                     parse_public(text, f"[{origin!r}][{i}]")
@@ -838,14 +851,20 @@ class SyncSettings(_Section):
                     raise ValueError(str(exc)) from None
         return v
 
+    @field_validator("shared_writers")
+    @classmethod
+    def _writers(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(f"{origin[:40]!r} is neither '*' nor a site name ({_ORIGIN_RULE})")
+        return v
+
     @model_validator(mode="after")
     def _cdc_on_premises(self) -> SyncSettings:
         if self.cdc is None:
             return self
         shared = _brokers(self.cdc.bootstrap_servers) & _brokers(self.bootstrap_servers)
-        cloud = [
-            b for b in _brokers(self.cdc.bootstrap_servers) if b.rsplit(":", 1)[0].endswith(".amazonaws.com")
-        ]
+        cloud = [b for b in _brokers(self.cdc.bootstrap_servers) if _AWS.search(b.rsplit(":", 1)[0])]
         if shared or cloud:
             why = "also in sync.bootstrap_servers (the cloud's)" if shared else "an AWS (MSK) broker"
             raise ValueError(
@@ -870,6 +889,17 @@ class SyncSettings(_Section):
     @property
     def dlq_topic(self) -> str:
         return self.dead_letter_topic or f"{self.topic}.dlq"
+
+    @property
+    def segment_ms(self) -> int:
+        """When the topics roll a new segment: an eighth of the retention, at least 10 minutes
+        (Kafka deletes whole segments, so an event lives at most retention plus this)."""
+        return min(max(self.retention_ms // 8, 600_000), self.retention_ms)
+
+    @property
+    def replay_window_s(self) -> float:
+        """The longest an honest message can still be on the topic, as this host's clock sees it."""
+        return (self.retention_ms + self.segment_ms) / 1000 + self.max_clock_skew_s
 
     @property
     def origin(self) -> str:

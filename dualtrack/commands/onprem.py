@@ -129,12 +129,18 @@ def onprem_verify(
     vault_password_file: Annotated[
         Path | None, typer.Option(help="Decrypts the site's ansible-vault files")
     ] = None,
+    cert_days: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Fail a certificate that expires within this many days (0 for short-lived ones)"
+        ),
+    ] = 14,
 ) -> None:
     """Check the converged hosts with testinfra (units, ports, firewall, secrets, readiness)."""
     from dualtrack.onprem import OnPremError, verify
 
     try:
-        code = verify(inventory, limit, junit, vault_password_file)
+        code = verify(inventory, limit, junit, vault_password_file, cert_days)
     except OnPremError as exc:
         raise fail(str(exc)) from None
     if code != 0:

@@ -165,6 +165,9 @@ def client_policy(cluster_arn: str, topic: str) -> str:
                     "Action": [
                         "kafka-cluster:CreateTopic",
                         "kafka-cluster:DescribeTopic",
+                        # read, not alter: the consumers compare the topic's retention with theirs,
+                        # a leaked client credential cannot lengthen how long erased events stay
+                        "kafka-cluster:DescribeTopicDynamicConfiguration",
                         "kafka-cluster:ReadData",
                         "kafka-cluster:WriteData",
                     ],

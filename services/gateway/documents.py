@@ -28,6 +28,7 @@ from services.kb.classification import Classification, parse_label
 from services.kb.ingest import IngestResult, Upload, WriteRefused, validate_doc_id
 from services.kb.loaders import CONTENT_TYPES, suffix_of
 from services.kb.models import Hit
+from services.kb.schema import SYNCED_FROM
 from services.kb.service import KnowledgeBase
 from services.kb.store import DocumentRecord
 
@@ -416,6 +417,10 @@ def _metadata_of(meta: Any) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise HTTPException(
             422, f"metadata must be a JSON object of strings, numbers and booleans, not {type(meta).__name__}"
+        )
+    if SYNCED_FROM in meta:
+        raise HTTPException(
+            422, f"metadata {SYNCED_FROM!r} is reserved: it names the site a synced document came from"
         )
     for key, v in meta.items():
         if not isinstance(v, str | int | float | bool):

@@ -196,7 +196,10 @@ def _one(data: bytes, name: str, limits: ParserLimits) -> dict[str, Any]:
     os.close(writer)
     chunks: list[bytes] = []
     deadline = time.monotonic() + limits.timeout_s
-    timed_out = False
+    # an honest child builds its answer in memory, so it cannot be larger than its memory limit;
+    # one that streams more is not parsing, and must not fill this process instead
+    cap, size = limits.memory_mb * 1024 * 1024, 0
+    timed_out = oversized = False
     with os.fdopen(reader, "rb") as answer:
         while True:
             left = deadline - time.monotonic()
@@ -206,12 +209,18 @@ def _one(data: bytes, name: str, limits: ParserLimits) -> dict[str, Any]:
             chunk = answer.read1(1 << 20)
             if not chunk:
                 break
+            size += len(chunk)
+            if size > cap:
+                oversized = True
+                break
             chunks.append(chunk)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)  # on a timeout, and anything it left running
     _, status = os.waitpid(pid, 0)
     if timed_out:
         return {"rejected": f"parsing took longer than {limits.timeout_s:g} s (ingest.parser_timeout_s)"}
+    if oversized:
+        return {"rejected": f"the parser's answer is over {limits.memory_mb} MB (ingest.parser_memory_mb)"}
     if chunks:
         try:
             return json.loads(b"".join(chunks))

@@ -11,8 +11,11 @@ event to be applied again, with the same result.
 
 A document belongs to one origin: the site it was synced from, or this site for its own
 uploads. An event from another origin that would replace or delete it is dead-lettered
-unless ``sync.shared_writers`` names that origin, so a site (or a leaked key of one) can
-never overwrite what another site published.
+unless ``sync.shared_writers`` names that origin (who still never takes it over), so a site
+(or a leaked key of one) can never overwrite what another site published. This site's own
+events coming back from the topic can only be duplicates or stale, and a document this
+site never published is never changed from outside. This site's own database (CDC) is
+not held to ownership: its rows are its own.
 
 An event this store must not hold (a classification above ``sync.max_classification``)
 is dead-lettered *and* acts as a delete at its revision, so an earlier, permitted
@@ -122,14 +125,11 @@ class Applier:
         for i, event in enumerate(events):
             change: Event = event
             refused: Outcome | None = None
-            owner = owners.get(event.doc_id)
-            if owner is not None and owner != event.origin and not self._may_replace(event.origin):
-                outcomes[i] = Outcome(
-                    "dead_letter",
-                    f"{event.doc_id!r} belongs to {owner!r} here: {event.origin!r} may not replace or delete "
-                    "it (sync.shared_writers)",
-                )
-                continue
+            if from_other_sites:
+                why = self._not_theirs(event, owners.get(event.doc_id), known.get(event.doc_id))
+                if why is not None:
+                    outcomes[i] = Outcome("dead_letter", why)
+                    continue
             if isinstance(event, DocumentUpsert):
                 if from_other_sites and event.classification.rank > limit.rank:
                     refused = Outcome(
@@ -167,11 +167,14 @@ class Applier:
                 outcomes[previous] = Outcome("applied", "superseded within the batch")
             winners[event.doc_id] = change
             winner_at[event.doc_id] = i
-            owners[event.doc_id] = change.origin
+            if from_other_sites:
+                owners.setdefault(event.doc_id, change.origin)  # a shared writer does not take it over
+            else:
+                owners[event.doc_id] = change.origin  # this site's own database: its rows are its own
             known[event.doc_id] = _entry(change)
             if refused is not None:
                 outcomes[i] = refused
-        self._write(list(winners.values()), before)
+        self._write(list(winners.values()), before, owners)
         for i in winner_at.values():
             if outcomes[i] is None:
                 outcomes[i] = Outcome("applied")
@@ -179,21 +182,43 @@ class Applier:
 
     def _owners(self, events: Sequence[Event], known: dict[str, LedgerEntry]) -> dict[str, str]:
         """Who owns each document here: the origin a registered document was synced from, this
-        site for its own, else the origin of the last change applied (a delete included)."""
+        site for its own, else the origin of the last change applied (a delete included), unless
+        that was a shared writer's: then the id is free again."""
         site = self.settings.sync.origin
-        owners = {
-            doc: origin or site for doc, origin in self.store.origins([e.doc_id for e in events]).items()
-        }
+        stored = self.store.origins([e.doc_id for e in events])
+        owners = {doc: origin or site for doc, origin in stored.items()}
         for doc, entry in known.items():
-            if entry.origin:  # not a blank entry (a first write that never finished)
+            # a blank entry is a first write that never finished: it names no one
+            if entry.origin and not self._shared(entry.origin):
                 owners.setdefault(doc, entry.origin)
         return owners
 
-    def _may_replace(self, origin: str) -> bool:
+    def _not_theirs(self, event: Event, owner: str | None, current: LedgerEntry | None) -> str | None:
+        """Why another site's event may not change this document here, or None if it may."""
+        site = self.settings.sync.origin
+        if event.origin == site:
+            # this site's own events come back from the topic: they can only be what it published
+            if current is None or event.order > current.order:
+                return f"names this site ({site!r}) as its origin, but this site did not publish it"
+            return None
+        if owner is None or owner == event.origin:
+            return None
+        if owner == site and current is None:
+            return f"{event.doc_id!r} is this site's own document, never published: no other site changes it"
+        if self._shared(event.origin):
+            return None
+        return (
+            f"{event.doc_id!r} belongs to {owner!r} here: {event.origin!r} may not replace or delete it "
+            "(sync.shared_writers)"
+        )
+
+    def _shared(self, origin: str) -> bool:
         writers = self.settings.sync.shared_writers
         return "*" in writers or origin in writers
 
-    def _write(self, changes: Sequence[Event], before: dict[str, LedgerEntry]) -> None:
+    def _write(
+        self, changes: Sequence[Event], before: dict[str, LedgerEntry], owners: dict[str, str]
+    ) -> None:
         upserts = [e for e in changes if isinstance(e, DocumentUpsert)]
         deletes = [e.doc_id for e in changes if isinstance(e, DocumentDelete)]
         if upserts:
@@ -213,7 +238,8 @@ class Applier:
             chunks = [c for e in upserts for c in _chunks(e, default_acl)]
             vectors = self._vectors(upserts, chunks)
             self.store.write_chunks(chunks, vectors, batch=self.settings.ingest.insert_batch)
-            self.store.activate(*(_record(e, default_acl) for e in upserts))
+            site = self.settings.sync.origin
+            self.store.activate(*(_record(e, default_acl, owners.get(e.doc_id), site) for e in upserts))
             self.store.delete_chunks(_superseded(upserts, registered, before))
             for e in upserts:
                 if (entry := before.get(e.doc_id)) is not None and entry.writing:
@@ -311,7 +337,13 @@ def _chunks(event: DocumentUpsert, default_acl: Acl) -> list[Chunk]:
     ]
 
 
-def _record(event: DocumentUpsert, default_acl: Acl) -> DocumentRecord:
+def _record(event: DocumentUpsert, default_acl: Acl, owner: str | None, site: str) -> DocumentRecord:
+    """The registry row: ``synced_from`` names the owner (the event's origin unless a shared
+    writer changed another's document), and is absent when this site owns it."""
+    owner = owner or event.origin
+    metadata = {k: v for k, v in event.metadata.items() if k != SYNCED_FROM}
+    if owner != site:
+        metadata[SYNCED_FROM] = owner
     return DocumentRecord(
         doc_id=event.doc_id,
         version=event.version,
@@ -321,6 +353,6 @@ def _record(event: DocumentUpsert, default_acl: Acl) -> DocumentRecord:
         title=event.title,
         chunks=len(event.chunks),
         ingested_at=event.occurred_at,
-        metadata={**event.metadata, SYNCED_FROM: event.origin},
+        metadata=metadata,
         acl=event.access(default_acl),
     )

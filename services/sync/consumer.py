@@ -157,7 +157,10 @@ class SyncConsumer:
                         batch.append((m, event))
                 else:
                     batch.append((m, self._read(m)))
-            except (events.InvalidEvent, Rejected) as exc:
+            except Rejected as exc:  # untrusted: recorded with the reason, never copied
+                self.metrics.outcome(m.topic(), "dead_letter")
+                dead.append((m, str(exc), True))
+            except events.InvalidEvent as exc:
                 self.metrics.outcome(m.topic(), "dead_letter")
                 dead.append((m, str(exc), False))
             except Exception as exc:  # a message that crashes the parser must not crash-loop us
@@ -182,11 +185,18 @@ class SyncConsumer:
     def _read(self, m: Message) -> Any:
         """One message of the updates topic as an event: signed by a trusted key of the origin
         it names (checked before the body is parsed), sent within the topic's retention."""
-        signer = self.verifier.verify(m.headers(), m.key(), m.value()) if self.verifier else None
+        signer = self.verifier.verify(m.topic(), m.headers(), m.key(), m.value()) if self.verifier else None
         event = events.decode(m.value())
         if signer is not None and event.origin != signer.origin:
             raise Rejected(
                 f"forged origin: signed with {signer.origin!r}'s key, but the event names {event.origin!r}"
+            )
+        if signer is not None and event.revision > (signer.sent_at + self.sync.max_clock_skew_s) * 1e6:
+            # a revision is the origin's clock at the change: one past the send time would outrank
+            # every later change to the document, the owner's own included
+            raise Rejected(
+                f"revision {event.revision} is later than the time it was sent "
+                f"({int(signer.sent_at * 1e6)} µs since the epoch)"
             )
         if m.key() != events.key(event):
             raise events.InvalidEvent(f"message key {m.key()!r} is not the event's doc_id {event.doc_id!r}")

@@ -94,7 +94,7 @@ class _Event(_Model):
     event_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=64)
     origin: str = Field(min_length=1, max_length=128, description="The publishing site (or cdc:<table>).")
     doc_id: str
-    revision: int = Field(ge=0, description="Origin clock in microseconds; higher wins.")
+    revision: int = Field(ge=0, lt=2**63, description="Origin clock in microseconds; higher wins.")
     occurred_at: float = Field(default_factory=time.time)
 
     @field_validator("doc_id")

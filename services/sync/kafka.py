@@ -156,41 +156,60 @@ def ensure_topics(
     return created
 
 
+ENFORCED: tuple[str, ...] = ("retention.ms", "segment.ms")
+"""Topic settings held to the configuration on existing topics, not only at creation."""
+
+
 def _enforce_retention(admin: AdminClient, existing: dict[str, dict[str, str]], timeout: float) -> None:
     """A topic created before the retention was set (or with another) is given the configured
-    ``retention.ms``: how long an erased document's events stay on the brokers is the setting,
-    not the topic's history."""
-    wanted = {n: c["retention.ms"] for n, c in existing.items() if "retention.ms" in c}
+    ``retention.ms`` and ``segment.ms``: how long an erased document's events stay on the
+    brokers is the setting, not the topic's history. A client the cluster does not allow to
+    read or change topic settings (MSK's IAM policy grants only the read) logs what differs
+    and carries on: the cluster's administrator sets it."""
+    wanted = {n: {k: c[k] for k in ENFORCED if k in c} for n, c in existing.items()}
+    wanted = {n: w for n, w in wanted.items() if w}
     if not wanted:
         return
-    resources = [ConfigResource("topic", n) for n in wanted]
     try:
-        described = admin.describe_configs(resources, request_timeout=timeout)
-        entries = {r.name: f.result().get("retention.ms") for r, f in described.items()}
+        described = admin.describe_configs(
+            [ConfigResource("topic", n) for n in wanted], request_timeout=timeout
+        )
+        current = {
+            r.name: {k: (e.value if (e := f.result().get(k)) is not None else None) for k in ENFORCED}
+            for r, f in described.items()
+        }
     except KafkaException as exc:
-        raise ConnectionError(f"cannot read the retention of {sorted(wanted)}: {exc}") from None
-    current = {n: e.value if e is not None else None for n, e in entries.items()}
-    stale = {n: v for n, v in wanted.items() if current.get(n) != v}
-    if not stale:
+        log.warning("cannot read the settings of topics %s (%s): not checked", sorted(wanted), exc)
         return
-    changes = [
+    changes = {n: {k: v for k, v in w.items() if current.get(n, {}).get(k) != v} for n, w in wanted.items()}
+    changes = {n: c for n, c in changes.items() if c}
+    if not changes:
+        return
+    resources = [
         ConfigResource(
             "topic",
             n,
-            incremental_configs=[ConfigEntry("retention.ms", v, incremental_operation=AlterConfigOpType.SET)],
+            incremental_configs=[
+                ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in c.items()
+            ],
         )
-        for n, v in stale.items()
+        for n, c in changes.items()
     ]
-    for resource, future in admin.incremental_alter_configs(changes, request_timeout=timeout).items():
+    for resource, future in admin.incremental_alter_configs(resources, request_timeout=timeout).items():
+        was = {k: current.get(resource.name, {}).get(k) for k in changes[resource.name]}
         try:
             future.result()
         except KafkaException as exc:
-            raise ConnectionError(
-                f"cannot set retention.ms={stale[resource.name]} on topic {resource.name!r}: {exc}"
-            ) from None
-        log.info(
-            "topic %s: retention.ms %s -> %s", resource.name, current.get(resource.name), stale[resource.name]
-        )
+            log.error(
+                "topic %s has %s, the configuration says %s, and this client may not change it (%s): "
+                "ask the cluster's administrator to set it",
+                resource.name,
+                was,
+                changes[resource.name],
+                exc,
+            )
+            continue
+        log.info("topic %s: %s -> %s", resource.name, was, changes[resource.name])
 
 
 def topic_configs(sync: SyncSettings) -> dict[str, dict[str, str]]:
@@ -199,11 +218,15 @@ def topic_configs(sync: SyncSettings) -> dict[str, dict[str, str]]:
     The updates topic uses ``delete`` retention (``sync.retention_ms``), not compaction:
     compaction keeps the *last* event per key, which after concurrent edits at two sites
     can be an older revision, so a site replaying a compacted topic could settle on the
-    wrong version. The dead-letter topic keeps its records for 90 days."""
-    common = {"max.message.bytes": str(sync.max_message_bytes)}
+    wrong version. Kafka deletes whole segments once their newest record is past the
+    retention, so segments roll at an eighth of it: an event stays at most
+    ``retention_ms + segment_ms``. Dead letters are kept as long (they may hold copies)."""
+    common = {
+        "max.message.bytes": str(sync.max_message_bytes),
+        "cleanup.policy": "delete",
+        "retention.ms": str(sync.retention_ms),
+        "segment.ms": str(sync.segment_ms),
+    }
     if sync.replication_factor >= 3:
         common["min.insync.replicas"] = "2"
-    return {
-        sync.topic: {**common, "cleanup.policy": "delete", "retention.ms": str(sync.retention_ms)},
-        sync.dlq_topic: {**common, "cleanup.policy": "delete", "retention.ms": str(90 * 24 * 3600 * 1000)},
-    }
+    return {sync.topic: common, sync.dlq_topic: dict(common)}

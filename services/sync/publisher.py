@@ -144,8 +144,10 @@ class Publisher:
         return self._ledger
 
     def _was_published(self, doc_id: str) -> bool:
+        """This site published the document (a synced copy's entry names its origin: deleting
+        the copy here is not this site's change to announce)."""
         entry = self.ledger.get([doc_id]).get(doc_id)
-        return entry is not None and not entry.deleted
+        return entry is not None and not entry.deleted and entry.origin == self.sync.origin
 
     def _next_revision(self, doc_id: str) -> int:
         """The origin clock in microseconds, past anything this store has seen for the document."""
@@ -261,7 +263,7 @@ class Publisher:
     ) -> None:
         while True:
             try:
-                headers = self._signer.headers(key, value) if self._signer else None
+                headers = self._signer.headers(self.sync.topic, key, value) if self._signer else None
                 self._producer.produce(
                     self.sync.topic, key=key, value=value, headers=headers, on_delivery=callback
                 )

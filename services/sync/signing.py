@@ -11,7 +11,7 @@ unchanged:
 
 ``dualtrack.key_id``     the first 8 bytes of SHA-256 of the raw public key, in hex
 ``dualtrack.sent_at``    the publisher's clock when it sent the message, microseconds
-``dualtrack.signature``  Ed25519 over :func:`signed_bytes` (domain, sent_at, key, value)
+``dualtrack.signature``  Ed25519 over :func:`signed_bytes` (domain, topic, sent_at, key, value)
 
 ``sent_at`` is signed, so a consumer can refuse a message that was captured and written
 to the topic again after the topic's retention would have removed it (a replay), or one
@@ -66,10 +66,14 @@ def public_text(public: Ed25519PublicKey) -> str:
 
 
 def parse_public(text: str, where: str) -> Ed25519PublicKey:
+    if "PRIVATE KEY" in text:
+        raise SigningError(
+            f"{where}: this is a private key; trust the public key `dualtrack sync keygen` printed"
+        )
     try:
         raw = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise SigningError(f"{where}: {text[:60]!r} is not base64") from None
+        raise SigningError(f"{where}: not base64 (a {len(text)}-character value)") from None
     if len(raw) != 32:
         raise SigningError(f"{where}: an Ed25519 public key is 32 bytes, this one is {len(raw)}")
     return Ed25519PublicKey.from_public_bytes(raw)
@@ -88,10 +92,12 @@ def generate(path: Path) -> Ed25519PublicKey:
     return key.public_key()
 
 
-def signed_bytes(sent_at: int, key: bytes | None, value: bytes | None) -> bytes:
-    """What the signature covers: the message key and value, and when it was sent."""
-    k = key or b""
-    return DOMAIN + str(sent_at).encode() + b"\n" + struct.pack(">I", len(k)) + k + (value or b"")
+def signed_bytes(topic: str, sent_at: int, key: bytes | None, value: bytes | None) -> bytes:
+    """What the signature covers: the topic, the message key and value, and when it was sent
+    (a message copied to another topic that trusts the same key does not verify there)."""
+    k, t = key or b"", topic.encode()
+    head = DOMAIN + struct.pack(">I", len(t)) + t + str(sent_at).encode() + b"\n"
+    return head + struct.pack(">I", len(k)) + k + (value or b"")
 
 
 class Signer:
@@ -119,11 +125,11 @@ class Signer:
         self.key_id = key_id(self.public)
 
     def headers(
-        self, key: bytes | None, value: bytes | None, sent_at: int | None = None
+        self, topic: str, key: bytes | None, value: bytes | None, sent_at: int | None = None
     ) -> list[tuple[str, bytes]]:
-        """The signature headers of one message, sent now (or at ``sent_at``, microseconds)."""
+        """The signature headers of one message to ``topic``, sent now (or at ``sent_at``, µs)."""
         sent_at = time.time_ns() // 1000 if sent_at is None else sent_at
-        signature = self._key.sign(signed_bytes(sent_at, key, value))
+        signature = self._key.sign(signed_bytes(topic, sent_at, key, value))
         return [
             (KEY_ID_HEADER, self.key_id.encode()),
             (SENT_AT_HEADER, str(sent_at).encode()),
@@ -163,7 +169,11 @@ class Verifier:
         return bool(self._keys)
 
     def verify(
-        self, headers: Sequence[tuple[str, bytes | None]] | None, key: bytes | None, value: bytes | None
+        self,
+        topic: str,
+        headers: Sequence[tuple[str, bytes | None]] | None,
+        key: bytes | None,
+        value: bytes | None,
     ) -> Verified:
         """The signer of one message, or :class:`Rejected` saying why it is not trusted."""
         found: dict[str, bytes] = {}
@@ -186,15 +196,15 @@ class Verifier:
         except (UnicodeDecodeError, ValueError, binascii.Error):
             raise Rejected("wrongly signed: malformed sent_at or signature header") from None
         try:
-            public.verify(signature, signed_bytes(sent_at, key, value))
+            public.verify(signature, signed_bytes(topic, sent_at, key, value))
         except InvalidSignature:
             raise Rejected(f"wrongly signed: the signature does not match {origin!r}'s key {kid}") from None
         sent = sent_at / 1e6
         age = time.time() - sent
         if age > self.window_s:
             raise Rejected(
-                f"replayed: sent {age / 3600:.1f} h ago, longer than the topic's retention allows "
-                f"({self.window_s / 3600:.1f} h with the clock skew)"
+                f"replayed: sent {age / 3600:.1f} h ago, longer than an event can stay on the topic "
+                f"({self.window_s / 3600:.1f} h: retention, a segment's roll and the clock skew)"
             )
         if age < -self.skew_s:
             raise Rejected(
@@ -220,9 +230,7 @@ def verifier_for(sync: SyncSettings) -> Verifier | None:
     nothing could ever apply, which is refused at start rather than discovered event by event."""
     if not sync.require_signatures:
         return None
-    verifier = Verifier(
-        sync.trusted_keys, sync.retention_ms / 1000 + sync.max_clock_skew_s, sync.max_clock_skew_s
-    )
+    verifier = Verifier(sync.trusted_keys, sync.replay_window_s, sync.max_clock_skew_s)
     if not verifier:
         raise SigningError(
             "sync.trusted_keys is empty, so no event could be verified: add each publishing site's "

@@ -570,6 +570,9 @@ def test_msk(plans: dict[str, Plan], stack: str) -> None:
     topic = settings.messaging.topic
     assert [arn.rsplit("/", 1)[1] for arn in by_action["kafka-cluster:ReadData"]] == [topic, f"{topic}.dlq"]
     assert all(":topic/" in arn for arn in by_action["kafka-cluster:WriteData"])
+    # the consumers read the topics' retention; changing it is the cluster admin's, not a client's
+    assert len(by_action["kafka-cluster:DescribeTopicDynamicConfiguration"]) == 2
+    assert "kafka-cluster:AlterTopicDynamicConfiguration" not in by_action
     # MSK maps idempotent writes to a cluster permission: on the topic it would be refused
     assert ":cluster/" in by_action["kafka-cluster:WriteDataIdempotently"]
 

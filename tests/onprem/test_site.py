@@ -335,7 +335,7 @@ e = events.DocumentUpsert(origin="site-hq", doc_id=doc_id, revision=time.time_ns
     version="ab" * 16, content_hash="cd" * 32, classification="internal", source="hq/parking.md",
     title="Parking", chunks=[events.EventChunk(chunk_no=0, text=text)])
 key, value = events.key(e), events.encode(e)
-headers = signing.Signer(Path(key_file)).headers(key, value)
+headers = signing.Signer(Path(key_file)).headers("knowledge_updates", key, value)
 if forge == "forge":
     value = value.replace(b"minus two", b"minus six")  # altered after it was signed
 p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})

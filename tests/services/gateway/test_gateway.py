@@ -230,6 +230,8 @@ def test_invalid_filter_key_and_label_are_422(gateway: httpx.Client) -> None:
     assert r.status_code == 422 and "'secret' is not one of: public, internal, confidential" in r.text
     r = upload(gateway, "a.md", b"# hi\n\nhello there", metadata="[1, 2]")
     assert r.status_code == 422 and "metadata must be a JSON object" in r.text
+    r = upload(gateway, "a.md", b"# hi\n\nhello there", metadata='{"synced_from": "site-a"}')
+    assert r.status_code == 422 and "metadata 'synced_from' is reserved" in r.text
 
 
 def test_content_type_mismatch_is_415(gateway: httpx.Client) -> None:

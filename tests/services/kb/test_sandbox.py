@@ -127,3 +127,18 @@ def test_parsing_works_with_descriptors_past_1024() -> None:
         for fd in held:
             os.close(fd)
         sandbox._server.close()
+
+
+def test_a_child_that_streams_more_than_it_could_hold_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parser subverted by its input could write without end instead of answering: the server
+    stops reading past the memory limit (an honest answer is built in memory, so it fits)."""
+
+    def flood(writer: int, _data: bytes, _name: str, _limits: ParserLimits) -> None:
+        block = b"x" * (1 << 20)
+        with os.fdopen(writer, "wb") as out:
+            for _ in range(64):
+                out.write(block)
+
+    monkeypatch.setattr(sandbox, "_child", flood)
+    answer = sandbox._one(b"text", "a.txt", ParserLimits(cpu_s=10, memory_mb=8, timeout_s=30))
+    assert answer == {"rejected": "the parser's answer is over 8 MB (ingest.parser_memory_mb)"}

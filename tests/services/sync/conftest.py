@@ -133,7 +133,9 @@ Headers = list[tuple[str, bytes]]
 def signed(settings: Settings, origin: str, key: bytes | None, value: bytes | None) -> Headers:
     """The headers ``origin``'s publisher would send with (key, value)."""
     assert settings.sync.signing_key_file is not None
-    return signing.Signer(key_file(settings.sync.signing_key_file.parent, origin)).headers(key, value)
+    return signing.Signer(key_file(settings.sync.signing_key_file.parent, origin)).headers(
+        settings.sync.topic, key, value
+    )
 
 
 def produce(

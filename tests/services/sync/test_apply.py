@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from services.kb.classification import Classification
 from services.kb.errors import StoreTimeout
 from services.kb.ingest import chunk_id
 from services.kb.service import KnowledgeBase
@@ -264,3 +265,53 @@ def test_a_write_that_times_out_retries_the_batch_whole(own_milvus_server, make_
         assert [state(kb, e.doc_id) for e in batch] == [(e.version, 600) for e in batch]
     finally:
         kb.close()
+
+
+def _applier(kb: KnowledgeBase, make_settings, **sync) -> Applier:
+    settings = make_settings(milvus={"uri": kb.settings.milvus.uri}, sync={"site_id": "site-b", **sync})
+    return Applier(settings, kb.store, kb.embedder)
+
+
+def test_a_shared_writer_edits_but_never_takes_a_document_over(kb: KnowledgeBase, make_settings) -> None:
+    applier = _applier(kb, make_settings, shared_writers=["site-c"])
+    statuses = [
+        applier.apply([upsert("rota", 1, ["Site a drafted the rota."])])[0].status,
+        applier.apply([upsert("rota", 2, ["Site c revised it."], origin="site-c")])[0].status,
+        applier.apply([upsert("rota", 3, ["Site a revised it again."])])[0].status,  # still a's
+    ]
+    assert statuses == ["applied"] * 3
+    assert kb.store.get_document("rota").metadata["synced_from"] == "site-a"
+    # a shared writer's delete leaves no owner behind: the owner may bring the document back
+    assert applier.apply([delete("rota", 4, origin="site-c")])[0].status == "applied"
+    assert applier.apply([upsert("rota", 5, ["Back."])])[0].status == "applied"
+
+
+def test_this_sites_own_documents_are_not_changed_from_outside(kb: KnowledgeBase, make_settings) -> None:
+    """A document uploaded here and never published: not even a shared writer, nor an event
+    claiming to be this site's own, changes it. This site's own database (CDC) is its own."""
+    kb.ingestor.ingest_bytes(
+        b"Salaries are paid on the 25th.",
+        "payroll.md",
+        doc_id="payroll",
+        labels=[Classification.CONFIDENTIAL],
+    )
+    applier = _applier(kb, make_settings, shared_writers=["*"])
+    outcomes = applier.apply(
+        [
+            upsert("payroll", 10**15, ["Public now."], origin="site-c"),
+            delete("payroll", 10**15 + 1, origin="site-c"),
+            upsert("payroll", 10**15 + 2, ["From 'us'."], origin="site-b"),
+        ]
+    )
+    assert [o.status for o in outcomes] == ["dead_letter"] * 3
+    assert "this site's own document, never published" in (outcomes[0].reason or "")
+    assert "names this site ('site-b') as its origin" in (outcomes[2].reason or "")
+    record = kb.store.get_document("payroll")
+    assert record is not None and record.classification.value == "confidential"
+    row = upsert("cdc-7", 5, ["A row of this site's database."], origin="cdc:public.articles")
+    assert (
+        applier.apply([upsert("cdc-7", 1, ["Site c got there first."], origin="site-c")])[0].status
+        == "applied"
+    )
+    assert applier.apply([row], from_other_sites=False)[0].status == "applied"
+    assert kb.store.get_document("cdc-7").metadata["synced_from"] == "cdc:public.articles"

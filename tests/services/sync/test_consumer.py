@@ -91,7 +91,7 @@ def test_hostile_stream_ends_in_the_right_state(
     stream.append((k, v.replace(b"level two", b"level six"), signed(settings, "site-a", k, v)))
     stranger = upsert("stranger", 1, ["Signed by a key nobody trusts."], origin="site-x")
     k, v = events.key(stranger), events.encode(stranger)
-    stream.append((k, v, signing.Signer(key_file(tmp_path, "site-x")).headers(k, v)))
+    stream.append((k, v, signing.Signer(key_file(tmp_path, "site-x")).headers(settings.sync.topic, k, v)))
     impostor = upsert("impostor", 1, ["Site c says so."], origin="site-c")
     k, v = events.key(impostor), events.encode(impostor)
     stream.append((k, v, signed(settings, "site-a", k, v)))  # site-a's key speaking for site-c
@@ -99,15 +99,17 @@ def test_hostile_stream_ends_in_the_right_state(
     k, v = events.key(replayed), events.encode(replayed)
     long_ago = (time.time_ns() // 1000) - 8 * 24 * 3600 * 10**6
     key_a = signing.Signer(key_file(settings.sync.signing_key_file.parent, "site-a"))
-    stream.append((k, v, key_a.headers(k, v, sent_at=long_ago)))
+    stream.append((k, v, key_a.headers(settings.sync.topic, k, v, sent_at=long_ago)))
     scaled = json.loads(events.encode(upsert("scaled", 1, ["x."], vectors=good_vectors[:1], model="m")))
     scaled["chunks"][0]["vector"] = events.encode_vector(good_vectors[0] * 2)
     raw(b"scaled", json.dumps(scaled).encode())
     add(upsert("owned", 1, ["Site a wrote this."]))
     add(upsert("owned", 2, ["Site c overwrites it."], origin="site-c"))  # not site c's to change
+    add(upsert("forever", 2**62, ["A revision no later change could ever beat."]))
+    add(upsert("mine", 1, ["Site b never published this."], origin="site-b"))  # this consumer's site
     add(upsert("after-the-bad-ones", 1, ["The consumer kept going."]))
     refused = {b"junk", b"future", b"wrongdim", b"empty", b"secret", b"unsigned", b"tampered"}
-    refused |= {b"stranger", b"impostor", b"replayed", b"scaled", b"owned"}
+    refused |= {b"stranger", b"impostor", b"replayed", b"scaled", b"owned", b"forever", b"mine"}
     # a topic made before the retention was finite: the consumer sets it on start
     ensure_topics(
         settings.sync,
@@ -156,6 +158,13 @@ def test_hostile_stream_ends_in_the_right_state(
     assert reason(by_key[b"replayed"]).startswith("replayed: sent 192.0 h ago")
     assert "chunk 0 has a vector of norm 2" in reason(by_key[b"scaled"])
     assert "'owned' belongs to 'site-a' here: 'site-c' may not replace" in reason(by_key[b"owned"])
+    assert "revision 4611686018427387904 is later than the time it was sent" in reason(by_key[b"forever"])
+    assert "names this site ('site-b') as its origin, but this site did not publish it" in reason(
+        by_key[b"mine"]
+    )
+    for untrusted in (b"unsigned", b"tampered", b"stranger", b"impostor", b"replayed", b"forever"):
+        assert by_key[untrusted].value() is None, f"{untrusted!r}: an untrusted message is never copied"
+    assert config["segment.ms"] == str(21 * 3600 * 1000)  # an eighth of the retention
     headers = dict(by_key[b"junk"].headers())
     assert headers["dualtrack.dlq.topic"] == settings.sync.topic.encode()
 
@@ -163,16 +172,23 @@ def test_hostile_stream_ends_in_the_right_state(
 def test_shared_writers_may_change_what_another_origin_owns(
     sync_settings: Callable[..., Settings], embedder: Embedder
 ) -> None:
-    """Sites that edit the same documents say so (``sync.shared_writers``); newest wins among them."""
+    """Sites that edit the same documents say so (``sync.shared_writers``); newest wins among
+    them, and the document stays its owner's."""
     settings = sync_settings(shared_writers=["site-c"])
     first = upsert("rota", 1, ["Site a drafted the rota."])
     second = upsert("rota", 2, ["Site c revised the rota."], origin="site-c")
-    send_events(settings, [first, second, delete("rota", 3, origin="site-c")])
-    send_events(settings, [upsert("rota", 4, ["Site a wants it back."])])  # a: not a shared writer
+    send_events(settings, [first, second])
+    send_events(settings, [upsert("rota", 3, ["Site a settled the rota."])])
+    send_events(settings, [upsert("memo", 1, ["Site c's own memo."], origin="site-c")])
+    send_events(settings, [upsert("memo", 2, ["Site a may not touch it."])])  # a is no shared writer
     with running_consumer(settings, embedder) as (consumer, kb):
-        wait_for(lambda: handled(consumer) >= 4, what="4 handled")
-        assert counter(consumer, "applied") == 3 and counter(consumer, "dead_letter") == 1
-        assert kb.store.get_document("rota") is None  # site c's delete stands; a's upsert is refused
+        wait_for(lambda: handled(consumer) >= 5, what="5 handled")
+        assert counter(consumer, "applied") == 4 and counter(consumer, "dead_letter") == 1
+        rota = kb.store.get_document("rota")
+        assert rota is not None and rota.metadata["synced_from"] == "site-a"
+        assert "settled" in kb.store.chunks_of("rota", rota.version)[0].text
+        memo = kb.store.get_document("memo")
+        assert memo is not None and "own memo" in kb.store.chunks_of("memo", memo.version)[0].text
 
 
 def test_a_consumer_without_trusted_keys_refuses_to_start(

@@ -209,7 +209,8 @@ def test_publish_existing_sends_what_a_site_already_holds(
     assert set(received) == shareable
     verifier = signing.verifier_for(settings.sync)
     assert verifier is not None
-    assert {verifier.verify(m.headers(), m.key(), m.value()).origin for m in messages} == {"site-a"}
+    signers = {verifier.verify(m.topic(), m.headers(), m.key(), m.value()).origin for m in messages}
+    assert signers == {"site-a"}
     for doc_id, event in received.items():
         assert event.version == stored[doc_id].version
         assert event.vectors() is not None

@@ -35,20 +35,22 @@ def signer(tmp_path: Path) -> signing.Signer:
 
 
 def test_a_signed_message_verifies_and_names_its_site(signer: signing.Signer) -> None:
-    headers = signer.headers(b"doc", b'{"x": 1}')
-    verified = verifier_for(("site-a", signer)).verify(headers, b"doc", b'{"x": 1}')
+    headers = signer.headers("t", b"doc", b'{"x": 1}')
+    verified = verifier_for(("site-a", signer)).verify("t", headers, b"doc", b'{"x": 1}')
     assert verified.origin == "site-a" and abs(verified.sent_at - time.time()) < 5
 
 
 def test_each_part_of_the_message_is_covered(signer: signing.Signer) -> None:
     verifier = verifier_for(("site-a", signer))
-    headers = signer.headers(b"doc", b"value")
+    headers = signer.headers("t", b"doc", b"value")
     for key, value in ((b"other", b"value"), (b"doc", b"value!"), (None, b"value"), (b"doc", None)):
         with pytest.raises(signing.Rejected, match="wrongly signed: the signature does not match 'site-a'"):
-            verifier.verify(headers, key, value)
+            verifier.verify("t", headers, key, value)
+    with pytest.raises(signing.Rejected, match="wrongly signed"):
+        verifier.verify("staging", headers, b"doc", b"value")  # copied to another topic
     later = [(n, str(int(v) + 1).encode() if n == signing.SENT_AT_HEADER else v) for n, v in headers]
     with pytest.raises(signing.Rejected, match="wrongly signed"):
-        verifier.verify(later, b"doc", b"value")
+        verifier.verify("t", later, b"doc", b"value")
 
 
 def test_untrusted_unsigned_malformed_and_duplicated_headers_are_refused(
@@ -58,17 +60,17 @@ def test_untrusted_unsigned_malformed_and_duplicated_headers_are_refused(
     stranger = signing.Signer(tmp_path / "stranger.pem")
     verifier = verifier_for(("site-a", signer))
     with pytest.raises(signing.Rejected, match="not in sync.trusted_keys"):
-        verifier.verify(stranger.headers(b"k", b"v"), b"k", b"v")
+        verifier.verify("t", stranger.headers("t", b"k", b"v"), b"k", b"v")
     with pytest.raises(signing.Rejected, match="^unsigned: no dualtrack.key_id"):
-        verifier.verify(None, b"k", b"v")
-    headers = signer.headers(b"k", b"v")
+        verifier.verify("t", None, b"k", b"v")
+    headers = signer.headers("t", b"k", b"v")
     with pytest.raises(signing.Rejected, match="^unsigned: no dualtrack.signature header"):
-        verifier.verify([h for h in headers if h[0] != signing.SIGNATURE_HEADER], b"k", b"v")
+        verifier.verify("t", [h for h in headers if h[0] != signing.SIGNATURE_HEADER], b"k", b"v")
     with pytest.raises(signing.Rejected, match="appears more than once"):
-        verifier.verify([*headers, headers[2]], b"k", b"v")
+        verifier.verify("t", [*headers, headers[2]], b"k", b"v")
     garbled = [(n, b"not base64!" if n == signing.SIGNATURE_HEADER else v) for n, v in headers]
     with pytest.raises(signing.Rejected, match="malformed sent_at or signature"):
-        verifier.verify(garbled, b"k", b"v")
+        verifier.verify("t", garbled, b"k", b"v")
 
 
 def test_old_and_future_messages_are_refused(signer: signing.Signer) -> None:
@@ -76,10 +78,10 @@ def test_old_and_future_messages_are_refused(signer: signing.Signer) -> None:
     now = time.time_ns() // 1000
     week_and_a_day = now - int((WEEK_S + 86400) * 1e6)
     with pytest.raises(signing.Rejected, match=r"^replayed: sent 192\.0 h ago"):
-        verifier.verify(signer.headers(b"k", b"v", sent_at=week_and_a_day), b"k", b"v")
-    assert verifier.verify(signer.headers(b"k", b"v", sent_at=now - int(WEEK_S * 1e6)), b"k", b"v")
+        verifier.verify("t", signer.headers("t", b"k", b"v", sent_at=week_and_a_day), b"k", b"v")
+    assert verifier.verify("t", signer.headers("t", b"k", b"v", sent_at=now - int(WEEK_S * 1e6)), b"k", b"v")
     with pytest.raises(signing.Rejected, match="in the future, more than sync.max_clock_skew_s"):
-        verifier.verify(signer.headers(b"k", b"v", sent_at=now + 3_600_000_000), b"k", b"v")
+        verifier.verify("t", signer.headers("t", b"k", b"v", sent_at=now + 3_600_000_000), b"k", b"v")
 
 
 def test_rotation_trusts_both_keys_of_a_site(signer: signing.Signer, tmp_path: Path) -> None:
@@ -87,7 +89,7 @@ def test_rotation_trusts_both_keys_of_a_site(signer: signing.Signer, tmp_path: P
     rotated = signing.Signer(tmp_path / "site-a-2.pem")
     verifier = verifier_for(("site-a", signer), ("site-a", rotated))
     for s in (signer, rotated):
-        assert verifier.verify(s.headers(b"k", b"v"), b"k", b"v").origin == "site-a"
+        assert verifier.verify("t", s.headers("t", b"k", b"v"), b"k", b"v").origin == "site-a"
 
 
 def test_one_key_for_two_sites_is_refused(signer: signing.Signer) -> None:
@@ -119,8 +121,17 @@ def test_unusable_signing_keys_name_the_setting(tmp_path: Path) -> None:
 
 
 def test_settings_refuse_bad_keys_retention_and_a_cloud_cdc_broker() -> None:
-    with pytest.raises(ConfigError, match=r"sync.trusted_keys.*'site-a'.*is not base64"):
+    with pytest.raises(ConfigError, match=r"sync.trusted_keys.*'site-a'.*not base64"):
         load_settings(sync={"trusted_keys": {"site-a": ["not base64!"]}})
+    pasted = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIDKvx/rQmQf8\n-----END PRIVATE KEY-----"
+    with pytest.raises(ConfigError, match="this is a private key") as refused:
+        load_settings(sync={"trusted_keys": {"site-a": [pasted]}})
+    assert "MC4CAQ" not in str(refused.value)
+    for origin in (" site-a ", "*", ""):
+        with pytest.raises(ConfigError, match="is not a site name"):
+            load_settings(sync={"trusted_keys": {origin: []}})
+    with pytest.raises(ConfigError, match="neither '\\*' nor a site name"):
+        load_settings(sync={"shared_writers": ["site a"]})
     short = base64.b64encode(b"x" * 16).decode()
     with pytest.raises(ConfigError, match="an Ed25519 public key is 32 bytes, this one is 16"):
         load_settings(sync={"trusted_keys": {"site-a": [short]}})
@@ -130,6 +141,16 @@ def test_settings_refuse_bad_keys_retention_and_a_cloud_cdc_broker() -> None:
     cloud = "b-1.kb.abc123.c2.kafka.eu-west-1.amazonaws.com:9098"
     with pytest.raises(ConfigError, match="an AWS \\(MSK\\) broker: a site's database rows are read"):
         load_settings(sync={"cdc": {**cdc, "bootstrap_servers": cloud}})
+    for disguised in (
+        "B-1.kb.abc123.c2.kafka.eu-west-1.amazonaws.com.:9098",
+        "b-1.kafka.cn-north-1.amazonaws.com.cn",
+    ):
+        with pytest.raises(ConfigError, match="an AWS \\(MSK\\) broker"):
+            load_settings(sync={"cdc": {**cdc, "bootstrap_servers": disguised}})
+    with pytest.raises(ConfigError, match="also in sync.bootstrap_servers"):
+        load_settings(
+            sync={"bootstrap_servers": "kafka.cloud:9092", "cdc": {**cdc, "bootstrap_servers": "Kafka.Cloud"}}
+        )
     with pytest.raises(ConfigError, match="also in sync.bootstrap_servers"):
         load_settings(
             sync={"bootstrap_servers": "10.0.0.5:9092", "cdc": {**cdc, "bootstrap_servers": "10.0.0.5:9092"}}
@@ -163,7 +184,8 @@ def test_keygen_writes_a_private_key_once_and_prints_what_to_trust(tmp_path: Pat
     settings = load_settings(sync={"trusted_keys": trusted})  # what it printed is a valid setting
     verifier = signing.verifier_for(settings.sync)
     assert (
-        verifier is not None and verifier.verify(signer.headers(b"k", b"v"), b"k", b"v").origin == "site-hq"
+        verifier is not None
+        and verifier.verify("t", signer.headers("t", b"k", b"v"), b"k", b"v").origin == "site-hq"
     )
     before = path.read_bytes()
     again = CliRunner().invoke(app, ["sync", "keygen", str(path), "--origin", "site-hq"])
