@@ -962,7 +962,12 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, cfg)) from None
-    except (OSError, ValueError) as exc:  # unreadable / malformed TOML
+    except (OSError, ValueError) as exc:  # unreadable / malformed TOML, or an env value that is not JSON
+        if "EnvSettingsSource" in str(exc):
+            raise ConfigError(
+                f"cannot read settings from the environment: {exc}; a DUALTRACK_* variable holding a "
+                "list or a mapping takes JSON (e.g. DUALTRACK_SYNC__SHARED_WRITERS='[\"*\"]')"
+            ) from None
         raise ConfigError(f"{cfg}: cannot read settings: {exc}") from None
 
 

@@ -206,3 +206,11 @@ def test_a_gateway_that_would_publish_unsigned_does_not_start(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="sync.publish is on but sync.signing_key_file is unset"):
         create_app(settings)
     assert not outbox.exists()
+
+
+def test_a_list_setting_in_the_environment_that_is_not_json_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DUALTRACK_SYNC__SHARED_WRITERS", "*")
+    with pytest.raises(ConfigError, match="takes JSON .*DUALTRACK_SYNC__SHARED_WRITERS"):
+        load_settings()
+    monkeypatch.setenv("DUALTRACK_SYNC__SHARED_WRITERS", '["*"]')
+    assert load_settings().sync.shared_writers == ["*"]
