@@ -25,6 +25,7 @@ from dualtrack.commands.model_repo import model_repo_app
 from dualtrack.commands.onprem import onprem_app
 from dualtrack.commands.plan import plan_app
 from dualtrack.commands.sync import sync_app
+from dualtrack.commands.wheelhouse import wheelhouse_app
 from services.config import ConfigError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n\n")[0])
@@ -36,6 +37,7 @@ app.add_typer(onprem_app, name="onprem")
 app.add_typer(sync_app, name="sync")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
+onprem_app.registered_commands += wheelhouse_app.registered_commands
 app.registered_commands += ask_app.registered_commands + plan_app.registered_commands
 
 

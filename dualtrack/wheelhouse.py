@@ -1,20 +1,23 @@
 """The wheelhouse an on-prem host installs from: no index needed on the host.
 
 On-prem knowledge-base hosts are often cut off from the internet, and a host should
-run exactly the versions this repository was tested with. So the controller gathers
-every wheel once -- ``services/requirements.txt`` resolved under the pins of
-``requirements.txt`` -- plus a wheel of this project, and the ``base`` role copies the
-directory to the host and installs with ``pip --no-index``.
+run exactly the bytes this repository was tested with. So the third-party wheels are
+pinned by hash in ``services/requirements.lock`` (``dualtrack onprem lock`` writes it:
+``services/requirements.txt`` resolved under the pins of ``requirements.txt``, for the
+hosts' platform). The controller downloads exactly those files (pip refuses any other
+bytes), builds a wheel of this project, and the ``base`` role installs on the host with
+``pip --no-index --require-hashes``: a wheel altered between here and the host's venv
+is refused there too.
 
 Layout::
 
     <dir>/wheels/*.whl            third-party wheels
     <dir>/wheels.tar              the same, as one reproducible file (one transfer to a host)
-    <dir>/requirements.txt        what to install (services/requirements.txt)
-    <dir>/constraints.txt         the pins (requirements.txt, extras stripped: pip wants bare names)
+    <dir>/requirements.lock       what to install, every file pinned by sha256
+    <dir>/sbom.cdx.json           CycloneDX SBOM of everything below (what a host runs)
     <dir>/project/dualtrack-*.whl this repository (services, dualtrack, infra), built reproducibly
     <dir>/llama/wheels.tar        llama-cpp-python[server] and its dependencies (the llama_local
-    <dir>/llama/requirements.txt  role's venv), when its portable wheel has been built
+    <dir>/llama/requirements.lock role's venv), when its portable wheel has been built
 
 The project wheel is built with a fixed ``SOURCE_DATE_EPOCH``, so the same source gives
 the same bytes: the role can tell a code change (new checksum -> reinstall, restart)
@@ -30,9 +33,17 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.version import Version
+
+from dualtrack.archive import reproducible_tar
+from dualtrack.sbom import SBOM_NAME, Environment, sbom
 
 ROOT = Path(__file__).resolve().parent.parent
 REPRODUCIBLE_EPOCH = "315532800"  # 1980-01-01, the earliest time a zip can hold
@@ -80,43 +91,195 @@ def build_project_wheel(out: Path) -> Path:
     return wheel
 
 
-def build(target: Path) -> Path:
-    """Fill ``target`` with exactly the wheels the host needs (pip's cache makes a refresh quick).
+LOCK = ROOT / "services" / "requirements.lock"
+LOCK_PLATFORM = f"CPython {TARGET_PYTHON}, manylinux x86_64"
+_LOCK_LINE = re.compile(
+    r"^(?P<name>[A-Za-z0-9_.-]+)==(?P<version>\S+) --hash=sha256:(?P<sha256>[0-9a-f]{64})(\s+#.*)?$"
+)
+"""One file per line, nothing else: a second ``--hash`` would let pip take either file."""
+_LOCKED_AT = re.compile(r"^# locked-at: (\S+)$", re.MULTILINE)
+_INPUTS = re.compile(r"^# inputs-sha256: ([0-9a-f]{64})$", re.MULTILINE)
+SERVICES_REQUIREMENTS = ROOT / "services" / "requirements.txt"
 
-    pip resolves platform-specific wheels for the machine it runs on, so the controller must
-    be what the hosts are: Linux on x86_64 (glibc no newer than the hosts' matters only for
-    packages without manylinux wheels; every pinned one has them).
-    """
+
+@dataclass(frozen=True)
+class Pin:
+    """One locked file: the exact wheel pip may install for a requirement."""
+
+    name: str
+    version: str
+    sha256: str
+    filename: str
+
+    def line(self) -> str:
+        return f"{self.name}=={self.version} --hash=sha256:{self.sha256}  # {self.filename}"
+
+
+def pins_of(wheels: Path) -> list[Pin]:
+    """The pins that say "exactly these files" for a directory of wheels."""
+    pins = []
+    for path in sorted(wheels.glob("*.whl")):
+        name, version, _, _ = parse_wheel_filename(path.name)
+        pins.append(Pin(str(name), str(version), digest(path), path.name))
+    return sorted(pins, key=lambda pin: pin.name)
+
+
+def write_lock(
+    pins: list[Pin], path: Path, purpose: str, locked_at: str | None = None, inputs: str | None = None
+) -> Path:
+    """A pip requirements file with one hash per package (``pip install --require-hashes``)."""
+    stamp = locked_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    header = [
+        f"# {purpose}",
+        f"# Every file is pinned by sha256 for {LOCK_PLATFORM}; pip installs no other bytes.",
+        f"# locked-at: {stamp}",
+        *([f"# inputs-sha256: {inputs}"] if inputs else []),
+    ]
+    path.write_text("\n".join(header + [pin.line() for pin in pins]) + "\n", encoding="utf-8")
+    return path
+
+
+def read_lock(path: Path) -> dict[str, Pin]:
+    """The pins of a lock file, by canonical package name."""
+    pins = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        found = _LOCK_LINE.match(line)
+        if found is None:
+            raise WheelhouseError(f"{path}:{number}: not `name==version --hash=sha256:HEX`: {line[:120]}")
+        filename = line.partition("#")[2].strip()
+        pins[str(canonicalize_name(found["name"]))] = Pin(
+            str(canonicalize_name(found["name"])), found["version"], found["sha256"], filename
+        )
+    return pins
+
+
+def locked_at(path: Path) -> str:
+    """When the lock was resolved (its header), e.g. the SBOM's timestamp."""
+    found = _LOCKED_AT.search(path.read_text(encoding="utf-8"))
+    return found.group(1) if found else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(0))
+
+
+def _requirements(text: str) -> list[Requirement]:
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [Requirement(line) for line in lines if line and not line.startswith("-")]
+
+
+def audit_input(lock_file: Path) -> str:
+    """The lock as a vulnerability database can answer for it: ``name==public-version`` lines
+    (databases know releases, not local builds such as torch's ``+cpu``; the hashes are checked
+    at download and install, not by the audit)."""
+    return "".join(f"{pin.name}=={Version(pin.version).public}\n" for pin in read_lock(lock_file).values())
+
+
+def inputs_digest() -> str:
+    """sha256 of what the lock was resolved from (services/requirements.txt, as requirements): an
+    added, removed or re-marked requirement, or a changed extra, makes the lock stale."""
+    reqs = sorted(str(r) for r in _requirements(SERVICES_REQUIREMENTS.read_text(encoding="utf-8")))
+    return hashlib.sha256("\n".join(reqs).encode()).hexdigest()
+
+
+def stale(lock: dict[str, Pin], lock_file: Path = LOCK) -> list[str]:
+    """Why the lock no longer matches the requirements it was resolved from (empty: it does)."""
+    problems = []
+    found = _INPUTS.search(lock_file.read_text(encoding="utf-8"))
+    if found is None or found.group(1) != inputs_digest():
+        problems.append("services/requirements.txt changed since the lock was resolved")
+    for req in _requirements(SERVICES_REQUIREMENTS.read_text(encoding="utf-8")):
+        if canonicalize_name(req.name) not in lock:
+            problems.append(f"{req.name} is required by services/requirements.txt but not locked")
+    for req in _requirements((ROOT / "requirements.txt").read_text(encoding="utf-8")):
+        pin = lock.get(str(canonicalize_name(req.name)))
+        if pin is not None and not req.specifier.contains(Version(pin.version), prereleases=True):
+            problems.append(f"{req.name}: requirements.txt pins {req.specifier}, the lock has {pin.version}")
+    return problems
+
+
+def lock(path: Path = LOCK) -> Path:
+    """Resolve the hosts' packages afresh and pin every file by hash (``dualtrack onprem lock``)."""
+    _host_platform()
+    with tempfile.TemporaryDirectory(prefix="dualtrack-lock-") as tmp:
+        work = Path(tmp)
+        (work / "constraints.txt").write_text(
+            constraints((ROOT / "requirements.txt").read_text(encoding="utf-8")), encoding="utf-8"
+        )
+        _pip(
+            "download",
+            "-q",
+            "--only-binary=:all:",
+            f"--python-version={TARGET_PYTHON}",
+            "-r",
+            str(ROOT / "services" / "requirements.txt"),
+            "-c",
+            str(work / "constraints.txt"),
+            "-d",
+            str(work / "wheels"),
+        )
+        purpose = (
+            "What an on-prem host installs: services/requirements.txt resolved under requirements.txt's "
+            "pins.\n# Written by `dualtrack onprem lock`; do not edit by hand."
+        )
+        return write_lock(pins_of(work / "wheels"), path, purpose, inputs=inputs_digest())
+
+
+def _host_platform() -> None:
+    """pip resolves platform-specific wheels for the machine it runs on, so the controller must be
+    what the hosts are: Linux on x86_64 (every locked package has manylinux wheels)."""
     if sys.platform != "linux" or platform.machine() != "x86_64":
         raise WheelhouseError(
             "build the wheelhouse on Linux x86_64 like the hosts "
             f"(this is {sys.platform}/{platform.machine()}): in CI or on a jump host, "
             "then pass --wheelhouse DIR"
         )
-    target.mkdir(parents=True, exist_ok=True)
-    wheels, fresh = target / "wheels", target / "wheels.partial"
-    shutil.rmtree(fresh, ignore_errors=True)
-    shutil.copy2(ROOT / "services" / "requirements.txt", target / "requirements.txt")
-    (target / "constraints.txt").write_text(
-        constraints((ROOT / "requirements.txt").read_text(encoding="utf-8")), encoding="utf-8"
-    )
+
+
+def download(lock_file: Path, dest: Path) -> Path:
+    """Exactly the files ``lock_file`` names into ``dest``: pip refuses a wheel whose bytes differ."""
     _pip(
         "download",
         "-q",
+        "--no-deps",
+        "--require-hashes",
         "--only-binary=:all:",
         f"--python-version={TARGET_PYTHON}",
         "-r",
-        str(target / "requirements.txt"),
-        "-c",
-        str(target / "constraints.txt"),
+        str(lock_file),
         "-d",
-        str(fresh),
+        str(dest),
     )
-    shutil.rmtree(wheels, ignore_errors=True)  # nothing stale: only what this resolution chose
+    return dest
+
+
+def build(target: Path, lock_file: Path = LOCK) -> Path:
+    """Fill ``target`` with exactly the locked wheels (pip's cache makes a refresh quick)."""
+    _host_platform()
+    problems = stale(read_lock(lock_file), lock_file)
+    if problems:
+        raise WheelhouseError(
+            f"{lock_file.name} is stale ({'; '.join(problems)}): run `dualtrack onprem lock` and commit it"
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    wheels, fresh = target / "wheels", target / "wheels.partial"
+    shutil.rmtree(fresh, ignore_errors=True)
+    for old in ("requirements.txt", "constraints.txt"):  # the layout before hash pinning
+        (target / old).unlink(missing_ok=True)
+    download(lock_file, fresh)
+    shutil.rmtree(wheels, ignore_errors=True)  # nothing stale: only what the lock names
     fresh.rename(wheels)
+    shutil.copy2(lock_file, target / "requirements.lock")
     pack(wheels, target / "wheels.tar")
-    build_project_wheel(target / "project")
+    project = build_project_wheel(target / "project")
+    (pin,) = pins_of(project.parent)
+    write_lock(
+        [pin],
+        project.parent / "requirements.lock",
+        "This project's wheel (installed --no-deps).",
+        locked_at(LOCK),
+    )
     build_llama(target / "llama")
+    write_sbom(target)
     return target
 
 
@@ -126,54 +289,92 @@ def llama_wheels_dir() -> Path:
 
 
 def build_llama(target: Path) -> Path | None:
-    """The llama.cpp server's wheels (llama-cpp-python from the local cache, the rest from the
-    index), or None when its wheel was never built: the llama_local role then says how."""
+    """The llama.cpp server's wheels (llama-cpp-python from the local cache, its pinned dependencies
+    from the index), or None when its wheel was never built: the llama_local role then says how."""
     cache = llama_wheels_dir()
     if not any(cache.glob("llama_cpp_python-*.whl")):
         shutil.rmtree(target, ignore_errors=True)
         return None
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(ROOT / "requirements-llama.txt", target / "requirements.txt")
+    (target / "requirements.txt").unlink(missing_ok=True)
     fresh, wheels = target / "wheels.partial", target / "wheels"
     shutil.rmtree(fresh, ignore_errors=True)
+    pins = _requirements((ROOT / "requirements-llama.txt").read_text(encoding="utf-8"))
+    (server,) = [r for r in pins if canonicalize_name(r.name) == "llama-cpp-python"]
+    # llama-cpp-python from this machine's own build only: no index may substitute a wheel for it
     _pip(
         "download",
         "-q",
-        "--only-binary=:all:",
-        f"--python-version={TARGET_PYTHON}",
+        "--no-index",
+        "--no-deps",
         f"--find-links={cache}",
-        "-r",
-        str(target / "requirements.txt"),
+        f"llama-cpp-python{server.specifier}",
         "-d",
         str(fresh),
     )
+    with tempfile.TemporaryDirectory(prefix="dualtrack-llama-") as tmp:
+        rest = Path(tmp) / "requirements.txt"
+        rest.write_text("".join(f"{r}\n" for r in pins if r is not server), encoding="utf-8")
+        # every dependency is pinned in requirements-llama.txt: exactly those versions, no resolution
+        _pip(
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            f"--python-version={TARGET_PYTHON}",
+            "-r",
+            str(rest),
+            "-d",
+            str(fresh),
+        )
     shutil.rmtree(wheels, ignore_errors=True)
     fresh.rename(wheels)
+    # llama-cpp-python's wheel is built on this machine, so its hash is known only now: the lock
+    # is written here, from the files gathered, and the host installs exactly those
+    purpose = "The llama_local role's venv: requirements-llama.txt as gathered for this wheelhouse."
+    write_lock(pins_of(wheels), target / "requirements.lock", purpose, locked_at(LOCK))
     pack(wheels, target / "wheels.tar")
     return target
 
 
 def pack(wheels: Path, archive: Path) -> Path:
-    """``wheels/*.whl`` as one tar with fixed metadata: same wheels, same bytes.
+    """``wheels/*.whl`` as one reproducible tar (one transfer to a host).
 
-    Copying one file to a host is far faster than copying a hundred (each is a round trip
-    for Ansible), and an unchanged archive is recognised by its checksum and skipped.
+    Re-packed unless the wheels are the same files (name and sha256) as last time: a wheel rebuilt
+    under the same name (llama.cpp's, by ``make``) must not leave the old bytes in the archive.
     """
-    names = sorted(p.name for p in wheels.glob("*.whl"))
     listing = archive.with_suffix(".list")
-    if archive.is_file() and listing.is_file() and listing.read_text(encoding="utf-8").split() == names:
+    content = "".join(f"{pin.filename} {pin.sha256}\n" for pin in pins_of(wheels))
+    if archive.is_file() and listing.is_file() and listing.read_text(encoding="utf-8") == content:
         return archive
-    partial = archive.with_suffix(".partial")
-    with tarfile.open(partial, "w", format=tarfile.GNU_FORMAT) as tar:
-        for name in names:
-            info = tar.gettarinfo(str(wheels / name), arcname=name)
-            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
-            with (wheels / name).open("rb") as data:
-                tar.addfile(info, data)
-    partial.rename(archive)
-    listing.write_text("\n".join(names) + "\n", encoding="utf-8")
+    reproducible_tar(wheels, archive, "*.whl")
+    listing.write_text(content, encoding="utf-8")
     return archive
 
 
+def write_sbom(target: Path) -> Path:
+    """``sbom.cdx.json``: the project wheel, the locked wheels and llama.cpp's venv, when gathered."""
+    text = (ROOT / "services" / "requirements.txt").read_text(encoding="utf-8")
+    environments = [
+        Environment("services venv", sorted((target / "wheels").glob("*.whl")), _requirements(text))
+    ]
+    if (target / "llama" / "wheels").is_dir():
+        pins = _requirements((ROOT / "requirements-llama.txt").read_text(encoding="utf-8"))
+        llama = [r for r in pins if canonicalize_name(r.name) == "llama-cpp-python"]  # the rest: its pins
+        environments.append(
+            Environment("llama.cpp venv", sorted((target / "llama" / "wheels").glob("*.whl")), llama)
+        )
+    (project,) = (target / "project").glob("dualtrack-*.whl")
+    document = sbom(environments, project, locked_at(target / "requirements.lock"), LOCK_PLATFORM)
+    out = target / SBOM_NAME
+    if not out.is_file() or out.read_text(encoding="utf-8") != document:
+        out.write_text(document, encoding="utf-8")
+    return out
+
+
 def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    sha = hashlib.sha256()
+    with path.open("rb") as data:
+        for block in iter(lambda: data.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()

@@ -35,6 +35,9 @@ def model_repo_render(
     ] = POD_ROOT,
     tokenizer_dir: Annotated[str | None, typer.Option(help="Override the profile's tokenizer dir")] = None,
     engine_dir: Annotated[str | None, typer.Option(help="Override <root>/engines")] = None,
+    archive: Annotated[
+        Path | None, typer.Option(help="Also write the result as one reproducible tar (what a role copies)")
+    ] = None,
 ) -> None:
     """Fill the templates for a profile; then `model-repo check` runs on the result."""
     from dualtrack.model_repo import ModelRepoError, RenderOptions, check, render
@@ -58,6 +61,10 @@ def model_repo_render(
     if problems:
         raise fail("rendered repository does not check:\n  " + "\n  ".join(problems), code=1)
     models = sorted(p.name for p in target.iterdir() if p.is_dir())
+    if archive is not None:
+        from dualtrack.archive import reproducible_tar
+
+        reproducible_tar(target, archive)
     console.print(f"{profile or 'embedding only'} ({role}) -> {target}: {', '.join(models)}")
 
 

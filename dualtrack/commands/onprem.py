@@ -66,7 +66,7 @@ def onprem_apply(
             wheelhouse = state_dir() / "wheelhouse"
             console.print(f"[dim]wheelhouse: {wheelhouse} (refreshing)[/]")
             build(wheelhouse)
-        elif not (wheelhouse / "requirements.txt").is_file():
+        elif not (wheelhouse / "requirements.lock").is_file():
             raise OnPremError(f"--wheelhouse {wheelhouse}: not a wheelhouse (`dualtrack onprem wheelhouse`)")
         variables["dualtrack_wheelhouse"] = str(wheelhouse.resolve())
         extra_args = [arg for value in extra_vars or [] for arg in ("-e", value)]
@@ -101,24 +101,6 @@ def onprem_apply(
     console.print(f"[dim]artifacts: {result.artifacts}[/]")
     if not result.succeeded:
         raise typer.Exit(1)
-
-
-@onprem_app.command("wheelhouse")
-def onprem_wheelhouse(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to fill (incremental)")] = Path(
-        ".dualtrack/wheelhouse"
-    ),
-) -> None:
-    """Gather every wheel an on-prem host installs (for ansible-playbook runs without the driver)."""
-    from dualtrack.wheelhouse import WheelhouseError, build
-
-    try:
-        target = build(out)
-    except WheelhouseError as exc:
-        raise fail(str(exc)) from None
-    wheels = list((target / "wheels").glob("*.whl"))
-    size = sum(p.stat().st_size for p in wheels) / 1e6
-    console.print(f"{target}: {len(wheels)} wheels ({size:.0f} MB) + the project wheel")
 
 
 @onprem_app.command("verify")

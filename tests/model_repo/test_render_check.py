@@ -226,3 +226,26 @@ def test_the_client_call_says_whether_the_model_reasons(profile: str, role: str,
     from dualtrack.model_repo import client_call
 
     assert tuple(client_call(profile, role)) == expected  # type: ignore[arg-type]
+
+
+def test_the_archive_a_role_copies_is_reproducible(tmp_path: Path) -> None:
+    """Two renders of the same profile give the same archive bytes (a re-run copies nothing) and it
+    unpacks to exactly the rendered files."""
+    import tarfile
+
+    archives = []
+    for n in (1, 2):
+        argv = ["model-repo", "render", "--role", "onprem", "--out", str(tmp_path / f"r{n}")]
+        result = CliRunner().invoke(app, [*argv, "--archive", str(tmp_path / f"r{n}.tar")])
+        assert result.exit_code == 0, result.output
+        archives.append((tmp_path / f"r{n}.tar").read_bytes())
+    assert archives[0] == archives[1]
+    with tarfile.open(tmp_path / "r1.tar") as tar:
+        names = sorted(m.name for m in tar.getmembers() if m.isfile())
+        assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" for m in tar.getmembers())
+        # every directory level is an entry, so the role sets its owner and mode on unpacking
+        assert {m.name for m in tar.getmembers() if m.isdir()} >= {"embedding", "embedding/1"}
+    rendered = sorted(
+        p.relative_to(tmp_path / "r1").as_posix() for p in (tmp_path / "r1").rglob("*") if p.is_file()
+    )
+    assert names == rendered and rendered

@@ -208,11 +208,8 @@ def inventory(onprem_host: OnPremHost, tmp_path: Path) -> Path:
     return write_site(tmp_path / "site", onprem_host)
 
 
-@pytest.fixture(scope="session")
-def site(onprem_host: OnPremHost, wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Site:
-    """``site.yml`` converged once through ``dualtrack onprem apply`` (the first run's output is kept)."""
-    _podman_env_vars()
-    base = tmp_path_factory.mktemp("site")
+def make_site(host: OnPremHost, wheelhouse: Path, base: Path) -> Site:
+    """The test site's inventory (HTTPS with a test CA, the vault) for ``host``; nothing applied yet."""
     tls = issue_tls(base / "tls", names=(GATEWAY_NAME,), ips=("127.0.0.1", "10.99.0.1"))
     https = {
         "gateway_tls_cert": str(tls.cert),
@@ -222,18 +219,20 @@ def site(onprem_host: OnPremHost, wheelhouse: Path, tmp_path_factory: pytest.Tem
     }
     inventory = write_site(
         base / "inventory",
-        onprem_host,
+        host,
         {**site_vars(), **https},
         vault={"gateway_api_key": API_KEY, "gateway_cloud_token": CLOUD_TOKEN},
     )
-    converged = Site(
-        onprem_host,
-        inventory,
-        outputs_file(base),
-        base / "inventory" / "vault-password",
-        base / "state",
-        wheelhouse,
+    return Site(
+        host, inventory, outputs_file(base), base / "inventory" / "vault-password", base / "state", wheelhouse
     )
+
+
+@pytest.fixture(scope="session")
+def site(onprem_host: OnPremHost, wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Site:
+    """``site.yml`` converged once through ``dualtrack onprem apply`` (the first run's output is kept)."""
+    _podman_env_vars()
+    converged = make_site(onprem_host, wheelhouse, tmp_path_factory.mktemp("site"))
     code, converged.first_output = converged.apply()
     assert code == 0, converged.first_output[-6000:]
     return converged

@@ -18,9 +18,11 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+from packaging.utils import canonicalize_name
 from typer.testing import CliRunner
 
 from dualtrack.cli import app
+from dualtrack.wheelhouse import read_lock
 from services.sync import signing
 from tests.onprem.conftest import API_KEY, CLIENT_TLS, CLOUD_TOKEN, GATEWAY, SAMPLE_DOC, Site, write_site
 from tests.support import SAMPLES, tansu_argv, tansu_binary
@@ -71,6 +73,35 @@ def test_a_second_run_changes_nothing(site: Site) -> None:
     summary = site.summary(site.runs()[-1])
     (host,) = summary["hosts"].values()
     assert host["changed"] == 0, output[-4000:]
+
+
+def test_the_host_runs_exactly_the_locked_wheels_and_refuses_altered_ones(site: Site) -> None:
+    """The venv holds the lock's versions, the SBOM lies beside it, and the host's pip, running
+    the role's install command, refuses a locked wheel whose bytes were changed on the host."""
+    home = "/opt/dualtrack"
+    lock = read_lock(site.wheelhouse / "requirements.lock")
+    frozen = site.host.exec(f"{home}/venv/bin/pip", "list", "--format=json", "--disable-pip-version-check")
+    installed = {canonicalize_name(p["name"]): p["version"] for p in json.loads(frozen.stdout)}
+    assert all(installed.get(name) == pin.version for name, pin in lock.items())
+    extra = set(installed) - set(lock)  # nothing the SBOM omits, but the venv's own pip (and setuptools)
+    assert "dualtrack" in extra and extra <= {"pip", "setuptools", "dualtrack"}
+    sbom = json.loads(site.host.exec("cat", f"{home}/wheelhouse/sbom.cdx.json").stdout)
+    assert sbom["metadata"]["component"]["name"] == "dualtrack"
+    assert site.host.exec("test", "-e", f"{home}/wheelhouse/requirements.txt", check=False).returncode != 0
+    six = lock["six"]
+    script = f"""set -e
+rm -rf /tmp/hash-check && mkdir -p /tmp/hash-check/wheels
+cp {home}/wheelhouse/wheels/{six.filename} /tmp/hash-check/wheels/
+printf '\\0' >> /tmp/hash-check/wheels/{six.filename}
+grep '^six==' {home}/wheelhouse/requirements.lock > /tmp/hash-check/requirements.lock
+python3.11 -m venv /tmp/hash-check/venv
+/tmp/hash-check/venv/bin/pip install --no-index --disable-pip-version-check --require-hashes \\
+  --find-links=/tmp/hash-check/wheels --requirement=/tmp/hash-check/requirements.lock
+"""
+    refused = site.host.exec("bash", "-c", script, check=False)
+    site.host.exec("rm", "-rf", "/tmp/hash-check")
+    assert refused.returncode != 0
+    assert "DO NOT MATCH THE HASHES" in refused.stdout + refused.stderr
 
 
 def _verify_argv(site: Site) -> list[str]:

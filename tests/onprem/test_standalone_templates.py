@@ -57,3 +57,38 @@ def test_compose_project_for_production(tmp_path: Path) -> None:
     assert settings["common"]["security"]["authorizationEnabled"] is True
     assert settings["common"]["security"]["defaultRootPassword"] == "s3cret-root-password"
     assert "docker compose up -d" in files["dualtrack-milvus-compose.service"]
+
+
+DIGEST = "@sha256:" + "ab" * 32
+
+
+def _images(tmp_path: Path, variables: dict) -> tuple[int, str]:
+    plays = [
+        {
+            "hosts": "localhost",
+            "gather_facts": False,
+            "vars": variables,
+            "tasks": [{"ansible.builtin.include_role": {"name": "milvus", "tasks_from": "images"}}],
+        }
+    ]
+    done = run_local_playbook(tmp_path, plays)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_standalone_refuses_images_not_pinned_by_digest(tmp_path: Path) -> None:
+    pinned = {
+        "milvus_image": "milvusdb/milvus:v2.5.14" + DIGEST,
+        "milvus_etcd_image": "quay.io/coreos/etcd:v3.5.18" + DIGEST,
+        "milvus_minio_image": "minio/minio:RELEASE.2024-12-18T13-15-44Z",
+    }
+    code, output = _images(tmp_path, pinned)
+    assert code != 0
+    assert "milvus_minio_image is minio/minio:RELEASE.2024-12-18T13-15-44Z: pin it by digest" in output
+    assert "milvus_image is" not in output and "milvus_etcd_image is" not in output
+    code, output = _images(tmp_path, {"milvus_image": "milvusdb/milvus:v2.5.14"})  # the defaults are tags
+    assert code != 0 and "milvus_image is milvusdb/milvus:v2.5.14: pin it by digest" in output
+    code, output = _images(tmp_path, {**pinned, "milvus_minio_image": pinned["milvus_minio_image"] + DIGEST})
+    assert code == 0, output[-2000:]
+    code, output = _images(tmp_path, {"milvus_require_image_digests": False})
+    assert code == 0, output[-2000:]
+    assert "run by tag, not pinned bytes" in output
