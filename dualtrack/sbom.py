@@ -56,7 +56,8 @@ class Wheel:
     requires: list[Requirement] = field(default_factory=list)
 
     @classmethod
-    def read(cls, path: Path) -> Wheel:
+    def read(cls, path: Path, sha256: str | None = None) -> Wheel:
+        """``sha256``: the hash a lock already holds for this file (hashing it again is ~1 s per GB)."""
         name, version, _, _ = parse_wheel_filename(path.name)
         with zipfile.ZipFile(path) as archive:
             # the wheel's own .dist-info sits at the top (some wheels vendor others' below it)
@@ -70,7 +71,12 @@ class Wheel:
                 requires.append(Requirement(raw))
             except InvalidRequirement:
                 continue  # an unparsable line in someone's metadata is not ours to fail on
-        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        if sha256 is None:
+            digest = hashlib.sha256()
+            with path.open("rb") as data:
+                for block in iter(lambda: data.read(1 << 20), b""):
+                    digest.update(block)
+            sha256 = digest.hexdigest()
         return cls(path, str(name), str(version), sha256, _license(headers), requires)
 
 
@@ -100,6 +106,8 @@ class Environment:
     name: str
     wheels: list[Path]
     direct: list[Requirement]
+    hashes: dict[str, str] = field(default_factory=dict)
+    """sha256 by file name, where a lock already holds it."""
 
 
 def _component(wheel: Wheel, licenses: LicenseFactory, environment: str) -> Component:
@@ -157,7 +165,8 @@ def sbom(environments: list[Environment], project: Path, timestamp: str, platfor
     direct: list[str] = []
     hashes = [root_wheel.sha256]
     for environment in environments:
-        read = {str(canonicalize_name(w.name)): w for w in map(Wheel.read, sorted(environment.wheels))}
+        wheels = [Wheel.read(path, environment.hashes.get(path.name)) for path in sorted(environment.wheels)]
+        read = {str(canonicalize_name(w.name)): w for w in wheels}
         here = {}
         for key, wheel in read.items():
             component = _component(wheel, licenses, environment.name)

@@ -167,6 +167,13 @@ def _requirements(text: str) -> list[Requirement]:
     return [Requirement(line) for line in lines if line and not line.startswith("-")]
 
 
+def _llama_requirements() -> tuple[Requirement, list[Requirement]]:
+    """requirements-llama.txt as (llama-cpp-python itself, the pins of its dependencies)."""
+    pins = _requirements((ROOT / "requirements-llama.txt").read_text(encoding="utf-8"))
+    (server,) = [r for r in pins if canonicalize_name(r.name) == "llama-cpp-python"]
+    return server, [r for r in pins if r is not server]
+
+
 def audit_input(lock_file: Path) -> str:
     """The lock as a vulnerability database can answer for it: ``name==public-version`` lines
     (databases know releases, not local builds such as torch's ``+cpu``; the hashes are checked
@@ -211,7 +218,7 @@ def lock(path: Path = LOCK) -> Path:
             "--only-binary=:all:",
             f"--python-version={TARGET_PYTHON}",
             "-r",
-            str(ROOT / "services" / "requirements.txt"),
+            str(SERVICES_REQUIREMENTS),
             "-c",
             str(work / "constraints.txt"),
             "-d",
@@ -269,16 +276,16 @@ def build(target: Path, lock_file: Path = LOCK) -> Path:
     shutil.rmtree(wheels, ignore_errors=True)  # nothing stale: only what the lock names
     fresh.rename(wheels)
     shutil.copy2(lock_file, target / "requirements.lock")
-    pack(wheels, target / "wheels.tar")
+    pack(wheels, target / "wheels.tar", list(read_lock(lock_file).values()))  # pip checked these hashes
     project = build_project_wheel(target / "project")
     (pin,) = pins_of(project.parent)
     write_lock(
         [pin],
         project.parent / "requirements.lock",
         "This project's wheel (installed --no-deps).",
-        locked_at(LOCK),
+        locked_at(lock_file),
     )
-    build_llama(target / "llama")
+    build_llama(target / "llama", lock_file)
     write_sbom(target)
     return target
 
@@ -288,7 +295,7 @@ def llama_wheels_dir() -> Path:
     return Path(os.environ.get("DUALTRACK_WHEEL_CACHE", Path.home() / ".cache" / "dualtrack" / "wheels"))
 
 
-def build_llama(target: Path) -> Path | None:
+def build_llama(target: Path, lock_file: Path = LOCK) -> Path | None:
     """The llama.cpp server's wheels (llama-cpp-python from the local cache, its pinned dependencies
     from the index), or None when its wheel was never built: the llama_local role then says how."""
     cache = llama_wheels_dir()
@@ -299,8 +306,7 @@ def build_llama(target: Path) -> Path | None:
     (target / "requirements.txt").unlink(missing_ok=True)
     fresh, wheels = target / "wheels.partial", target / "wheels"
     shutil.rmtree(fresh, ignore_errors=True)
-    pins = _requirements((ROOT / "requirements-llama.txt").read_text(encoding="utf-8"))
-    (server,) = [r for r in pins if canonicalize_name(r.name) == "llama-cpp-python"]
+    server, dependencies = _llama_requirements()
     # llama-cpp-python from this machine's own build only: no index may substitute a wheel for it
     _pip(
         "download",
@@ -314,7 +320,7 @@ def build_llama(target: Path) -> Path | None:
     )
     with tempfile.TemporaryDirectory(prefix="dualtrack-llama-") as tmp:
         rest = Path(tmp) / "requirements.txt"
-        rest.write_text("".join(f"{r}\n" for r in pins if r is not server), encoding="utf-8")
+        rest.write_text("".join(f"{r}\n" for r in dependencies), encoding="utf-8")
         # every dependency is pinned in requirements-llama.txt: exactly those versions, no resolution
         _pip(
             "download",
@@ -332,19 +338,20 @@ def build_llama(target: Path) -> Path | None:
     # llama-cpp-python's wheel is built on this machine, so its hash is known only now: the lock
     # is written here, from the files gathered, and the host installs exactly those
     purpose = "The llama_local role's venv: requirements-llama.txt as gathered for this wheelhouse."
-    write_lock(pins_of(wheels), target / "requirements.lock", purpose, locked_at(LOCK))
-    pack(wheels, target / "wheels.tar")
+    pins = pins_of(wheels)
+    write_lock(pins, target / "requirements.lock", purpose, locked_at(lock_file))
+    pack(wheels, target / "wheels.tar", pins)
     return target
 
 
-def pack(wheels: Path, archive: Path) -> Path:
-    """``wheels/*.whl`` as one reproducible tar (one transfer to a host).
+def pack(wheels: Path, archive: Path, pins: list[Pin]) -> Path:
+    """``wheels/*.whl`` (the files ``pins`` name) as one reproducible tar: one transfer to a host.
 
-    Re-packed unless the wheels are the same files (name and sha256) as last time: a wheel rebuilt
+    Re-packed unless the pins are the same files (name and sha256) as last time: a wheel rebuilt
     under the same name (llama.cpp's, by ``make``) must not leave the old bytes in the archive.
     """
     listing = archive.with_suffix(".list")
-    content = "".join(f"{pin.filename} {pin.sha256}\n" for pin in pins_of(wheels))
+    content = "".join(f"{pin.filename} {pin.sha256}\n" for pin in sorted(pins, key=lambda p: p.filename))
     if archive.is_file() and listing.is_file() and listing.read_text(encoding="utf-8") == content:
         return archive
     reproducible_tar(wheels, archive, "*.whl")
@@ -353,16 +360,27 @@ def pack(wheels: Path, archive: Path) -> Path:
 
 
 def write_sbom(target: Path) -> Path:
-    """``sbom.cdx.json``: the project wheel, the locked wheels and llama.cpp's venv, when gathered."""
-    text = (ROOT / "services" / "requirements.txt").read_text(encoding="utf-8")
+    """``sbom.cdx.json``: the project wheel, the locked wheels and llama.cpp's venv, when gathered.
+    The wheels' hashes come from their locks (pip checked them; no second pass over 600 MB)."""
+
+    def hashes(lock_file: Path) -> dict[str, str]:
+        return {pin.filename: pin.sha256 for pin in read_lock(lock_file).values()}
+
+    direct = _requirements(SERVICES_REQUIREMENTS.read_text(encoding="utf-8"))
     environments = [
-        Environment("services venv", sorted((target / "wheels").glob("*.whl")), _requirements(text))
+        Environment(
+            "services venv",
+            sorted((target / "wheels").glob("*.whl")),
+            direct,
+            hashes(target / "requirements.lock"),
+        )
     ]
-    if (target / "llama" / "wheels").is_dir():
-        pins = _requirements((ROOT / "requirements-llama.txt").read_text(encoding="utf-8"))
-        llama = [r for r in pins if canonicalize_name(r.name) == "llama-cpp-python"]  # the rest: its pins
+    llama = target / "llama"
+    if (llama / "wheels").is_dir():
+        server, _ = _llama_requirements()  # the rest are its own pins
+        wheels = sorted((llama / "wheels").glob("*.whl"))
         environments.append(
-            Environment("llama.cpp venv", sorted((target / "llama" / "wheels").glob("*.whl")), llama)
+            Environment("llama.cpp venv", wheels, [server], hashes(llama / "requirements.lock"))
         )
     (project,) = (target / "project").glob("dualtrack-*.whl")
     document = sbom(environments, project, locked_at(target / "requirements.lock"), LOCK_PLATFORM)

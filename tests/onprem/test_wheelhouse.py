@@ -94,9 +94,9 @@ def test_a_wheel_rebuilt_under_the_same_name_is_packed_again(tmp_path: Path) -> 
     wheels.mkdir()
     wheel = wheels / "demo-1.0-py3-none-any.whl"
     wheel.write_bytes(b"first build")
-    pack(wheels, tmp_path / "wheels.tar")
+    pack(wheels, tmp_path / "wheels.tar", pins_of(wheels))
     wheel.write_bytes(b"second build")
-    pack(wheels, tmp_path / "wheels.tar")
+    pack(wheels, tmp_path / "wheels.tar", pins_of(wheels))
     with tarfile.open(tmp_path / "wheels.tar") as tar:
         assert tar.extractfile(wheel.name).read() == b"second build"
 
